@@ -1,0 +1,197 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+
+class RawFrame(_message.Message):
+    __slots__ = ("data", "height", "width", "channels")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    height: int
+    width: int
+    channels: int
+    def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "raw")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawFrame
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawFrame, _Mapping]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("name", "version", "weights_sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    weights_sha256: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+
+class Preprocessing(_message.Message):
+    __slots__ = ("height", "width", "channels", "resized", "converted", "resize_mode", "normalization")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_FIELD_NUMBER: _ClassVar[int]
+    CONVERTED_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    channels: int
+    resized: int
+    converted: int
+    resize_mode: str
+    normalization: str
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., resized: _Optional[int] = ..., converted: _Optional[int] = ..., resize_mode: _Optional[str] = ..., normalization: _Optional[str] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("decode_ms", "inference_ms", "total_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    inference_ms: float
+    total_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "images", "l2_normalize", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    L2_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    l2_normalize: bool
+    dtype: DType
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., l2_normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings", "model", "preprocessing", "timing", "source")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    embeddings: Tensor
+    model: ModelRef
+    preprocessing: Preprocessing
+    timing: Timing
+    source: str
+    def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class FeaturesRequest(_message.Message):
+    __slots__ = ("model", "images", "layout", "dtype", "include_cls")
+    class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        LAYOUT_UNSPECIFIED: _ClassVar[FeaturesRequest.Layout]
+        GRID: _ClassVar[FeaturesRequest.Layout]
+        TOKENS: _ClassVar[FeaturesRequest.Layout]
+    LAYOUT_UNSPECIFIED: FeaturesRequest.Layout
+    GRID: FeaturesRequest.Layout
+    TOKENS: FeaturesRequest.Layout
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CLS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    layout: FeaturesRequest.Layout
+    dtype: DType
+    include_cls: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_cls: _Optional[bool] = ...) -> None: ...
+
+class FeaturesResponse(_message.Message):
+    __slots__ = ("features", "cls", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "layout", "model", "preprocessing", "timing", "source")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CLS_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    features: Tensor
+    cls: Tensor
+    grid_height: int
+    grid_width: int
+    patch_size: int
+    num_prefix_tokens: int
+    layout: FeaturesRequest.Layout
+    model: ModelRef
+    preprocessing: Preprocessing
+    timing: Timing
+    source: str
+    def __init__(self, features: _Optional[_Union[Tensor, _Mapping]] = ..., cls: _Optional[_Union[Tensor, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model", "ready", "input_height", "input_width", "input_channels", "embed_dim", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "encoder_spec_json", "manifest_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    ready: bool
+    input_height: int
+    input_width: int
+    input_channels: int
+    embed_dim: int
+    grid_height: int
+    grid_width: int
+    patch_size: int
+    num_prefix_tokens: int
+    encoder_spec_json: str
+    manifest_json: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ready: _Optional[bool] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_channels: _Optional[int] = ..., embed_dim: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., encoder_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
