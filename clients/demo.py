@@ -1,0 +1,159 @@
+"""``vitserve demo``: the whole path on Fashion-MNIST — train, export, serve, query, evaluate, stop.
+
+Trains a small MAE encoder for a short wall-clock budget, exports it to a Triton model repository,
+starts ``vitserve serve`` as a real subprocess, sends real Fashion-MNIST test images through the
+Python client, prints the shapes it got back and a k-NN accuracy computed from the *service's*
+embeddings next to the raw-pixel baseline, then shuts the service down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+READY_PATTERN = re.compile(r"vitserve ready: gateway (\S+):(\d+)")
+MODEL_NAME = "fmnist_mae"
+
+
+def _step(n: int, total: int, text: str, t0: float) -> None:
+    print(f"[{n}/{total}] {text}  (t={time.monotonic() - t0:.0f}s)", flush=True)
+
+
+class ServiceProcess:
+    """``vitserve serve`` as a subprocess; waits for its ready line, stops it with SIGTERM."""
+
+    def __init__(self, repository: Path, timeout: float = 300.0):
+        cmd = [sys.executable, "-m", "clients.cli", "serve", "--model-repository", str(repository),
+               "--port", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        self.output: deque[str] = deque(maxlen=40)
+        self.target = self._wait_ready(timeout)
+        # Keep draining output so the child never blocks on a full pipe.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_ready(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output.append(line.rstrip())
+            m = READY_PATTERN.search(line)
+            if m:
+                print(f"      {line.strip()}", flush=True)
+                return f"{m.group(1)}:{m.group(2)}"
+        self.stop()
+        raise RuntimeError("the service did not become ready; its last output:\n" + "\n".join(self.output))
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip())
+
+    def stop(self, grace: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _embed_all(client, images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([client.embed(images[i:i + batch], model=MODEL_NAME)
+                           for i in range(0, len(images), batch)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vitserve demo", description=__doc__)
+    p.add_argument("--workdir", default=".demo", help="where the run and model repository go")
+    p.add_argument("--train-seconds", type=float, default=120.0, help="training wall-clock budget")
+    p.add_argument("--knn-train", type=int, default=10000, help="train images for the k-NN index")
+    p.add_argument("--knn-test", type=int, default=2000, help="test images classified by k-NN")
+    p.add_argument("--batch", type=int, default=64, help="images per request")
+    p.add_argument("--data-dir", help="directory of the four Fashion-MNIST IDX .gz files")
+    a = p.parse_args(argv)
+
+    from clients.client import VitServeClient
+    from export.repository import export_run
+    from training.data import DataError, load_fashion_mnist
+    from training.knn import knn_accuracy
+    from training.train import TrainConfig, train
+
+    t0 = time.monotonic()
+    workdir = Path(a.workdir).resolve()
+    total = 5
+    _step(1, total, "loading Fashion-MNIST", t0)
+    try:
+        train_set = load_fashion_mnist("train", a.data_dir)
+        test_set = load_fashion_mnist("test", a.data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"      train {train_set.images.shape}, test {test_set.images.shape}", flush=True)
+
+    _step(2, total, f"training MAE for {a.train_seconds:.0f}s", t0)
+    run_dir = workdir / "run"
+    if run_dir.exists():  # the demo owns this directory; each demo trains afresh
+        shutil.rmtree(run_dir)
+    run_dir = train(TrainConfig(method="mae", out_dir=str(run_dir), epochs=1000,
+                                max_minutes=a.train_seconds / 60.0, data_dir=a.data_dir))
+    print(f"      run directory: {run_dir}", flush=True)
+
+    _step(3, total, "exporting to ONNX + Triton model repository", t0)
+    repository = workdir / "model_repository"
+    model_dir = export_run(run_dir, repository, MODEL_NAME, force=True)
+    print(f"      model: {model_dir}", flush=True)
+
+    _step(4, total, "starting the service (Triton + gRPC gateway)", t0)
+    service = ServiceProcess(repository)
+    try:
+        _step(5, total, f"querying {service.target} with Fashion-MNIST test images", t0)
+        with VitServeClient(service.target) as client:
+            emb = client.embed(test_set.images[:8], model=MODEL_NAME)
+            feats = client.features(test_set.images[:2], model=MODEL_NAME, layout="grid")
+            print(f"      Embed(8 images)    -> CLS embeddings {emb.shape} {emb.dtype}", flush=True)
+            print(f"      Features(2 images) -> patch grid {feats.features.shape} "
+                  f"(grid {feats.grid[0]}x{feats.grid[1]}, patch {feats.patch_size})", flush=True)
+            knn_train = train_set.subset(a.knn_train, seed=0)
+            knn_test = test_set.subset(a.knn_test, seed=0)
+            t_embed = time.monotonic()
+            train_emb = _embed_all(client, knn_train.images, a.batch)
+            test_emb = _embed_all(client, knn_test.images, a.batch)
+            n = len(train_emb) + len(test_emb)
+            rate = n / (time.monotonic() - t_embed)
+        print(f"      embedded {n} images through the service at {rate:.0f} img/s", flush=True)
+        acc = knn_accuracy(train_emb, knn_train.labels, test_emb, knn_test.labels)
+        raw = knn_accuracy(knn_train.images.reshape(len(knn_train), -1).astype(np.float32),
+                           knn_train.labels,
+                           knn_test.images.reshape(len(knn_test), -1).astype(np.float32),
+                           knn_test.labels)
+        print(f"      k-NN accuracy (k=20, T=0.07, {len(knn_train)} train / {len(knn_test)} test):",
+              flush=True)
+        print(f"        service CLS embeddings: {100 * acc:.2f}%", flush=True)
+        print(f"        raw pixels:             {100 * raw:.2f}%", flush=True)
+    finally:
+        code = service.stop()
+    print(f"service stopped (exit code {code}); demo finished in {time.monotonic() - t0:.0f}s",
+          flush=True)
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
