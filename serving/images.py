@@ -1,0 +1,166 @@
+"""Turn request images (encoded files or raw uint8 frames) into the model's uint8 ``[N, H, W, C]`` batch.
+
+Pure functions: no I/O beyond the bytes handed in. Every error a caller can cause is an
+``ImageError`` whose message starts with the image's index, so the gateway can return it verbatim as
+INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from protos import vitserve_pb2
+
+# Formats PIL may open: anything else (TIFF, PSD, EPS, ...) widens the attack surface for no use.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+FORMAT_NAMES = "PNG/JPEG/WebP/BMP"
+# Refuse images whose *declared* size exceeds this many pixels before decoding a single row
+# (a 100 kB PNG can declare 50k x 50k pixels and expand to gigabytes).
+DEFAULT_MAX_PIXELS = 8192 * 8192
+RESIZE_MODE = "bilinear"
+_MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+
+
+class ImageError(ValueError):
+    """A request image is malformed or unusable; the message names its index and the problem."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"image {index}: {problem}")
+        self.index = index
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """The model's input: height, width and channels (1 grey or 3 RGB)."""
+
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image at the model's geometry, ``[H, W, C]`` uint8, and what was done to it."""
+
+    pixels: np.ndarray
+    resized: bool
+    converted: bool
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """The model's input batch ``[N, H, W, C]`` uint8 and how many images were resized/converted."""
+
+    pixels: np.ndarray
+    resized: int
+    converted: int
+
+
+def _check_pixels(index: int, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(index, f"empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(index, f"{width}x{height} = {width * height} pixels is over the limit of "
+                                f"{max_pixels} pixels (refused as a possible decompression bomb); "
+                                f"send a smaller image")
+
+
+def _to_8bit(index: int, img: Image.Image) -> Image.Image:
+    """16-bit grey (common for depth and medical PNGs) -> 8-bit by keeping the high byte."""
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.uint16)
+        return Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        raise ImageError(index, f"32-bit {img.mode!r} images are not supported; send 8-bit grey or RGB")
+    return img
+
+
+def _to_geometry(index: int, img: Image.Image, geometry: InputGeometry) -> PreparedImage:
+    """Convert channels (PIL's rules: RGB->L by ITU-R 601-2 luma, L->RGB by repetition) and resize."""
+    target_mode = _MODE_FOR_CHANNELS[geometry.channels]
+    img = _to_8bit(index, img)
+    converted = img.mode != target_mode
+    if converted:
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Composite onto black rather than keep whatever colour hides under transparent pixels.
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        img = img.convert(target_mode)
+    resized = img.size != (geometry.width, geometry.height)
+    if resized:
+        img = img.resize((geometry.width, geometry.height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return PreparedImage(arr, resized, converted)
+
+
+def decode_encoded(index: int, data: bytes, geometry: InputGeometry,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Decode a PNG/JPEG/WebP/BMP file and bring it to the model's geometry."""
+    if not data:
+        raise ImageError(index, "empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # lazy: header only
+            _check_pixels(index, img.width, img.height, max_pixels)
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(index, f"refused as a possible decompression bomb ({e}); send a smaller image") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(index, f"cannot decode (not a {FORMAT_NAMES} file): unrecognised header "
+                                f"{data[:8]!r} ({len(data)} bytes)") from e
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt after a valid header
+        raise ImageError(index, f"cannot decode ({type(e).__name__}: corrupt or truncated file): {e}") from e
+    return _to_geometry(index, img, geometry)
+
+
+def decode_raw(index: int, data: bytes, height: int, width: int, channels: int,
+               geometry: InputGeometry, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Interpret a row-major HWC uint8 frame and bring it to the model's geometry."""
+    if channels not in _MODE_FOR_CHANNELS:
+        raise ImageError(index, f"raw frame has {channels} channels; use 1 (grey) or 3 (RGB)")
+    _check_pixels(index, width, height, max_pixels)
+    expected = height * width * channels
+    if len(data) != expected:
+        raise ImageError(index, f"raw frame data is {len(data)} bytes but {height}x{width}x{channels} "
+                                f"needs {expected}")
+    arr = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    if channels == geometry.channels and (height, width) == (geometry.height, geometry.width):
+        return PreparedImage(arr, resized=False, converted=False)  # the fast path: no copy
+    img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=_MODE_FOR_CHANNELS[channels])
+    return _to_geometry(index, img, geometry)
+
+
+def prepare_image(index: int, image: vitserve_pb2.Image, geometry: InputGeometry,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """One request ``Image`` (encoded or raw) at the model's geometry."""
+    source = image.WhichOneof("source")
+    if source == "encoded":
+        return decode_encoded(index, image.encoded, geometry, max_pixels)
+    if source == "raw":
+        raw = image.raw
+        return decode_raw(index, raw.data, raw.height, raw.width, raw.channels, geometry, max_pixels)
+    raise ImageError(index, "no image data (set `encoded` or `raw`)")
+
+
+def prepare_batch(images: Sequence[vitserve_pb2.Image], geometry: InputGeometry,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedBatch:
+    """All request images as one ``[N, H, W, C]`` uint8 batch; raises ``ImageError`` on the first bad one."""
+    if geometry.channels not in _MODE_FOR_CHANNELS:
+        raise ValueError(f"model input has {geometry.channels} channels; only 1 or 3 are supported")
+    prepared = [prepare_image(i, im, geometry, max_pixels) for i, im in enumerate(images)]
+    batch = np.stack([p.pixels for p in prepared]) if prepared else np.zeros(
+        (0, geometry.height, geometry.width, geometry.channels), np.uint8)
+    return PreparedBatch(batch, sum(p.resized for p in prepared), sum(p.converted for p in prepared))
