@@ -1,0 +1,320 @@
+"""Start the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel ships, on loopback ports.
+
+The wheel's server tree is read-only inside site-packages and lacks the Python-backend stub in
+``backends/python/``, so a writable copy with the stub for this interpreter is prepared once under
+``~/.cache/vitserve/`` (atomically, so concurrent launches never see a half-written copy).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+_STUB_NAME = "triton_python_backend_stub"
+_PORT_IN_USE = re.compile(r"address already in use|failed to start.*(grpc|http|metrics)", re.I)
+# Lines Triton writes when a model fails, e.g.
+# "E0101 ... model_lifecycle.cc:654] failed to load 'm' version 1: Internal: ..."
+_ERROR_LINE = re.compile(r"^E\d{4} [^\]]*\] (.*)$")
+# Error lines a CPU-only machine always produces; they say nothing about the models.
+_EXPECTED_NOISE = ("CudaDriverHelper", "CUDA driver", "NVML", "DCGM")
+
+
+class TritonLaunchError(RuntimeError):
+    """Triton could not be prepared, started, or did not get its models ready."""
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def pytriton_paths() -> tuple[Path, Path, str]:
+    """The wheel's ``tritonserver`` tree, its bundled shared-library directory, and its version."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise TritonLaunchError(
+            "nvidia-pytriton is not installed; `pip install nvidia-pytriton` provides tritonserver") from e
+    package_dir = Path(pytriton.__file__).resolve().parent
+    server_dir = package_dir / "tritonserver"
+    libs_dir = package_dir.parent / "nvidia_pytriton.libs"
+    try:
+        wheel_version = version("nvidia-pytriton")
+    except PackageNotFoundError:
+        wheel_version = "unknown"
+    if not (server_dir / "bin" / "tritonserver").is_file():
+        raise TritonLaunchError(f"no tritonserver binary in {server_dir}; reinstall nvidia-pytriton")
+    return server_dir, libs_dir, wheel_version
+
+
+def cache_root() -> Path:
+    """``$VITSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitserve``, else ``~/.cache/vitserve``."""
+    if os.environ.get("VITSERVE_CACHE_DIR"):
+        return Path(os.environ["VITSERVE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vitserve"
+
+
+def prepare_server_tree(cache_dir: Path | None = None) -> Path:
+    """A writable copy of the wheel's server with this Python's backend stub, created once.
+
+    The copy is assembled in a temporary sibling directory and renamed into place: rename is atomic,
+    so a concurrent launch either sees the finished tree or builds its own and discards it.
+    """
+    server_dir, _, wheel_version = pytriton_paths()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    # The stub links libpython<major.minor>, so the interpreter version is part of the cache key.
+    target = (cache_dir or cache_root()) / f"tritonserver-{wheel_version}-py{py}"
+    if (target / "backends" / "python" / _STUB_NAME).is_file():
+        return target
+    stub = server_dir / "python_backend_stubs" / py / _STUB_NAME
+    if not stub.is_file():
+        available = sorted(p.name for p in (server_dir / "python_backend_stubs").iterdir())
+        raise TritonLaunchError(
+            f"nvidia-pytriton {wheel_version} has no Python-backend stub for Python {py} "
+            f"(it ships {available}); run vitserve with one of those Python versions")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tree = tmp / "tritonserver"
+        shutil.copytree(server_dir, tree, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+        shutil.copy2(stub, tree / "backends" / "python" / _STUB_NAME)
+        try:
+            os.rename(tree, target)
+            log.info("prepared tritonserver %s for Python %s in %s", wheel_version, py, target)
+        except OSError:
+            if not (target / "backends" / "python" / _STUB_NAME).is_file():
+                raise
+            log.debug("another process prepared %s first", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (the OS picks it when binding port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _server_env(libs_dir: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (env.get("LD_LIBRARY_PATH", ""), str(libs_dir)) if p)
+    # model.py runs inside the stub's embedded interpreter: give it this venv's packages and the repo.
+    site_packages = sysconfig.get_paths()["purelib"]
+    platlib = sysconfig.get_paths()["platlib"]
+    paths = dict.fromkeys([site_packages, platlib, str(_repo_root())])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+class TritonLauncher:
+    """``tritonserver`` on a model repository as a subprocess bound to 127.0.0.1.
+
+    Ports left as ``None`` are picked free. ``start()`` returns when the server and every model are
+    ready; ``stop()`` sends SIGTERM and SIGKILLs the process group after a grace period.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path,
+        *,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_verbose: int = 0,
+        log_path: str | Path | None = None,
+        stop_grace: float = 15.0,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self._fixed_ports = (grpc_port, http_port, metrics_port)
+        self.grpc_port, self.http_port, self.metrics_port = self._pick_ports()
+        self.log_verbose = log_verbose
+        self.stop_grace = stop_grace
+        self.log_path = Path(log_path) if log_path else (
+            Path(tempfile.mkdtemp(prefix="vitserve-triton-")) / "tritonserver.log")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.models: list[str] = []
+        self._log_offset = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    def _pick_ports(self) -> tuple[int, int, int]:
+        chosen: list[int] = []
+        for port in self._fixed_ports:
+            p = port if port else free_port()
+            while p in chosen:
+                p = free_port()
+            chosen.append(p)
+        return chosen[0], chosen[1], chosen[2]
+
+    def command(self, server_tree: Path) -> list[str]:
+        return [
+            str(server_tree / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={server_tree / 'backends'}",
+            f"--grpc-address={LOOPBACK}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={LOOPBACK}", f"--http-port={self.http_port}",
+            f"--metrics-address={LOOPBACK}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            # A model that fails to load stops the server: start() reports it instead of serving less.
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--model-control-mode=none",
+            f"--exit-timeout-secs={max(1, int(self.stop_grace) - 2)}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+
+    def start(self, timeout: float = 120.0) -> list[str]:
+        """Launch and wait until the server and all its models are ready; returns the model names."""
+        if self.process is not None and self.process.poll() is None:
+            raise TritonLaunchError("this launcher's tritonserver is already running")
+        if not self.model_repository.is_dir():
+            raise TritonLaunchError(f"model repository {self.model_repository} is not a directory")
+        server_tree = prepare_server_tree()
+        _, libs_dir, _ = pytriton_paths()
+        auto_ports = not any(self._fixed_ports)
+        for attempt in range(3):
+            self._spawn(server_tree, libs_dir)
+            try:
+                self.models = self._wait_ready(timeout)
+                return self.models
+            except TritonLaunchError as e:
+                port_clash = self.process is not None and self.process.poll() is not None and \
+                    _PORT_IN_USE.search(self.log_tail())
+                if not (auto_ports and port_clash and attempt < 2):
+                    self.stop()
+                    raise
+                log.warning("tritonserver lost a port race (%s); retrying on new ports", e)
+                self.grpc_port, self.http_port, self.metrics_port = self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _spawn(self, server_tree: Path, libs_dir: Path) -> None:
+        cmd = self.command(server_tree)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self.log_path)
+        log.debug("command: %s", " ".join(cmd))
+        with open(self.log_path, "ab") as log_file:
+            # Own session: a terminal's Ctrl-C reaches us, and we stop Triton (and its stubs) in order.
+            self.process = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_server_env(libs_dir), cwd=server_tree, start_new_session=True)
+        atexit.register(self.stop)
+
+    def _wait_ready(self, timeout: float) -> list[str]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise TritonLaunchError(self._failure_message(
+                        f"tritonserver exited with code {self.process.returncode} during startup"))
+                try:
+                    if client.is_server_live() and client.is_server_ready():
+                        index = client.get_model_repository_index(as_json=True).get("models", [])
+                        failed = [m for m in index if m.get("state") == "UNAVAILABLE"]
+                        if failed:
+                            reasons = "; ".join(f"{m['name']}: {m.get('reason', '?')}" for m in failed)
+                            raise TritonLaunchError(self._failure_message(f"models failed to load: {reasons}"))
+                        if all(m.get("state") == "READY" for m in index):
+                            return sorted(m["name"] for m in index)
+                except InferenceServerException:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise TritonLaunchError(self._failure_message(
+                        f"tritonserver was not ready with all models within {timeout:.0f}s"))
+                time.sleep(0.2)
+        finally:
+            client.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self._log_text().splitlines()[-lines:])
+
+    def _log_text(self) -> str:
+        """This launch's part of the log file (it is appended to across restarts)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def triton_errors(self) -> list[str]:
+        """Triton's own error messages from this launch, first line of each, e.g.
+        ``failed to load 'm' version 1: Internal: RuntimeError: ...``."""
+        found: list[str] = []
+        for line in self._log_text().splitlines():
+            m = _ERROR_LINE.match(line)
+            if not m or any(n in line for n in _EXPECTED_NOISE):
+                continue
+            text = m.group(1).strip().strip('"').replace("\\n", "\n")
+            first = text.split("\n", 1)[0].strip()
+            if first and first not in found:
+                found.append(first)
+        return found
+
+    def _failure_message(self, headline: str) -> str:
+        parts = [headline]
+        errors = self.triton_errors()
+        if errors:
+            parts.append("Triton reported:\n  " + "\n  ".join(errors))
+        parts.append(f"last lines of {self.log_path}:\n{self.log_tail(15)}")
+        return "\n".join(parts)
+
+    def poll(self) -> int | None:
+        """The exit code if the server has exited, else ``None``."""
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL to the whole process group after ``stop_grace`` seconds."""
+        proc = self.process
+        if proc is None:
+            return None
+        atexit.unregister(self.stop)
+        if proc.poll() is None:
+            log.info("stopping tritonserver (pid %d)", proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_grace)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver ignored SIGTERM for %.0fs; killing it", self.stop_grace)
+        # Python-backend stubs share the process group; none may outlive the server.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        code = proc.wait()
+        return code
+
+    def __enter__(self) -> "TritonLauncher":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
