@@ -1,0 +1,276 @@
+"""Thin Python client for the vitserve gRPC API (grpcio + numpy only; no torch).
+
+>>> with VitServeClient("127.0.0.1:50051") as client:
+...     emb = client.embed(images)                      # [N, D] float32
+...     res = client.features(images, layout="grid")    # res.features: [N, h, w, D]
+
+Images may be uint8 arrays ``[H, W]``, ``[H, W, C]`` or a batch ``[N, H, W, C]`` (sent as raw frames),
+``bytes`` of an encoded file (PNG/JPEG/WebP/BMP), or file paths (read and sent encoded), either one
+image or a list of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import grpc
+import numpy as np
+
+from protos import vitserve_pb2, vitserve_pb2_grpc
+
+ImageLike = Union[np.ndarray, bytes, bytearray, memoryview, str, Path]
+Images = Union[ImageLike, Sequence[ImageLike]]
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+_DTYPES = {"float32": vitserve_pb2.FLOAT32, "fp32": vitserve_pb2.FLOAT32,
+           "float16": vitserve_pb2.FLOAT16, "fp16": vitserve_pb2.FLOAT16}
+_NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
+              vitserve_pb2.DTYPE_UNSPECIFIED: "<f4"}
+_LAYOUTS = {"grid": vitserve_pb2.FeaturesRequest.GRID, "tokens": vitserve_pb2.FeaturesRequest.TOKENS}
+
+
+class VitServeError(RuntimeError):
+    """A call failed; ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    """Dense patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens) and what produced them."""
+
+    features: np.ndarray
+    cls: np.ndarray | None
+    grid: tuple[int, int]
+    patch_size: int
+    num_prefix_tokens: int
+    model: dict[str, str]
+    preprocessing: dict[str, Any]
+    timing: dict[str, float]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """One served model as ``ListModels`` reports it."""
+
+    name: str
+    version: str
+    weights_sha256: str
+    ready: bool
+    input_size: tuple[int, int]
+    input_channels: int
+    embed_dim: int
+    grid: tuple[int, int]
+    patch_size: int
+    num_prefix_tokens: int
+    encoder_spec: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def tensor_to_numpy(tensor: vitserve_pb2.Tensor) -> np.ndarray:
+    """A response ``Tensor`` as a native-endian array of its shape and dtype."""
+    dtype = np.dtype(_NP_DTYPES[tensor.dtype])
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).astype(dtype.newbyteorder("="))
+
+
+def _raw(array: np.ndarray) -> vitserve_pb2.Image:
+    h, w, c = array.shape
+    return vitserve_pb2.Image(raw=vitserve_pb2.RawFrame(
+        data=np.ascontiguousarray(array).tobytes(), height=h, width=w, channels=c))
+
+
+def _array_images(array: np.ndarray) -> list[vitserve_pb2.Image]:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (pixels 0..255), got {array.dtype}; "
+                         f"convert with (x * 255).round().clip(0, 255).astype(np.uint8) if they are in [0, 1]")
+    if array.ndim == 2:
+        return [_raw(array[..., None])]
+    if array.ndim == 3:
+        if array.shape[-1] not in (1, 3):
+            raise ValueError(f"a 3-D image array must be [H, W, C] with C = 1 or 3, got {array.shape}; "
+                             f"a batch of grey images is [N, H, W, 1]")
+        return [_raw(array)]
+    if array.ndim == 4:
+        if array.shape[-1] not in (1, 3):
+            raise ValueError(f"a batch array must be [N, H, W, C] with C = 1 or 3, got {array.shape}")
+        return [_raw(a) for a in array]
+    raise ValueError(f"image arrays are [H, W], [H, W, C] or [N, H, W, C]; got shape {array.shape}")
+
+
+def _one(item: ImageLike) -> list[vitserve_pb2.Image]:
+    if isinstance(item, np.ndarray):
+        return _array_images(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return [vitserve_pb2.Image(encoded=bytes(item))]
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        try:
+            return [vitserve_pb2.Image(encoded=path.read_bytes())]
+        except OSError as e:
+            raise ValueError(f"cannot read image file {path}: {e}") from e
+    raise TypeError(f"unsupported image type {type(item).__name__}; pass a uint8 numpy array, "
+                    f"encoded bytes or a file path")
+
+
+def to_proto_images(images: Images) -> list[vitserve_pb2.Image]:
+    """Request ``Image`` messages for one image or a sequence of them (arrays, bytes, paths)."""
+    items: Iterable[ImageLike]
+    if isinstance(images, (np.ndarray, bytes, bytearray, memoryview, str, Path)):
+        items = [images]
+    else:
+        items = images
+    out = [m for item in items for m in _one(item)]
+    if not out:
+        raise ValueError("no images given")
+    return out
+
+
+def _dtype(name: str) -> int:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {name!r}") from None
+
+
+def _layout(name: str) -> int:
+    try:
+        return _LAYOUTS[name.lower()]
+    except KeyError:
+        raise ValueError(f"layout must be 'grid' or 'tokens', got {name!r}") from None
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+
+
+def features_result(response: vitserve_pb2.FeaturesResponse) -> FeaturesResult:
+    return FeaturesResult(
+        features=tensor_to_numpy(response.features),
+        cls=tensor_to_numpy(response.cls) if response.HasField("cls") else None,
+        grid=(response.grid_height, response.grid_width),
+        patch_size=response.patch_size,
+        num_prefix_tokens=response.num_prefix_tokens,
+        model=_message_dict(response.model),
+        preprocessing=_message_dict(response.preprocessing),
+        timing=_message_dict(response.timing),
+        source=response.source)
+
+
+def model_description(info: vitserve_pb2.ModelInfo) -> ModelDescription:
+    return ModelDescription(
+        name=info.model.name, version=info.model.version, weights_sha256=info.model.weights_sha256,
+        ready=info.ready, input_size=(info.input_height, info.input_width),
+        input_channels=info.input_channels, embed_dim=info.embed_dim,
+        grid=(info.grid_height, info.grid_width), patch_size=info.patch_size,
+        num_prefix_tokens=info.num_prefix_tokens,
+        encoder_spec=json.loads(info.encoder_spec_json or "{}"),
+        manifest=json.loads(info.manifest_json or "{}"))
+
+
+def embed_request(images: Images, model: str, l2_normalize: bool, dtype: str) -> vitserve_pb2.EmbedRequest:
+    return vitserve_pb2.EmbedRequest(model=model, images=to_proto_images(images),
+                                     l2_normalize=l2_normalize, dtype=_dtype(dtype))
+
+
+def features_request(images: Images, model: str, layout: str, include_cls: bool,
+                     dtype: str) -> vitserve_pb2.FeaturesRequest:
+    return vitserve_pb2.FeaturesRequest(model=model, images=to_proto_images(images),
+                                        layout=_layout(layout), include_cls=include_cls,
+                                        dtype=_dtype(dtype))
+
+
+def _error(e: grpc.RpcError) -> VitServeError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    return VitServeError(code, details or "")
+
+
+class VitServeClient:
+    """Blocking client; ``timeout`` (seconds) is each call's deadline."""
+
+    def __init__(self, target: str, timeout: float = 60.0) -> None:
+        self.target, self.timeout = target, timeout
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
+              dtype: str = "float32") -> np.ndarray:
+        """CLS embeddings ``[N, D]``."""
+        response = self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype))
+        return tensor_to_numpy(response.embeddings)
+
+    def features(self, images: Images, model: str = "", layout: str = "grid", include_cls: bool = False,
+                 dtype: str = "float32") -> FeaturesResult:
+        """Patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens), optionally CLS ``[N, D]``."""
+        request = features_request(images, model, layout, include_cls, dtype)
+        return features_result(self._call(self._stub.Features, request))
+
+    def list_models(self) -> list[ModelDescription]:
+        response = self._call(self._stub.ListModels, vitserve_pb2.ListModelsRequest())
+        return [model_description(m) for m in response.models]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "VitServeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncVitServeClient:
+    """``grpc.aio`` client with the same methods as ``VitServeClient`` (await them)."""
+
+    def __init__(self, target: str, timeout: float = 60.0) -> None:
+        self.target, self.timeout = target, timeout
+        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    async def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
+                    dtype: str = "float32") -> np.ndarray:
+        response = await self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype))
+        return tensor_to_numpy(response.embeddings)
+
+    async def features(self, images: Images, model: str = "", layout: str = "grid",
+                       include_cls: bool = False, dtype: str = "float32") -> FeaturesResult:
+        request = features_request(images, model, layout, include_cls, dtype)
+        return features_result(await self._call(self._stub.Features, request))
+
+    async def list_models(self) -> list[ModelDescription]:
+        response = await self._call(self._stub.ListModels, vitserve_pb2.ListModelsRequest())
+        return [model_description(m) for m in response.models]
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncVitServeClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "FeaturesResult",
+           "ModelDescription", "tensor_to_numpy", "to_proto_images"]

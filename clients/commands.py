@@ -1,0 +1,98 @@
+"""``vitserve embed`` and ``vitserve features``: query a running service with image files.
+
+Exit codes: 0 success, 1 the server refused or failed the call (its message is printed), 2 usage
+errors (bad arguments, unreadable files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clients.client import VitServeClient, VitServeError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _common(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG/WebP/BMP)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway HOST:PORT (default {DEFAULT_TARGET})")
+    p.add_argument("--model", default="", help="model name (may be omitted when only one is served)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype the server sends back")
+    p.add_argument("--out", type=Path, help="save the array to this .npy file")
+    p.add_argument("--timeout", type=float, default=60.0, help="call deadline in seconds")
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
+         call: Callable[[VitServeClient, argparse.Namespace, list[bytes]], np.ndarray]) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return int(e.code or 0)
+    if args.out is not None and args.out.suffix != ".npy":
+        print(f"{parser.prog}: --out must name a .npy file, got {args.out}", file=sys.stderr)
+        return 2
+    try:
+        data = [p.read_bytes() for p in args.images]
+    except OSError as e:
+        print(f"{parser.prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with VitServeClient(args.target, timeout=args.timeout) as client:
+            array = call(client, args, data)
+    except VitServeError as e:
+        print(f"{parser.prog}: server error {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, array)
+        print(f"saved {args.out}")
+    return 0
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    """``vitserve embed IMG... [--target HOST:PORT] [--model M] [--normalize] [--out FILE.npy]``."""
+    parser = _common("vitserve embed", "CLS embeddings [N, D] of image files from a running service.")
+    parser.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+
+    def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
+        emb = client.embed(data, model=args.model, l2_normalize=args.normalize, dtype=args.dtype)
+        print(f"embeddings: shape {list(emb.shape)} {emb.dtype}")
+        for path, row in zip(args.images, emb):
+            print(f"  {path}: norm {float(np.linalg.norm(row.astype(np.float32))):.4f}")
+        return emb
+
+    return _run(parser, argv, call)
+
+
+def features_main(argv: list[str] | None = None) -> int:
+    """``vitserve features IMG... [--layout grid|tokens] [--cls] [--out FILE.npy]``."""
+    parser = _common("vitserve features", "Patch features of image files from a running service.")
+    parser.add_argument("--layout", choices=("grid", "tokens"), default="grid",
+                        help="grid [N, h, w, D] (default) or tokens [N, h*w, D]")
+    parser.add_argument("--cls", action="store_true",
+                        help="also fetch the CLS token (saved next to --out as FILE.cls.npy)")
+
+    def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
+        res = client.features(data, model=args.model, layout=args.layout, include_cls=args.cls,
+                              dtype=args.dtype)
+        print(f"features: shape {list(res.features.shape)} {res.features.dtype} "
+              f"(grid {res.grid[0]}x{res.grid[1]}, patch {res.patch_size}, "
+              f"model {res.model['name']} v{res.model['version']})")
+        if res.cls is not None:
+            print(f"cls: shape {list(res.cls.shape)}")
+            if args.out is not None:
+                cls_path = args.out.with_suffix(".cls.npy")
+                cls_path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cls_path, res.cls)
+                print(f"saved {cls_path}")
+        return res.features
+
+    return _run(parser, argv, call)
