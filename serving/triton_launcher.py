@@ -89,6 +89,9 @@ def prepare_server_tree(cache_dir: Path | None = None) -> Path:
             f"nvidia-pytriton {wheel_version} has no Python-backend stub for Python {py} "
             f"(it ships {available}); run vitserve with one of those Python versions")
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # not made by us (ours appear complete, by rename): rebuild it
+        log.warning("replacing incomplete tritonserver copy %s", target)
+        shutil.rmtree(target, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tree = tmp / "tritonserver"

@@ -1,0 +1,133 @@
+"""What the gateway knows about each served model, learned from Triton's model configs.
+
+Each config carries the export manifest as the string parameter ``vitserve_manifest`` (see
+docs/CONTRACTS.md), so the gateway needs no file access to the model repository.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from protos import vitserve_pb2
+from serving.images import InputGeometry
+
+log = logging.getLogger(__name__)
+
+MANIFEST_PARAMETER = "vitserve_manifest"
+INPUT_NAME = "images"
+CLS_OUTPUT = "cls"
+PATCH_OUTPUT = "patch_tokens"
+
+
+class CatalogError(ValueError):
+    """A model's config does not describe a vitserve encoder."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One Triton model as the gateway serves it."""
+
+    name: str
+    version: str
+    geometry: InputGeometry
+    embed_dim: int
+    grid: tuple[int, int]
+    patch_size: int
+    num_prefix_tokens: int
+    max_batch_size: int
+    weights_sha256: str
+    normalization: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def encoder_spec(self) -> dict[str, Any]:
+        return dict(self.manifest.get("encoder_spec", {}))
+
+    def ref(self) -> vitserve_pb2.ModelRef:
+        return vitserve_pb2.ModelRef(name=self.name, version=self.version,
+                                     weights_sha256=self.weights_sha256)
+
+    def info(self, ready: bool) -> vitserve_pb2.ModelInfo:
+        return vitserve_pb2.ModelInfo(
+            model=self.ref(), ready=ready,
+            input_height=self.geometry.height, input_width=self.geometry.width,
+            input_channels=self.geometry.channels, embed_dim=self.embed_dim,
+            grid_height=self.grid[0], grid_width=self.grid[1], patch_size=self.patch_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+            encoder_spec_json=json.dumps(self.encoder_spec, sort_keys=True),
+            manifest_json=json.dumps(self.manifest, sort_keys=True))
+
+
+def _dims(tensors: list[dict[str, Any]], name: str, model: str) -> list[int]:
+    for t in tensors:
+        if t.get("name") == name:
+            return [int(d) for d in t.get("dims", [])]
+    raise CatalogError(f"model {model!r} has no tensor {name!r} (a vitserve model has input "
+                       f"{INPUT_NAME!r} and outputs {CLS_OUTPUT!r}, {PATCH_OUTPUT!r})")
+
+
+def _first(value: Any) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def model_from_config(config: dict[str, Any], version: str = "") -> ServedModel:
+    """A ``ServedModel`` from Triton's JSON model config (``get_model_config(as_json=True)['config']``).
+
+    The manifest's encoder spec is authoritative; without a manifest the shapes come from the
+    config's tensor dims and a square grid is assumed.
+    """
+    name = str(config.get("name", ""))
+    max_batch = int(config.get("max_batch_size", 0))
+    if max_batch <= 0:
+        raise CatalogError(f"model {name!r} has max_batch_size {max_batch}; vitserve models batch (> 0)")
+    in_dims = _dims(config.get("input", []), INPUT_NAME, name)
+    cls_dims = _dims(config.get("output", []), CLS_OUTPUT, name)
+    patch_dims = _dims(config.get("output", []), PATCH_OUTPUT, name)
+    if len(in_dims) != 3 or any(d <= 0 for d in in_dims):
+        raise CatalogError(f"model {name!r} input {INPUT_NAME!r} dims {in_dims} are not a fixed [H, W, C]")
+    raw = config.get("parameters", {}).get(MANIFEST_PARAMETER, {}).get("string_value", "")
+    manifest: dict[str, Any] = {}
+    if raw:
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CatalogError(f"model {name!r}: parameter {MANIFEST_PARAMETER} is not JSON: {e}") from e
+    else:
+        log.warning("model %r has no %s parameter; deriving its layout from tensor dims",
+                    name, MANIFEST_PARAMETER)
+    spec = manifest.get("encoder_spec", {})
+    num_patches, embed_dim = patch_dims[0], patch_dims[-1]
+    if spec:
+        grid = (int(spec["grid_size"][0]), int(spec["grid_size"][1]))
+        patch = _first(spec["patch_size"])
+        prefix = int(spec.get("num_prefix_tokens", 1))
+        mean, std = spec.get("mean"), spec.get("std")
+        normalization = f"(x/255 - mean)/std in graph, mean={mean}, std={std}"
+    else:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise CatalogError(f"model {name!r}: {num_patches} patch tokens is not a square grid "
+                               f"and no manifest gives the grid")
+        grid, prefix = (side, side), 1
+        patch = in_dims[0] // side
+        normalization = "in graph (no manifest)"
+    if grid[0] * grid[1] != num_patches or cls_dims[-1] != embed_dim:
+        raise CatalogError(f"model {name!r}: manifest grid {grid} / dims cls {cls_dims} disagree with "
+                           f"output {PATCH_OUTPUT!r} dims {patch_dims}")
+    return ServedModel(
+        name=name,
+        version=str(version or manifest.get("version", "")),
+        geometry=InputGeometry(in_dims[0], in_dims[1], in_dims[2]),
+        embed_dim=embed_dim,
+        grid=grid,
+        patch_size=patch,
+        num_prefix_tokens=prefix,
+        max_batch_size=max_batch,
+        weights_sha256=str(manifest.get("weights_sha256", "")),
+        normalization=normalization,
+        manifest=manifest,
+    )

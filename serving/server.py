@@ -1,0 +1,218 @@
+"""``vitserve serve``: Triton (launched here, or an external one by URL) plus the gRPC gateway.
+
+Prints exactly one line to stdout when everything is ready::
+
+    vitserve ready: gateway 127.0.0.1:PORT, triton grpc 127.0.0.1:P, models: a, b
+
+and on SIGINT/SIGTERM stops the gateway (letting in-flight calls finish) and then Triton, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from serving.gateway import GatewayError, VisionEncoderGateway, create_server, set_serving, watch_triton
+from serving.triton_launcher import TritonLaunchError, TritonLauncher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+STOP_GRACE_S = 5.0
+
+ReadyCallback = Callable[[int, list[str]], None]
+
+
+async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.0.0.1", port: int = 0,
+                      on_ready: ReadyCallback | None = None, connect_timeout: float = 60.0,
+                      grace: float = STOP_GRACE_S, gateway: VisionEncoderGateway | None = None) -> None:
+    """Serve the gateway until ``stop`` is set; ``on_ready(port, model_names)`` once it is serving.
+
+    A ``gateway`` that already knows its models (tests inject them) skips the wait for Triton.
+    """
+    gateway = gateway or VisionEncoderGateway(triton_url)
+    try:
+        models = list(gateway.models.values()) or await gateway.connect(connect_timeout)
+        server, health_servicer, bound = create_server(gateway, host, port)
+        await server.start()
+        await set_serving(health_servicer)
+        watcher = asyncio.create_task(watch_triton(gateway, health_servicer))
+        try:
+            if on_ready:
+                on_ready(bound, sorted(m.name for m in models))
+            await stop.wait()
+        finally:
+            watcher.cancel()
+            await set_serving(health_servicer, False)
+            log.info("stopping the gateway (grace %.0fs)", grace)
+            await server.stop(grace)
+    finally:
+        await gateway.close()
+
+
+class BackgroundGateway:
+    """The gateway on its own event loop in a daemon thread (for tests and embedding in sync code)."""
+
+    def __init__(self, triton_url: str, host: str = "127.0.0.1", port: int = 0,
+                 gateway: VisionEncoderGateway | None = None) -> None:
+        self.triton_url, self.host, self.port = triton_url, host, port
+        self._gateway = gateway
+        self.models: list[str] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="vitserve-gateway", daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _on_ready(self, port: int, models: list[str]) -> None:
+        self.port, self.models = port, models
+        self._ready.set()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await run_gateway(self.triton_url, self._stop, host=self.host, port=self.port,
+                              on_ready=self._on_ready, grace=1.0, gateway=self._gateway)
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # reported to start()
+            self._error = e
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 60.0) -> "BackgroundGateway":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise GatewayError(f"the gateway was not ready within {timeout:.0f}s")
+        if self._error is not None:
+            raise GatewayError(f"the gateway failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundGateway":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While Triton starts (sync code), turn SIGTERM into SystemExit so `finally` still stops it."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLauncher | None,
+                       connect_timeout: float) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
+
+    def ready(bound: int, models: list[str]) -> None:
+        print(f"vitserve ready: gateway {host}:{bound}, triton grpc {triton_url}, "
+              f"models: {', '.join(models)}", flush=True)
+
+    async def watch_process() -> None:
+        nonlocal exit_code
+        while launcher is not None and launcher.poll() is None:
+            await asyncio.sleep(0.5)
+        if launcher is not None:
+            log.error("tritonserver exited unexpectedly (code %s); stopping. Log tail:\n%s",
+                      launcher.poll(), launcher.log_tail(20))
+            exit_code = 1
+            stop.set()
+
+    watcher = asyncio.create_task(watch_process())
+    try:
+        await run_gateway(triton_url, stop, host=host, port=port, on_ready=ready,
+                          connect_timeout=connect_timeout)
+    finally:
+        watcher.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return exit_code
+
+
+def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
+          triton_url: str | None = None, host: str = "127.0.0.1", *,
+          triton_timeout: float = 300.0, log_verbose: int = 0) -> int:
+    """Run Triton (unless ``triton_url`` names a running one) and the gateway until SIGINT/SIGTERM.
+
+    Returns the process exit code: 0 after a signal, 1 if Triton died while serving.
+    """
+    if (model_repository is None) == (triton_url is None):
+        raise ValueError("give exactly one of model_repository and triton_url")
+    launcher: TritonLauncher | None = None
+    try:
+        with _terminate_as_exit():
+            if model_repository is not None:
+                launcher = TritonLauncher(model_repository, log_verbose=log_verbose)
+                models = launcher.start(timeout=triton_timeout)
+                log.info("tritonserver ready with %s (log: %s)", ", ".join(models), launcher.log_path)
+                triton_url = launcher.grpc_url
+        assert triton_url is not None
+        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout))
+    finally:
+        if launcher is not None:
+            launcher.stop()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitserve serve", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-repository", type=Path, help="Triton model repository to serve "
+                     "(starts the embedded tritonserver)")
+    src.add_argument("--triton-url", help="HOST:PORT of a running Triton's gRPC endpoint to use instead")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway port (0: pick a free one; "
+                   f"default {DEFAULT_PORT})")
+    p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--triton-timeout", type=float, default=300.0,
+                   help="seconds to wait for Triton and its models to be ready (default 300)")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    if not 0 <= args.port <= 65535:
+        print(f"vitserve serve: --port {args.port} is not a port number (0-65535)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args.model_repository, args.port, args.triton_url, args.host,
+                     triton_timeout=args.triton_timeout, log_verbose=args.log_verbose)
+    except (TritonLaunchError, GatewayError) as e:
+        print(f"vitserve serve: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
