@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.commands import embed_main, features_main
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_embed_prints_shape_and_saves_npy(fake_service, image_files, tmp_path, capsys):
+    out = tmp_path / "emb.npy"
+    code = embed_main([*image_files, "--target", fake_service[0], "--normalize", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "embeddings: shape [3, 4] float32" in stdout and f"saved {out}" in stdout
+    emb = np.load(out)
+    assert emb.shape == (3, 4)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
+    assert fake_service[1].requests[-1].l2_normalize
+
+
+def test_features_grid_tokens_and_cls(fake_service, image_files, tmp_path, capsys):
+    out = tmp_path / "f.npy"
+    assert features_main([*image_files[:2], "--target", fake_service[0], "--out", str(out), "--cls"]) == 0
+    assert np.load(out).shape == (2, 2, 3, 4) and np.load(tmp_path / "f.cls.npy").shape == (2, 4)
+    assert "features: shape [2, 2, 3, 4] float32 (grid 2x3, patch 4" in capsys.readouterr().out
+    assert features_main([image_files[0], "--target", fake_service[0], "--layout", "tokens",
+                          "--dtype", "float16"]) == 0
+    assert "features: shape [1, 6, 4] float16" in capsys.readouterr().out
+
+
+def test_server_error_exits_1_with_its_message(fake_service, image_files, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"bad bytes")
+    assert features_main([str(bad), "--target", fake_service[0]]) == 1
+    assert "server error INVALID_ARGUMENT: image 0: cannot decode" in capsys.readouterr().err
+    assert embed_main([image_files[0], "--target", fake_service[0], "--model", "missing"]) == 1
+    assert "NOT_FOUND: unknown model 'missing'" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(fake_service, image_files, tmp_path, capsys):
+    assert embed_main([]) == 2
+    assert embed_main([str(tmp_path / "nope.png"), "--target", fake_service[0]]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert features_main([image_files[0], "--layout", "hwc"]) == 2
+    assert embed_main([image_files[0], "--out", str(tmp_path / "x.txt")]) == 2
+    assert "--out must name a .npy file" in capsys.readouterr().err
