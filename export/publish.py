@@ -1,0 +1,124 @@
+"""Atomic publication of a directory into a model repository: build aside, then one rename.
+
+Triton may be polling the repository while an export runs, so a model directory must appear (or be
+replaced) whole or not at all. Triton (2.51, tried) tries to load *every* subdirectory of a
+repository, hidden ones included, so work happens in a hidden staging directory *next to* the
+repository (same file system, so a rename can move it in); only where that is impossible (the
+repository is a mount point, or its parent is read-only) does staging fall back to the inside.
+``publish`` moves it into place with ``renameat2(RENAME_NOREPLACE)`` (never clobbers a model another
+export just wrote) or, with ``force``, ``renameat2(RENAME_EXCHANGE)`` (old and new swap in one step),
+falling back to plain renames where the kernel or file system lacks them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from export.onnx_export import ExportUsageError
+
+log = logging.getLogger(__name__)
+
+STAGING_MODE = 0o755  # mkdtemp makes 0700 dirs; a Triton running as another user must read the model
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk, so a published model survives a crash."""
+    for dirpath, _, filenames in os.walk(root):
+        for fn in filenames:
+            with open(os.path.join(dirpath, fn), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False when the kernel, libc or file system does not offer ``flags``."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def exists_message(target: Path) -> str:
+    """What to tell a user whose export would overwrite the model at ``target``."""
+    versions = sorted(p.name for p in target.iterdir() if p.is_dir()) if target.is_dir() else []
+    return (f"model {target.name!r} already exists in {target.parent} (versions {versions}); "
+            "pass --force (force=True) to replace it, or choose another --name")
+
+
+def publish(staging: Path, target: Path, force: bool) -> None:
+    """Move the finished ``staging`` directory to ``target`` in one rename; replace only if ``force``."""
+    try:
+        if not (force and target.exists()):
+            if not _renameat2(staging, target, _RENAME_NOREPLACE):
+                if target.exists():
+                    raise ExportUsageError(exists_message(target))
+                os.rename(staging, target)  # fails with ENOTEMPTY if a model appeared meanwhile
+        elif _renameat2(staging, target, _RENAME_EXCHANGE):
+            shutil.rmtree(staging)  # staging now holds the old model
+        else:  # no atomic exchange here: two renames, rolled back if the second fails
+            old = Path(tempfile.mkdtemp(prefix=f".vitserve-old-{target.name}-", dir=staging.parent))
+            os.rename(target, old / "model")
+            try:
+                os.rename(staging, target)
+            except OSError:
+                os.rename(old / "model", target)
+                raise
+            shutil.rmtree(old)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise ExportUsageError(exists_message(target)) from e
+        raise
+    _fsync_dir(target.parent)
+
+
+def staging_parent(repository: Path) -> Path:
+    """Where to build a model for ``repository``: its parent when writable and on the same file system."""
+    repository = repository.resolve()
+    parent = repository.parent
+    try:
+        same_fs = os.stat(parent).st_dev == os.stat(repository).st_dev
+    except OSError:
+        same_fs = False
+    if same_fs and os.access(parent, os.W_OK | os.X_OK):
+        return parent
+    log.warning("staging inside the model repository %s (its parent is not a writable directory on "
+                "the same file system); a polling Triton may log errors for the staging directory",
+                repository)
+    return repository
+
+
+@contextlib.contextmanager
+def staging_directory(repository: Path, name: str) -> Iterator[Path]:
+    """A hidden scratch directory beside ``repository``, removed on exit whatever happens."""
+    prefix = f".vitserve-staging-{repository.resolve().name}-{name}-"
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_parent(repository)))
+    os.chmod(staging, STAGING_MODE)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
