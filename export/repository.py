@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILENAME = "manifest.json"
 CONFIG_FILENAME = "config.pbtxt"
 MANIFEST_PARAMETER = "vitserve_manifest"
-WEIGHTS_FILENAME = "encoder.pt"
+WEIGHTS_FILENAME = "encoder.pt"  # training.run_dir.ENCODER_FILENAME
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -83,36 +83,17 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 def load_run_encoder(run_dir: str | Path) -> tuple[nn.Module, EncoderSpec]:
-    """The eval-mode encoder and spec of a run directory (via ``training.run_dir.load_encoder``)."""
+    """The eval-mode encoder and spec of a run directory, through ``training.run_dir.load_encoder``."""
+    from training.run_dir import load_encoder  # the one run-dir reader (docs/CONTRACTS.md)
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportUsageError(f"run directory {run_dir} does not exist; pass the directory that "
                                "`vitserve train` wrote (it holds encoder_spec.json and encoder.pt)")
     try:
-        from training.run_dir import load_encoder
-    except ModuleNotFoundError as e:
-        if e.name != "training.run_dir":
-            raise
-        load_encoder = _load_encoder_per_contract
-    try:
         model, spec = load_encoder(run_dir)
-    except (BackboneError, OSError, KeyError, ValueError, RuntimeError) as e:
-        if isinstance(e, ExportUsageError):
-            raise
-        raise ExportUsageError(f"cannot load the encoder of run directory {run_dir}: {e}") from e
-    return model.eval(), spec
-
-
-def _load_encoder_per_contract(run_dir: Path) -> tuple[nn.Module, EncoderSpec]:
-    """Read a run dir exactly as CONTRACTS.md describes: encoder_spec.json + encoder.pt state dict."""
-    from training.backbone import build_from_spec
-
-    spec = EncoderSpec.load(run_dir)
-    weights = run_dir / WEIGHTS_FILENAME
-    if not weights.is_file():
-        raise ExportUsageError(f"run directory {run_dir} has no {WEIGHTS_FILENAME} (encoder weights)")
-    model = build_from_spec(spec)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (BackboneError, OSError, ValueError) as e:  # RunDirError is a ValueError
+        raise ExportUsageError(f"cannot export run directory {run_dir}: {e}") from e
     return model.eval(), spec
 
 
