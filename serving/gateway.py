@@ -152,6 +152,15 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                          f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}")
         return self.models[name]
 
+    async def _check_enums(self, context: grpc.aio.ServicerContext, dtype: int, layout: int = 0) -> None:
+        # proto3 enums are open: a newer client may send values this gateway does not know.
+        if dtype not in _NP_DTYPES:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"unknown dtype {dtype}; use FLOAT32 or FLOAT16")
+        if layout not in vitserve_pb2.FeaturesRequest.Layout.values():
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"unknown layout {layout}; use GRID or TOKENS")
+
     async def _decode(self, images: Sequence[vitserve_pb2.Image], model: ServedModel,
                       context: grpc.aio.ServicerContext) -> PreparedBatch:
         if not images:
@@ -197,6 +206,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     async def Embed(self, request: vitserve_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> vitserve_pb2.EmbedResponse:
         t0 = time.perf_counter()
+        await self._check_enums(context, request.dtype)
         model = await self._resolve(request.model, context)
         batch = await self._decode(request.images, model, context)
         t1 = time.perf_counter()
@@ -214,6 +224,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     async def Features(self, request: vitserve_pb2.FeaturesRequest,
                        context: grpc.aio.ServicerContext) -> vitserve_pb2.FeaturesResponse:
         t0 = time.perf_counter()
+        await self._check_enums(context, request.dtype, request.layout)
         model = await self._resolve(request.model, context)
         batch = await self._decode(request.images, model, context)
         t1 = time.perf_counter()

@@ -100,6 +100,8 @@ class BackgroundGateway:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.ident is None:  # never started
+            return
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
@@ -171,6 +173,9 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
             if model_repository is not None:
                 launcher = TritonLauncher(model_repository, log_verbose=log_verbose)
                 models = launcher.start(timeout=triton_timeout)
+                if not models:
+                    raise TritonLaunchError(f"the model repository {launcher.model_repository} holds no "
+                                            f"models; put one there with `vitserve export`")
                 log.info("tritonserver ready with %s (log: %s)", ", ".join(models), launcher.log_path)
                 triton_url = launcher.grpc_url
         assert triton_url is not None
@@ -181,7 +186,8 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitserve serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="vitserve serve", description="Start Triton (or use a running one) and the vitserve gRPC gateway.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-repository", type=Path, help="Triton model repository to serve "
                      "(starts the embedded tritonserver)")

@@ -6,7 +6,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import VitServeClient, VitServeError
-from protos import vitserve_pb2
+from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving import server
 from serving.catalog import ServedModel
 from serving.gateway import VisionEncoderGateway, l2_normalize, to_tensor
@@ -101,3 +101,20 @@ def test_serve_usage_errors_exit_2(capsys):
     assert server.main(["--port", "0"]) == 2  # neither --model-repository nor --triton-url
     assert server.main(["--triton-url", "x:1", "--port", "70000"]) == 2
     assert "not a port number" in capsys.readouterr().err
+
+
+def test_empty_repository_is_refused(tmp_path, capsys):
+    assert server.main(["--model-repository", str(tmp_path), "--port", "0"]) == 1
+    assert "holds no models" in capsys.readouterr().err
+
+
+def test_unknown_enum_values_are_invalid_argument(dead_triton_gateway):
+    frame = vitserve_pb2.Image(raw=vitserve_pb2.RawFrame(data=IMAGE.tobytes(), height=28, width=28, channels=1))
+    with grpc.insecure_channel(dead_triton_gateway.target) as ch:
+        stub = vitserve_pb2_grpc.VisionEncoderStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Embed(vitserve_pb2.EmbedRequest(model="a", images=[frame], dtype=7))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown dtype 7" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Features(vitserve_pb2.FeaturesRequest(model="a", images=[frame], layout=9))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown layout 9" in e.value.details()
