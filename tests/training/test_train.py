@@ -1,0 +1,152 @@
+"""The training loop, its schedule and its CLI (tiny runs on synthetic image folders)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import training.mae
+from training.backbone import FASHION_MNIST_MEAN
+from training.data import DataError
+from training.run_dir import load_encoder
+from training.train import (
+    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, lr_at, main, param_groups, train,
+)
+
+TINY = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """64 small grey PNGs in two class folders."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(32):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def tiny_config(tmp_path, image_folder, **kw) -> TrainConfig:
+    base = dict(data=str(image_folder), overrides=dict(TINY), batch_size=16, epochs=2, log_every=1,
+                decoder_dim=16, decoder_depth=1, decoder_heads=2, num_threads=1,
+                out_dir=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule_values():
+    assert lr_at(0, 100, 10, 1.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(150, 100, 10, 1.0, 0.1) == pytest.approx(0.1)  # clamps past the end
+    assert lr_at(3, 100, 0, 2.0) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.03)))
+    assert lr_at(2.5, 10.0, 5.0, 1.0) == pytest.approx(0.5)  # fractional (time-based) progress
+
+
+def test_lr_scaling_and_weight_decay_groups():
+    assert TrainConfig(base_lr=1.5e-4, batch_size=512).lr == pytest.approx(3e-4)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_tiny_run_writes_complete_run_dir(tmp_path, image_folder):
+    run = train(tiny_config(tmp_path, image_folder))
+    assert {p.name for p in run.iterdir()} >= {
+        "config.json", "encoder_spec.json", "encoder.pt", "checkpoint.pt", "metrics.jsonl"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["out_dir"] == str(run) and config["overrides"]["embed_dim"] == 32
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]  # 64 images / 16, 2 epochs
+    assert set(records[0]) == {"step", "epoch", "loss", "lr", "img_per_s", "elapsed_s"}
+    assert all(math.isfinite(r["loss"]) for r in records)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2
+    assert {"model", "optimizer", "config", "rng", "encoder_spec"} <= set(ckpt)
+    assert any(k.startswith("decoder_") for k in ckpt["model"])
+
+    model, spec = load_encoder(run)
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(image_folder.rglob("*.png"))]) / 255.0
+    assert spec.mean[0] == pytest.approx(pixels.mean(), abs=1e-4)  # computed from the folder
+    assert spec.std[0] == pytest.approx(pixels.std(), abs=1e-4)
+    enc_state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    x = torch.randn(3, 1, 28, 28)
+    reference, _ = load_encoder(run)
+    reference.load_state_dict(enc_state)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), reference.forward_features(x))
+
+
+def test_time_budget_stops_and_saves(tmp_path, image_folder):
+    run = train(tiny_config(tmp_path, image_folder, epochs=1000, max_minutes=0.0001))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1  # the first step already exceeds 6 ms
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
+    load_encoder(run)
+
+
+def test_non_finite_loss_raises(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(training.mae, "mae_loss", lambda pred, *a, **k: pred.sum() * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+        train(tiny_config(tmp_path, image_folder))
+
+
+def test_fashion_mnist_subset_run(tmp_path):
+    try:
+        cfg = TrainConfig(overrides=dict(TINY), limit_train=64, batch_size=32, epochs=1, num_threads=1,
+                          decoder_dim=16, decoder_depth=1, decoder_heads=2, out_dir=str(tmp_path / "r"))
+        run = train(cfg)
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed")
+    _, spec = load_encoder(run)
+    assert spec.mean == FASHION_MNIST_MEAN
+
+
+def test_config_validation_and_overrides():
+    with pytest.raises(ConfigError, match="method 'dino'"):
+        TrainConfig(method="dino")
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        TrainConfig(mask_ratio=1.0)
+    values = apply_overrides(TrainConfig().to_dict(), ["model.depth=4", "base_lr=3e-4", "bf16=true"])
+    cfg = TrainConfig(**values)
+    assert cfg.overrides["depth"] == 4 and cfg.overrides["embed_dim"] == 192
+    assert cfg.base_lr == 3e-4 and cfg.bf16 is True
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        apply_overrides(TrainConfig().to_dict(), ["nope=1"])
+
+
+def test_cli_rejects_bad_input_with_exit_code_2(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "r"), "nope=1"]) == 2
+    assert "unknown config key 'nope'" in capsys.readouterr().err
+    assert main(["--method", "dino"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["--epochs", "many"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_yaml_flags_and_overrides_run(tmp_path, image_folder, capsys):
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text(
+        "batch_size: 32\ndecoder_dim: 16\ndecoder_depth: 1\ndecoder_heads: 2\nnum_threads: 1\n"
+        "model:\n  embed_dim: 32\n  depth: 1\n  num_heads: 2\n")
+    out = tmp_path / "run"
+    code = main(["--config", str(cfg_file), "--data", str(image_folder), "--out", str(out),
+                 "--epochs", "1", "--batch-size", "16", "mask_ratio=0.5", "model.depth=2"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_size"] == 16 and config["mask_ratio"] == 0.5
+    assert config["overrides"]["depth"] == 2 and config["overrides"]["embed_dim"] == 32

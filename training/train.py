@@ -1,0 +1,412 @@
+"""Self-supervised pre-training of a timm ViT encoder; writes a run directory (docs/CONTRACTS.md).
+
+``vitserve train --method mae [--config FILE.yaml] [--out DIR] ... [key=value ...]`` calls
+:func:`main`, a thin layer over :func:`train`. Only MAE (He et al. 2022) exists so far.
+
+The recipe follows MAE's ``engine_pretrain.py``: AdamW (betas 0.9/0.95, weight decay 0.05 on
+matrices only), lr = base_lr * batch / 256 with linear warm-up and cosine decay, a non-finite loss
+stops the run. Data stays in memory as one uint8 tensor and batches are random index sets, so no
+loader processes compete with the two compute threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import data as data_mod
+from training.backbone import (
+    DEFAULT_MODEL_NAME, DEFAULT_OVERRIDES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec,
+    create_encoder, parse_override_value,
+)
+from training.mae import MaskedAutoencoder
+from training.run_dir import (
+    CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, atomic_torch_save, save_encoder,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mae",)
+FASHION_MNIST = "fashion-mnist"
+
+
+class ConfigError(ValueError):
+    """A training option is unknown or has a value that cannot work."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a pre-training run; saved resolved as ``config.json``."""
+
+    method: str = "mae"
+    model_name: str = DEFAULT_MODEL_NAME
+    overrides: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OVERRIDES))
+    data: str = FASHION_MNIST  # "fashion-mnist" or the path of an image folder
+    data_dir: str | None = None  # directory of the Fashion-MNIST IDX files (default: auto-detect)
+    limit_train: int | None = None  # use a random subset of this many training images
+    batch_size: int = 256
+    epochs: int = 10
+    max_minutes: float | None = None  # wall-clock budget of the loop; stops after the current step
+    base_lr: float = 1.5e-4  # MAE's base lr; the lr used is base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of the run spent in linear warm-up
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads (default: os.cpu_count())
+    # bf16 autocast measured *slower* than fp32 on the 2-core dev CPU (see _step docs), so it is off.
+    bf16: bool = False
+    # timm's fused SDPA attention is slower than the plain matmul path for ~13-50 token sequences.
+    fused_attn: bool = False
+    hflip: bool = True
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    log_every: int = 20
+    out_dir: str | None = None  # the run directory (default: runs/<method>-<timestamp>)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        checks = [
+            (self.method in METHODS,
+             f"method {self.method!r} is not available; choose one of {list(METHODS)}"),
+            (isinstance(self.overrides, dict), "overrides must be a mapping of timm keyword arguments"),
+            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.max_minutes is None or self.max_minutes > 0,
+             f"max_minutes must be > 0, got {self.max_minutes}"),
+            (self.limit_train is None or self.limit_train > 0,
+             f"limit_train must be > 0, got {self.limit_train}"),
+            (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
+            (0.0 <= self.warmup < 1.0, f"warmup is a fraction in [0, 1), got {self.warmup}"),
+            (self.base_lr > 0 and self.min_lr >= 0, "base_lr must be > 0 and min_lr >= 0"),
+            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
+            (self.log_every > 0, f"log_every must be > 0, got {self.log_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: MAE's linear scaling rule ``base_lr * batch_size / 256``."""
+        return self.base_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: float, total: float, warmup: float, base: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps to ``base``, then half-cosine to ``min_lr`` at ``total``.
+
+    Steps may be fractional (a time-budgeted run passes wall-clock progress in step units).
+    """
+    if warmup > 0 and step < warmup:
+        return base * step / warmup
+    if total <= warmup:
+        return base
+    t = min(1.0, (step - warmup) / (total - warmup))
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only; biases, norms and tokens are exempt (as MAE)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim <= 1 or name.endswith(("token", "pos_embed"))
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_pretraining_images(cfg: TrainConfig, spec: EncoderSpec) -> tuple[torch.Tensor, EncoderSpec]:
+    """uint8 training images ``[N, H, W, C]`` and the spec with the data's mean/std filled in."""
+    if cfg.data == FASHION_MNIST:
+        if spec.img_size != (28, 28) or spec.in_chans != 1:
+            raise ConfigError(
+                f"Fashion-MNIST is 28x28 grey but the encoder takes {spec.img_size} x "
+                f"{spec.in_chans} channels; set model.img_size=28 model.in_chans=1")
+        images = data_mod.load_fashion_mnist("train", cfg.data_dir).subset(cfg.limit_train, cfg.seed).images
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    else:
+        images = data_mod.load_image_folder(cfg.data, spec.img_size, spec.in_chans).subset(
+            cfg.limit_train, cfg.seed).images
+        pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+        mean = tuple(float(m) for m in pixels.mean(axis=0))
+        std = tuple(max(float(s), 1e-3) for s in pixels.std(axis=0))  # guard a constant channel
+    if len(images) < cfg.batch_size:
+        raise ConfigError(f"{len(images)} training images are fewer than batch_size={cfg.batch_size}")
+    return torch.from_numpy(np.ascontiguousarray(images)), dataclasses.replace(spec, mean=mean, std=std)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.Tensor:
+    """MAE's augmentation reduced to a random horizontal flip for ``[N, C, H, W]``.
+
+    MAE uses RandomResizedCrop(scale 0.2-1) + flip at 224 px. At 28 px a 20%-area crop upsampled to
+    28 px is a blur of a 12 px region that 4 px patches can barely reconstruct, and Fashion-MNIST
+    items are already centred and size-normalised, so only the flip is kept.
+    """
+    if not hflip:
+        return x
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def build_model(cfg: TrainConfig) -> tuple[MaskedAutoencoder, EncoderSpec]:
+    """The MAE model and encoder spec a config describes (random weights, timm's default mean/std)."""
+    encoder, spec = create_encoder(cfg.model_name, cfg.overrides)
+    model = MaskedAutoencoder(
+        encoder, spec, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
+        decoder_heads=cfg.decoder_heads, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):  # timm Attention; not part of the state_dict
+            m.fused_attn = cfg.fused_attn
+    return model, spec
+
+
+def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, epoch: int,
+                    cfg: TrainConfig, spec: EncoderSpec, data_gen: torch.Generator) -> None:
+    """Write ``checkpoint.pt`` (everything to resume) and the encoder files, atomically."""
+    atomic_torch_save({
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+        "config": cfg.to_dict(), "encoder_spec": spec.to_dict(), "rng": _rng_state(data_gen),
+    }, run_dir / CHECKPOINT_FILENAME)
+    save_encoder(run_dir, model.encoder, spec)
+
+
+def train(config: TrainConfig) -> Path:
+    """Pre-train an encoder as ``config`` says and return the run directory it wrote."""
+    from tqdm import tqdm
+
+    cfg = config
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+
+    run_dir = Path(cfg.out_dir or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+    model, spec = build_model(cfg)
+    images, spec = load_pretraining_images(cfg, spec)
+    model.spec = spec  # now with the data's mean/std
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / CHECKPOINT_FILENAME).exists():
+        log.warning("%s already holds a run; overwriting it", run_dir)
+    write_json(run_dir / CONFIG_FILENAME, cfg.to_dict())
+    metrics = (run_dir / METRICS_FILENAME).open("w")
+
+    n = len(images)
+    steps_per_epoch = n // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    warmup = cfg.warmup * total
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    log.info("MAE on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads",
+             n, steps_per_epoch, total, f" or {budget_s:.0f} s" if budget_s else "", cfg.lr,
+             torch.get_num_threads())
+
+    step, epochs_done, out_of_time = 0, 0, False
+    start = window_start = time.perf_counter()
+    window_loss, window_steps, window_imgs = 0.0, 0, 0
+    bar = tqdm(total=total, desc=f"mae {run_dir.name}", unit="step", dynamic_ncols=True, disable=None)
+    try:
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=data_gen)
+            for i in range(steps_per_epoch):
+                elapsed = time.perf_counter() - start
+                progress = max(step, elapsed / budget_s * total) if budget_s else step
+                lr = lr_at(progress, total, warmup, cfg.lr, cfg.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+                x = augment(data_mod.to_float_nchw(batch, spec.mean, spec.std), data_gen, cfg.hflip)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    out = model(x)
+                loss = out["loss"]  # fp32: mae_loss upcasts
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f"loss is {loss_value} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
+                        "Lower base_lr, raise warmup, or set bf16=false.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                window_loss += loss_value
+                window_steps += 1
+                window_imgs += len(batch)
+                bar.update(1)
+                elapsed = time.perf_counter() - start
+                out_of_time = budget_s is not None and elapsed >= budget_s
+                if step % cfg.log_every == 0 or out_of_time or step == total:
+                    now = time.perf_counter()
+                    record = {"step": step, "epoch": epoch, "loss": window_loss / window_steps,
+                              "lr": lr, "img_per_s": window_imgs / max(now - window_start, 1e-9),
+                              "elapsed_s": elapsed}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                    img_s=f"{record['img_per_s']:.0f}")
+                    window_loss, window_steps, window_imgs, window_start = 0.0, 0, 0, now
+                if out_of_time:
+                    break
+            if out_of_time:
+                log.info("time budget of %.1f min reached after %d steps (epoch %d)", cfg.max_minutes, step, epoch)
+                break
+            epochs_done = epoch + 1
+            if epochs_done < cfg.epochs:  # the final save follows the loop
+                save_checkpoint(run_dir, model, opt, step, epochs_done, cfg, spec, data_gen)
+    finally:
+        bar.close()
+        metrics.close()
+    save_checkpoint(run_dir, model, opt, step, epochs_done, cfg, spec, data_gen)
+    log.info("saved %s after %d steps in %.0f s", run_dir, step, time.perf_counter() - start)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+_FLAG_FIELDS = {"out": "out_dir", "epochs": "epochs", "max_minutes": "max_minutes",
+                "batch_size": "batch_size", "data": "data", "data_dir": "data_dir", "seed": "seed"}
+
+
+def apply_overrides(values: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings to a config dict; ``model.<key>=v`` sets an encoder override."""
+    values = dict(values)
+    values["overrides"] = dict(values.get("overrides") or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        value = parse_override_value(text)
+        if key.startswith("model."):
+            values["overrides"][key[len("model."):]] = value
+        elif key in known:
+            values[key] = value
+        else:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {sorted(known)} and model.<timm kwarg>")
+    return values
+
+
+def config_from_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML experiment file of TrainConfig fields (``model:`` may hold encoder overrides)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options, not {type(loaded).__name__}")
+    model = loaded.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{path}: 'model' must be a mapping of timm keyword arguments")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(loaded) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
+    if model:
+        loaded["overrides"] = {**loaded.get("overrides", dict(DEFAULT_OVERRIDES)), **model}
+    return loaded
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < YAML file < command-line flags < trailing ``key=value`` overrides."""
+    values = TrainConfig().to_dict()
+    if args.config:
+        values.update(config_from_yaml(args.config))
+    values["method"] = args.method
+    for flag, name in _FLAG_FIELDS.items():
+        if getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+    values = apply_overrides(values, args.overrides)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"bad config value: {e}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitserve train", description="Self-supervised pre-training of a ViT encoder.",
+        epilog="Trailing key=value pairs set any TrainConfig field (e.g. base_lr=3e-4 mask_ratio=0.6); "
+               "model.<kwarg>=v sets a timm.create_model override (e.g. model.depth=4).")
+    p.add_argument("--method", default="mae", help="pre-training method (only 'mae' so far)")
+    p.add_argument("--config", help="YAML file of TrainConfig fields")
+    p.add_argument("--out", help="run directory to write (default: runs/<method>-<timestamp>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget; stops cleanly and saves")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data", help="'fashion-mnist' or an image folder")
+    p.add_argument("--data-dir", help="directory holding the Fashion-MNIST IDX files")
+    p.add_argument("--seed", type=int)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vitserve train``: 0 on success, 2 for a bad command line or config, 1 if training failed."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and usage errors (2)
+        return int(e.code or 0)
+    if args.method not in METHODS:
+        print(f"vitserve train: error: method {args.method!r} is not implemented yet; "
+              f"available: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"vitserve train: error: {e}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_dir = train(cfg)
+    except ConfigError as e:
+        print(f"vitserve train: error: {e}", file=sys.stderr)
+        return 2
+    except (data_mod.DataError, NonFiniteLossError) as e:
+        print(f"vitserve train: error: {e}", file=sys.stderr)
+        return 1
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
