@@ -20,7 +20,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ import torch
 from torch import nn
 
 from training import data as data_mod
-from training.backbone import (
-    DEFAULT_MODEL_NAME, DEFAULT_OVERRIDES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec,
-    create_encoder, parse_override_value,
+from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec, create_encoder
+from training.config import (  # noqa: F401  (TrainConfig and friends are part of this module's API)
+    FASHION_MNIST, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
 from training.mae import MaskedAutoencoder
 from training.run_dir import (
@@ -42,81 +41,8 @@ from training.run_dir import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mae",)
-FASHION_MNIST = "fashion-mnist"
-
-
-class ConfigError(ValueError):
-    """A training option is unknown or has a value that cannot work."""
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped."""
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a pre-training run; saved resolved as ``config.json``."""
-
-    method: str = "mae"
-    model_name: str = DEFAULT_MODEL_NAME
-    overrides: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OVERRIDES))
-    data: str = FASHION_MNIST  # "fashion-mnist" or the path of an image folder
-    data_dir: str | None = None  # directory of the Fashion-MNIST IDX files (default: auto-detect)
-    limit_train: int | None = None  # use a random subset of this many training images
-    batch_size: int = 256
-    epochs: int = 10
-    max_minutes: float | None = None  # wall-clock budget of the loop; stops after the current step
-    base_lr: float = 1.5e-4  # MAE's base lr; the lr used is base_lr * batch_size / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    warmup: float = 0.05  # fraction of the run spent in linear warm-up
-    betas: tuple[float, float] = (0.9, 0.95)
-    seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads (default: os.cpu_count())
-    # bf16 autocast measured *slower* than fp32 on the 2-core dev CPU (see _step docs), so it is off.
-    bf16: bool = False
-    # timm's fused SDPA attention is slower than the plain matmul path for ~13-50 token sequences.
-    fused_attn: bool = False
-    hflip: bool = True
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    log_every: int = 20
-    out_dir: str | None = None  # the run directory (default: runs/<method>-<timestamp>)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
-        checks = [
-            (self.method in METHODS,
-             f"method {self.method!r} is not available; choose one of {list(METHODS)}"),
-            (isinstance(self.overrides, dict), "overrides must be a mapping of timm keyword arguments"),
-            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
-            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
-            (self.max_minutes is None or self.max_minutes > 0,
-             f"max_minutes must be > 0, got {self.max_minutes}"),
-            (self.limit_train is None or self.limit_train > 0,
-             f"limit_train must be > 0, got {self.limit_train}"),
-            (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
-            (0.0 <= self.warmup < 1.0, f"warmup is a fraction in [0, 1), got {self.warmup}"),
-            (self.base_lr > 0 and self.min_lr >= 0, "base_lr must be > 0 and min_lr >= 0"),
-            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
-            (self.log_every > 0, f"log_every must be > 0, got {self.log_every}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @property
-    def lr(self) -> float:
-        """Peak learning rate: MAE's linear scaling rule ``base_lr * batch_size / 256``."""
-        return self.base_lr * self.batch_size / 256
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def lr_at(step: float, total: float, warmup: float, base: float, min_lr: float = 0.0) -> float:
@@ -301,47 +227,6 @@ def train(config: TrainConfig) -> Path:
 
 _FLAG_FIELDS = {"out": "out_dir", "epochs": "epochs", "max_minutes": "max_minutes",
                 "batch_size": "batch_size", "data": "data", "data_dir": "data_dir", "seed": "seed"}
-
-
-def apply_overrides(values: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings to a config dict; ``model.<key>=v`` sets an encoder override."""
-    values = dict(values)
-    values["overrides"] = dict(values.get("overrides") or {})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected key=value, got {pair!r}")
-        value = parse_override_value(text)
-        if key.startswith("model."):
-            values["overrides"][key[len("model."):]] = value
-        elif key in known:
-            values[key] = value
-        else:
-            raise ConfigError(f"unknown config key {key!r}; known keys: {sorted(known)} and model.<timm kwarg>")
-    return values
-
-
-def config_from_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML experiment file of TrainConfig fields (``model:`` may hold encoder overrides)."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of options, not {type(loaded).__name__}")
-    model = loaded.pop("model", None) or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"{path}: 'model' must be a mapping of timm keyword arguments")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(loaded) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
-    if model:
-        loaded["overrides"] = {**loaded.get("overrides", dict(DEFAULT_OVERRIDES)), **model}
-    return loaded
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
