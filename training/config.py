@@ -42,7 +42,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (default: os.cpu_count())
-    # bf16 autocast measured *slower* than fp32 on the 2-core dev CPU (see _step docs), so it is off.
+    # bf16 autocast measured 2-5x *slower* than fp32 for this model on the 2-core dev CPU (oneDNN bf16
+    # matmuls and SDPA backward are slow there), so it is off; turn it on where bf16 is faster.
     bf16: bool = False
     # timm's fused SDPA attention is slower than the plain matmul path for ~13-50 token sequences.
     fused_attn: bool = False

@@ -41,6 +41,7 @@ from training.run_dir import (
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped."""
 
@@ -82,12 +83,24 @@ def load_pretraining_images(cfg: TrainConfig, spec: EncoderSpec) -> tuple[torch.
     else:
         images = data_mod.load_image_folder(cfg.data, spec.img_size, spec.in_chans).subset(
             cfg.limit_train, cfg.seed).images
-        pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-        mean = tuple(float(m) for m in pixels.mean(axis=0))
-        std = tuple(max(float(s), 1e-3) for s in pixels.std(axis=0))  # guard a constant channel
+        mean, std = channel_mean_std(images)
     if len(images) < cfg.batch_size:
         raise ConfigError(f"{len(images)} training images are fewer than batch_size={cfg.batch_size}")
     return torch.from_numpy(np.ascontiguousarray(images)), dataclasses.replace(spec, mean=mean, std=std)
+
+
+def channel_mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 ``[N, H, W, C]`` images on the 0-1 scale (chunked, float64)."""
+    c = images.shape[-1]
+    total, total_sq, count = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(images), chunk):
+        px = images[i:i + chunk].reshape(-1, c).astype(np.float64) / 255.0
+        total += px.sum(axis=0)
+        total_sq += (px * px).sum(axis=0)
+        count += len(px)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    return tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std)  # 1e-3: constant channel
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.Tensor:

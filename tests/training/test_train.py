@@ -15,7 +15,8 @@ from training.backbone import FASHION_MNIST_MEAN
 from training.data import DataError
 from training.run_dir import load_encoder
 from training.train import (
-    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, lr_at, main, param_groups, train,
+    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, channel_mean_std, lr_at, main,
+    param_groups, train,
 )
 
 TINY = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -57,6 +58,14 @@ def test_lr_scaling_and_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.05)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_channel_mean_std_matches_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (10, 5, 4, 3), dtype=np.uint8)
+    mean, std = channel_mean_std(images, chunk=3)
+    px = images.reshape(-1, 3) / 255.0
+    assert np.allclose(mean, px.mean(0)) and np.allclose(std, px.std(0))
+    assert channel_mean_std(np.zeros((2, 2, 2, 1), np.uint8))[1] == (1e-3,)
 
 
 def test_tiny_run_writes_complete_run_dir(tmp_path, image_folder):
