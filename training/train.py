@@ -33,7 +33,7 @@ from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec
 from training.config import (  # noqa: F401  (TrainConfig and friends are part of this module's API)
     FASHION_MNIST, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
-from training.mae import MaskedAutoencoder
+from training.mae import MaskedAutoencoder, decoder_param_count
 from training.run_dir import (
     CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, atomic_torch_save, save_encoder,
     write_json,
@@ -173,9 +173,10 @@ def train(config: TrainConfig) -> Path:
     total = steps_per_epoch * cfg.epochs
     warmup = cfg.warmup * total
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    log.info("MAE on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads",
-             n, steps_per_epoch, total, f" or {budget_s:.0f} s" if budget_s else "", cfg.lr,
-             torch.get_num_threads())
+    log.info("MAE on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads; "
+             "encoder %.2fM params, decoder %.2fM", n, steps_per_epoch, total,
+             f" or {budget_s:.0f} s" if budget_s else "", cfg.lr, torch.get_num_threads(),
+             sum(p.numel() for p in model.encoder.parameters()) / 1e6, decoder_param_count(model) / 1e6)
 
     step, epochs_done, out_of_time = 0, 0, False
     start = window_start = time.perf_counter()
