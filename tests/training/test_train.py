@@ -15,7 +15,7 @@ from training.backbone import FASHION_MNIST_MEAN
 from training.data import DataError
 from training.run_dir import load_encoder
 from training.train import (
-    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, channel_mean_std, lr_at, main,
+    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, augment, channel_mean_std, lr_at, main,
     param_groups, train,
 )
 
@@ -58,6 +58,17 @@ def test_lr_scaling_and_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.05)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_augment_flips_whole_images_reproducibly():
+    x = torch.arange(64 * 4, dtype=torch.float32).view(64, 1, 1, 4)
+    a = augment(x, torch.Generator().manual_seed(3), hflip=True)
+    b = augment(x, torch.Generator().manual_seed(3), hflip=True)
+    assert torch.equal(a, b)
+    flipped = (a != x).any(dim=(1, 2, 3))
+    assert 10 < int(flipped.sum()) < 54
+    assert torch.equal(a[flipped], x[flipped].flip(-1)) and torch.equal(a[~flipped], x[~flipped])
+    assert augment(x, torch.Generator(), hflip=False) is x
 
 
 def test_channel_mean_std_matches_numpy():
