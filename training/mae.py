@@ -139,6 +139,11 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         if spec.patch_size[0] != spec.patch_size[1]:
             raise ValueError(f"MAE here needs square patches, got {spec.patch_size}")
+        missing = [a for a in ("patch_embed", "blocks", "norm_pre", "pos_drop", "norm")
+                   if not hasattr(encoder, a)]
+        if missing:
+            raise ValueError(f"MAE needs a timm VisionTransformer-style encoder; "
+                             f"{type(encoder).__name__} lacks {missing}")
         if getattr(encoder, "dynamic_img_size", False):
             raise ValueError("MAE pre-training needs a fixed image size (dynamic_img_size=False)")
         self.encoder = encoder

@@ -138,3 +138,9 @@ def test_register_tokens_are_prefixed_and_dropped_from_prediction():
     out = model(torch.randn(2, 1, 28, 28))
     assert seen == [torch.Size([2, 3 + 12, 192])]
     assert out["pred"].shape == (2, 49, 16)
+
+
+def test_non_vit_encoder_is_rejected_clearly():
+    _, spec = create_encoder(overrides={**DEFAULT_OVERRIDES, "depth": 1})
+    with pytest.raises(ValueError, match="lacks"):
+        MaskedAutoencoder(torch.nn.Linear(2, 2), spec)
