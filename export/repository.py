@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from export import model as triton_model
+from export.architecture import describe_architecture, output_descriptions
 from export.onnx_export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, TORCH_EXPORTER,
                                 ExportError, ExportUsageError, check_parity, export_onnx)
 from export.publish import exists_message, fsync_tree, publish, staging_directory
@@ -117,20 +118,25 @@ def exporter_info(opset: int, backend: str) -> dict[str, Any]:
             "backend": backend, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def tensor_layout(spec: EncoderSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Manifest ``inputs`` and ``outputs``: name -> {dtype, shape (batch as -1), description}."""
+def tensor_layout(spec: EncoderSpec, architecture: dict[str, Any] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Manifest ``inputs`` and ``outputs``: name -> {dtype, shape (batch as -1), description}.
+
+    ``architecture`` (``export.architecture.describe_architecture``) makes the descriptions say which
+    prefix tokens were removed and whether the tokens carry a final norm; without it a standard
+    final-norm ViT is assumed.
+    """
     h, w = spec.img_size
     gh, gw = spec.grid_size
     d = spec.embed_dim
+    arch = architecture or {"final_norm": True, "fc_norm": False, "global_pool": "token",
+                            "prefix_tokens": ["cls"] * spec.num_prefix_tokens}
+    cls_what, patch_what = output_descriptions(spec, arch)
     inputs = {INPUT_NAME: {"dtype": "uint8", "shape": [-1, h, w, spec.in_chans],
                            "description": "raw pixels NHWC; (x/255 - mean)/std is inside the graph"}}
-    cls_what = ("final-norm CLS token" if spec.has_cls_token
-                else "mean of final-norm patch tokens (the model has no CLS token)")
     outputs = {
         "cls": {"dtype": "float32", "shape": [-1, d], "description": cls_what},
-        "patch_tokens": {"dtype": "float32", "shape": [-1, gh * gw, d],
-                         "description": f"final-norm patch tokens, row-major {gh}x{gw} grid, "
-                                        f"{spec.num_prefix_tokens} prefix token(s) removed"},
+        "patch_tokens": {"dtype": "float32", "shape": [-1, gh * gw, d], "description": patch_what},
     }
     return inputs, outputs
 
@@ -201,6 +207,7 @@ def export_encoder(
     if target.exists() and not force:  # fail before the slow part; publish() re-checks atomically
         raise ExportUsageError(exists_message(target))
 
+    architecture = describe_architecture(model, spec)  # raises for a family we do not understand
     with staging_directory(repository, name) as staging:
         version_dir = staging / str(version)
         version_dir.mkdir()
@@ -210,12 +217,13 @@ def export_encoder(
         if backend == "python":
             shutil.copyfile(triton_model.__file__, version_dir / "model.py")
             files[f"{version}/model.py"] = sha256_file(version_dir / "model.py")
-        inputs, outputs = tensor_layout(spec)
+        inputs, outputs = tensor_layout(spec, architecture)
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
             "version": version,
             "encoder_spec": spec.to_dict(),
+            "architecture": architecture,
             "inputs": inputs,
             "outputs": outputs,
             "weights_sha256": weights_sha256 or state_dict_sha256(model),
