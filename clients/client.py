@@ -1,8 +1,11 @@
 """Thin Python client for the vitserve gRPC API (grpcio + numpy only; no torch).
 
 >>> with VitServeClient("127.0.0.1:50051") as client:
-...     emb = client.embed(images)                      # [N, D] float32
+...     emb = client.embed(images)                      # [N, D] float32 (CLS)
+...     both = client.embed(images, pooling="both")     # [N, 2D] = [CLS | mean of patch tokens]
 ...     res = client.features(images, layout="grid")    # res.features: [N, h, w, D]
+...     for r in client.stream_features(frames, latest_only=True):  # frames: (frame_id, images)
+...         r.frame_id, r.skipped, r.features
 
 Images may be uint8 arrays ``[H, W]``, ``[H, W, C]`` or a batch ``[N, H, W, C]`` (sent as raw frames),
 ``bytes`` of an encoded file (PNG/JPEG/WebP/BMP), or file paths (read and sent encoded), either one
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
@@ -23,6 +26,7 @@ from protos import vitserve_pb2, vitserve_pb2_grpc
 
 ImageLike = Union[np.ndarray, bytes, bytearray, memoryview, str, Path]
 Images = Union[ImageLike, Sequence[ImageLike]]
+Frame = Tuple[int, Images]  # (frame_id, the images of that control step)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -32,6 +36,8 @@ _DTYPES = {"float32": vitserve_pb2.FLOAT32, "fp32": vitserve_pb2.FLOAT32,
 _NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
               vitserve_pb2.DTYPE_UNSPECIFIED: "<f4"}
 _LAYOUTS = {"grid": vitserve_pb2.FeaturesRequest.GRID, "tokens": vitserve_pb2.FeaturesRequest.TOKENS}
+_Pooling = vitserve_pb2.EmbedRequest.Pooling
+POOLINGS = {"cls": _Pooling.CLS, "mean": _Pooling.MEAN_PATCH, "both": _Pooling.CLS_AND_MEAN_PATCH}
 
 
 class VitServeError(RuntimeError):
@@ -165,6 +171,25 @@ def features_result(response: vitserve_pb2.FeaturesResponse) -> FeaturesResult:
         source=response.source)
 
 
+@dataclass(frozen=True)
+class StreamResult:
+    """The answer to one streamed frame: its features, or ``skipped`` (stale), or a per-frame ``error``."""
+
+    frame_id: int
+    skipped: bool
+    features: FeaturesResult | None
+    error: "VitServeError | None" = None
+
+
+def stream_result(response: vitserve_pb2.StreamFeaturesResponse) -> StreamResult:
+    error = None
+    if response.error_code:
+        code = next((c for c in grpc.StatusCode if c.value[0] == response.error_code), grpc.StatusCode.UNKNOWN)
+        error = VitServeError(code, response.error_message)
+    features = features_result(response.features) if response.HasField("features") else None
+    return StreamResult(response.frame_id, response.skipped, features, error)
+
+
 def model_description(info: vitserve_pb2.ModelInfo) -> ModelDescription:
     return ModelDescription(
         name=info.model.name, version=info.model.version, weights_sha256=info.model.weights_sha256,
@@ -176,9 +201,17 @@ def model_description(info: vitserve_pb2.ModelInfo) -> ModelDescription:
         manifest=json.loads(info.manifest_json or "{}"))
 
 
-def embed_request(images: Images, model: str, l2_normalize: bool, dtype: str) -> vitserve_pb2.EmbedRequest:
+def _pooling(name: str) -> int:
+    try:
+        return POOLINGS[name.lower()]
+    except KeyError:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {name!r}") from None
+
+
+def embed_request(images: Images, model: str, l2_normalize: bool, dtype: str,
+                  pooling: str = "cls") -> vitserve_pb2.EmbedRequest:
     return vitserve_pb2.EmbedRequest(model=model, images=to_proto_images(images),
-                                     l2_normalize=l2_normalize, dtype=_dtype(dtype))
+                                     l2_normalize=l2_normalize, dtype=_dtype(dtype), pooling=_pooling(pooling))
 
 
 def features_request(images: Images, model: str, layout: str, include_cls: bool,
@@ -188,6 +221,18 @@ def features_request(images: Images, model: str, layout: str, include_cls: bool,
                                         dtype=_dtype(dtype))
 
 
+def stream_request(frame: Frame, model: str, layout: str, include_cls: bool, dtype: str,
+                   latest_only: bool) -> vitserve_pb2.StreamFeaturesRequest:
+    frame_id, images = frame
+    return vitserve_pb2.StreamFeaturesRequest(
+        frame_id=frame_id, latest_only=latest_only,
+        request=features_request(images, model, layout, include_cls, dtype))
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def _error(e: grpc.RpcError) -> VitServeError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
@@ -195,24 +240,40 @@ def _error(e: grpc.RpcError) -> VitServeError:
 
 
 class VitServeClient:
-    """Blocking client; ``timeout`` (seconds) is each call's deadline."""
+    """Blocking client; ``timeout`` (seconds) is each call's deadline, ``token`` a bearer token."""
 
-    def __init__(self, target: str, timeout: float = 60.0) -> None:
+    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None) -> None:
         self.target, self.timeout = target, timeout
+        self._metadata = _auth_metadata(token)
         self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
     def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
-              dtype: str = "float32") -> np.ndarray:
-        """CLS embeddings ``[N, D]``."""
-        response = self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype))
+              dtype: str = "float32", pooling: str = "cls") -> np.ndarray:
+        """Global embeddings: CLS ``[N, D]``, ``"mean"`` of patch tokens ``[N, D]`` or ``"both"`` ``[N, 2D]``."""
+        response = self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype, pooling))
         return tensor_to_numpy(response.embeddings)
+
+    def stream_features(self, frames: Iterable[Frame], model: str = "", layout: str = "grid",
+                        include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
+                        timeout: float | None = None) -> Iterator[StreamResult]:
+        """One ``StreamResult`` per ``(frame_id, images)`` sent, in order, over one stream.
+
+        With ``latest_only`` a frame still waiting when a newer one has arrived comes back
+        ``skipped``. ``timeout`` bounds the whole stream (default: none, for a control loop).
+        """
+        requests = (stream_request(f, model, layout, include_cls, dtype, latest_only) for f in frames)
+        try:
+            for response in self._stub.StreamFeatures(requests, timeout=timeout, metadata=self._metadata):
+                yield stream_result(response)
+        except grpc.RpcError as e:
+            raise _error(e) from None
 
     def features(self, images: Images, model: str = "", layout: str = "grid", include_cls: bool = False,
                  dtype: str = "float32") -> FeaturesResult:
@@ -237,21 +298,42 @@ class VitServeClient:
 class AsyncVitServeClient:
     """``grpc.aio`` client with the same methods as ``VitServeClient`` (await them)."""
 
-    def __init__(self, target: str, timeout: float = 60.0) -> None:
+    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None) -> None:
         self.target, self.timeout = target, timeout
+        self._metadata = _auth_metadata(token)
         self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
     async def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
-                    dtype: str = "float32") -> np.ndarray:
-        response = await self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype))
+                    dtype: str = "float32", pooling: str = "cls") -> np.ndarray:
+        request = embed_request(images, model, l2_normalize, dtype, pooling)
+        response = await self._call(self._stub.Embed, request)
         return tensor_to_numpy(response.embeddings)
+
+    async def stream_features(self, frames: Iterable[Frame] | AsyncIterable[Frame], model: str = "",
+                              layout: str = "grid", include_cls: bool = False, dtype: str = "float32",
+                              latest_only: bool = False, timeout: float | None = None) -> AsyncIterator[StreamResult]:
+        """As ``VitServeClient.stream_features``; ``frames`` may be an async iterable (a camera loop)."""
+        async def requests() -> AsyncIterator[vitserve_pb2.StreamFeaturesRequest]:
+            if isinstance(frames, AsyncIterable):
+                async for f in frames:
+                    yield stream_request(f, model, layout, include_cls, dtype, latest_only)
+            else:
+                for f in frames:
+                    yield stream_request(f, model, layout, include_cls, dtype, latest_only)
+
+        call = self._stub.StreamFeatures(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield stream_result(response)
+        except grpc.RpcError as e:
+            raise _error(e) from None
 
     async def features(self, images: Images, model: str = "", layout: str = "grid",
                        include_cls: bool = False, dtype: str = "float32") -> FeaturesResult:
@@ -273,4 +355,4 @@ class AsyncVitServeClient:
 
 
 __all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "FeaturesResult",
-           "ModelDescription", "tensor_to_numpy", "to_proto_images"]
+           "ModelDescription", "StreamResult", "tensor_to_numpy", "to_proto_images"]

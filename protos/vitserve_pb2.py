@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/vitserve.proto\x12\x0bvitserve.v1\"I\n\x08RawFrame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.vitserve.v1.RawFrameH\x00\x42\x08\n\x06source\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.vitserve.v1.DType\"A\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\"\x90\x01\n\rPreprocessing\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0f\n\x07resized\x18\x04 \x01(\r\x12\x11\n\tconverted\x18\x05 \x01(\r\x12\x13\n\x0bresize_mode\x18\x06 \x01(\t\x12\x15\n\rnormalization\x18\x07 \x01(\t\"C\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"z\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitserve.v1.Image\x12\x14\n\x0cl2_normalize\x18\x03 \x01(\x08\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.vitserve.v1.DType\"\xc6\x01\n\rEmbedResponse\x12\'\n\nembeddings\x18\x01 \x01(\x0b\x32\x13.vitserve.v1.Tensor\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.vitserve.v1.ModelRef\x12\x31\n\rpreprocessing\x18\x03 \x01(\x0b\x32\x1a.vitserve.v1.Preprocessing\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.vitserve.v1.Timing\x12\x0e\n\x06source\x18\x05 \x01(\t\"\xe9\x01\n\x0f\x46\x65\x61turesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitserve.v1.Image\x12\x33\n\x06layout\x18\x03 \x01(\x0e\x32#.vitserve.v1.FeaturesRequest.Layout\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.vitserve.v1.DType\x12\x13\n\x0binclude_cls\x18\x05 \x01(\x08\"6\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x08\n\x04GRID\x10\x01\x12\n\n\x06TOKENS\x10\x02\"\xf6\x02\n\x10\x46\x65\x61turesResponse\x12%\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x13.vitserve.v1.Tensor\x12 \n\x03\x63ls\x18\x02 \x01(\x0b\x32\x13.vitserve.v1.Tensor\x12\x13\n\x0bgrid_height\x18\x03 \x01(\r\x12\x12\n\ngrid_width\x18\x04 \x01(\r\x12\x12\n\npatch_size\x18\x05 \x01(\r\x12\x19\n\x11num_prefix_tokens\x18\x06 \x01(\r\x12\x33\n\x06layout\x18\x07 \x01(\x0e\x32#.vitserve.v1.FeaturesRequest.Layout\x12$\n\x05model\x18\x08 \x01(\x0b\x32\x15.vitserve.v1.ModelRef\x12\x31\n\rpreprocessing\x18\t \x01(\x0b\x32\x1a.vitserve.v1.Preprocessing\x12#\n\x06timing\x18\n \x01(\x0b\x32\x13.vitserve.v1.Timing\x12\x0e\n\x06source\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"\xa0\x02\n\tModelInfo\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.vitserve.v1.ModelRef\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x14\n\x0cinput_height\x18\x03 \x01(\r\x12\x13\n\x0binput_width\x18\x04 \x01(\r\x12\x16\n\x0einput_channels\x18\x05 \x01(\r\x12\x11\n\tembed_dim\x18\x06 \x01(\r\x12\x13\n\x0bgrid_height\x18\x07 \x01(\r\x12\x12\n\ngrid_width\x18\x08 \x01(\r\x12\x12\n\npatch_size\x18\t \x01(\r\x12\x19\n\x11num_prefix_tokens\x18\n \x01(\r\x12\x19\n\x11\x65ncoder_spec_json\x18\x0b \x01(\t\x12\x15\n\rmanifest_json\x18\x0c \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.vitserve.v1.ModelInfo*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x32\xe7\x01\n\rVisionEncoder\x12>\n\x05\x45mbed\x12\x19.vitserve.v1.EmbedRequest\x1a\x1a.vitserve.v1.EmbedResponse\x12G\n\x08\x46\x65\x61tures\x12\x1c.vitserve.v1.FeaturesRequest\x1a\x1d.vitserve.v1.FeaturesResponse\x12M\n\nListModels\x12\x1e.vitserve.v1.ListModelsRequest\x1a\x1f.vitserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/vitserve.proto\x12\x0bvitserve.v1\"I\n\x08RawFrame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.vitserve.v1.RawFrameH\x00\x42\x08\n\x06source\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.vitserve.v1.DType\"A\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\"\x90\x01\n\rPreprocessing\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0f\n\x07resized\x18\x04 \x01(\r\x12\x11\n\tconverted\x18\x05 \x01(\r\x12\x13\n\x0bresize_mode\x18\x06 \x01(\t\x12\x15\n\rnormalization\x18\x07 \x01(\t\"C\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x83\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitserve.v1.Image\x12\x14\n\x0cl2_normalize\x18\x03 \x01(\x08\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.vitserve.v1.DType\x12\x32\n\x07pooling\x18\x05 \x01(\x0e\x32!.vitserve.v1.EmbedRequest.Pooling\"S\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x07\n\x03\x43LS\x10\x01\x12\x0e\n\nMEAN_PATCH\x10\x02\x12\x16\n\x12\x43LS_AND_MEAN_PATCH\x10\x03\"\x91\x02\n\rEmbedResponse\x12\'\n\nembeddings\x18\x01 \x01(\x0b\x32\x13.vitserve.v1.Tensor\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.vitserve.v1.ModelRef\x12\x31\n\rpreprocessing\x18\x03 \x01(\x0b\x32\x1a.vitserve.v1.Preprocessing\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.vitserve.v1.Timing\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x32\n\x07pooling\x18\x06 \x01(\x0e\x32!.vitserve.v1.EmbedRequest.Pooling\x12\x15\n\rl2_normalized\x18\x07 \x01(\x08\"\xe9\x01\n\x0f\x46\x65\x61turesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitserve.v1.Image\x12\x33\n\x06layout\x18\x03 \x01(\x0e\x32#.vitserve.v1.FeaturesRequest.Layout\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.vitserve.v1.DType\x12\x13\n\x0binclude_cls\x18\x05 \x01(\x08\"6\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x08\n\x04GRID\x10\x01\x12\n\n\x06TOKENS\x10\x02\"\xf6\x02\n\x10\x46\x65\x61turesResponse\x12%\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x13.vitserve.v1.Tensor\x12 \n\x03\x63ls\x18\x02 \x01(\x0b\x32\x13.vitserve.v1.Tensor\x12\x13\n\x0bgrid_height\x18\x03 \x01(\r\x12\x12\n\ngrid_width\x18\x04 \x01(\r\x12\x12\n\npatch_size\x18\x05 \x01(\r\x12\x19\n\x11num_prefix_tokens\x18\x06 \x01(\r\x12\x33\n\x06layout\x18\x07 \x01(\x0e\x32#.vitserve.v1.FeaturesRequest.Layout\x12$\n\x05model\x18\x08 \x01(\x0b\x32\x15.vitserve.v1.ModelRef\x12\x31\n\rpreprocessing\x18\t \x01(\x0b\x32\x1a.vitserve.v1.Preprocessing\x12#\n\x06timing\x18\n \x01(\x0b\x32\x13.vitserve.v1.Timing\x12\x0e\n\x06source\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"\xa0\x02\n\tModelInfo\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.vitserve.v1.ModelRef\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x14\n\x0cinput_height\x18\x03 \x01(\r\x12\x13\n\x0binput_width\x18\x04 \x01(\r\x12\x16\n\x0einput_channels\x18\x05 \x01(\r\x12\x11\n\tembed_dim\x18\x06 \x01(\r\x12\x13\n\x0bgrid_height\x18\x07 \x01(\r\x12\x12\n\ngrid_width\x18\x08 \x01(\r\x12\x12\n\npatch_size\x18\t \x01(\r\x12\x19\n\x11num_prefix_tokens\x18\n \x01(\r\x12\x19\n\x11\x65ncoder_spec_json\x18\x0b \x01(\t\x12\x15\n\rmanifest_json\x18\x0c \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.vitserve.v1.ModelInfo\"m\n\x15StreamFeaturesRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.vitserve.v1.FeaturesRequest\x12\x13\n\x0blatest_only\x18\x03 \x01(\x08\"\x97\x01\n\x16StreamFeaturesResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x0f\n\x07skipped\x18\x02 \x01(\x08\x12/\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1d.vitserve.v1.FeaturesResponse\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\x15\n\rerror_message\x18\x05 \x01(\t*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x32\xc6\x02\n\rVisionEncoder\x12>\n\x05\x45mbed\x12\x19.vitserve.v1.EmbedRequest\x1a\x1a.vitserve.v1.EmbedResponse\x12G\n\x08\x46\x65\x61tures\x12\x1c.vitserve.v1.FeaturesRequest\x1a\x1d.vitserve.v1.FeaturesResponse\x12M\n\nListModels\x12\x1e.vitserve.v1.ListModelsRequest\x1a\x1f.vitserve.v1.ListModelsResponse\x12]\n\x0eStreamFeatures\x12\".vitserve.v1.StreamFeaturesRequest\x1a#.vitserve.v1.StreamFeaturesResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vitserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1858
-  _globals['_DTYPE']._serialized_end=1914
+  _globals['_DTYPE']._serialized_start=2336
+  _globals['_DTYPE']._serialized_end=2392
   _globals['_RAWFRAME']._serialized_start=38
   _globals['_RAWFRAME']._serialized_end=111
   _globals['_IMAGE']._serialized_start=113
@@ -45,22 +45,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPROCESSING']._serialized_end=475
   _globals['_TIMING']._serialized_start=477
   _globals['_TIMING']._serialized_end=544
-  _globals['_EMBEDREQUEST']._serialized_start=546
-  _globals['_EMBEDREQUEST']._serialized_end=668
-  _globals['_EMBEDRESPONSE']._serialized_start=671
-  _globals['_EMBEDRESPONSE']._serialized_end=869
-  _globals['_FEATURESREQUEST']._serialized_start=872
-  _globals['_FEATURESREQUEST']._serialized_end=1105
-  _globals['_FEATURESREQUEST_LAYOUT']._serialized_start=1051
-  _globals['_FEATURESREQUEST_LAYOUT']._serialized_end=1105
-  _globals['_FEATURESRESPONSE']._serialized_start=1108
-  _globals['_FEATURESRESPONSE']._serialized_end=1482
-  _globals['_LISTMODELSREQUEST']._serialized_start=1484
-  _globals['_LISTMODELSREQUEST']._serialized_end=1503
-  _globals['_MODELINFO']._serialized_start=1506
-  _globals['_MODELINFO']._serialized_end=1794
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1796
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1856
-  _globals['_VISIONENCODER']._serialized_start=1917
-  _globals['_VISIONENCODER']._serialized_end=2148
+  _globals['_EMBEDREQUEST']._serialized_start=547
+  _globals['_EMBEDREQUEST']._serialized_end=806
+  _globals['_EMBEDREQUEST_POOLING']._serialized_start=723
+  _globals['_EMBEDREQUEST_POOLING']._serialized_end=806
+  _globals['_EMBEDRESPONSE']._serialized_start=809
+  _globals['_EMBEDRESPONSE']._serialized_end=1082
+  _globals['_FEATURESREQUEST']._serialized_start=1085
+  _globals['_FEATURESREQUEST']._serialized_end=1318
+  _globals['_FEATURESREQUEST_LAYOUT']._serialized_start=1264
+  _globals['_FEATURESREQUEST_LAYOUT']._serialized_end=1318
+  _globals['_FEATURESRESPONSE']._serialized_start=1321
+  _globals['_FEATURESRESPONSE']._serialized_end=1695
+  _globals['_LISTMODELSREQUEST']._serialized_start=1697
+  _globals['_LISTMODELSREQUEST']._serialized_end=1716
+  _globals['_MODELINFO']._serialized_start=1719
+  _globals['_MODELINFO']._serialized_end=2007
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2009
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2069
+  _globals['_STREAMFEATURESREQUEST']._serialized_start=2071
+  _globals['_STREAMFEATURESREQUEST']._serialized_end=2180
+  _globals['_STREAMFEATURESRESPONSE']._serialized_start=2183
+  _globals['_STREAMFEATURESRESPONSE']._serialized_end=2334
+  _globals['_VISIONENCODER']._serialized_start=2395
+  _globals['_VISIONENCODER']._serialized_end=2721
 # @@protoc_insertion_point(module_scope)

@@ -85,30 +85,46 @@ class Timing(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "images", "l2_normalize", "dtype")
+    __slots__ = ("model", "images", "l2_normalize", "dtype", "pooling")
+    class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        POOLING_UNSPECIFIED: _ClassVar[EmbedRequest.Pooling]
+        CLS: _ClassVar[EmbedRequest.Pooling]
+        MEAN_PATCH: _ClassVar[EmbedRequest.Pooling]
+        CLS_AND_MEAN_PATCH: _ClassVar[EmbedRequest.Pooling]
+    POOLING_UNSPECIFIED: EmbedRequest.Pooling
+    CLS: EmbedRequest.Pooling
+    MEAN_PATCH: EmbedRequest.Pooling
+    CLS_AND_MEAN_PATCH: EmbedRequest.Pooling
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     L2_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     l2_normalize: bool
     dtype: DType
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., l2_normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    pooling: EmbedRequest.Pooling
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., l2_normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[EmbedRequest.Pooling, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "model", "preprocessing", "timing", "source")
+    __slots__ = ("embeddings", "model", "preprocessing", "timing", "source", "pooling", "l2_normalized")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    L2_NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     embeddings: Tensor
     model: ModelRef
     preprocessing: Preprocessing
     timing: Timing
     source: str
-    def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    pooling: EmbedRequest.Pooling
+    l2_normalized: bool
+    def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ..., pooling: _Optional[_Union[EmbedRequest.Pooling, str]] = ..., l2_normalized: _Optional[bool] = ...) -> None: ...
 
 class FeaturesRequest(_message.Message):
     __slots__ = ("model", "images", "layout", "dtype", "include_cls")
@@ -195,3 +211,27 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class StreamFeaturesRequest(_message.Message):
+    __slots__ = ("frame_id", "request", "latest_only")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LATEST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    request: FeaturesRequest
+    latest_only: bool
+    def __init__(self, frame_id: _Optional[int] = ..., request: _Optional[_Union[FeaturesRequest, _Mapping]] = ..., latest_only: _Optional[bool] = ...) -> None: ...
+
+class StreamFeaturesResponse(_message.Message):
+    __slots__ = ("frame_id", "skipped", "features", "error_code", "error_message")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    skipped: bool
+    features: FeaturesResponse
+    error_code: int
+    error_message: str
+    def __init__(self, frame_id: _Optional[int] = ..., skipped: _Optional[bool] = ..., features: _Optional[_Union[FeaturesResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...

@@ -49,13 +49,18 @@ class VisionEncoderStub:
                 request_serializer=protos_dot_vitserve__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_vitserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.StreamFeatures = channel.stream_stream(
+                '/vitserve.v1.VisionEncoder/StreamFeatures',
+                request_serializer=protos_dot_vitserve__pb2.StreamFeaturesRequest.SerializeToString,
+                response_deserializer=protos_dot_vitserve__pb2.StreamFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class VisionEncoderServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Embed(self, request, context):
-        """Global vectors per image (CLS token).
+        """Global vectors per image: CLS token, mean of patch tokens, or both (see EmbedRequest.Pooling).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +75,15 @@ class VisionEncoderServicer:
 
     def ListModels(self, request, context):
         """The models this service can run, with their encoder specs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamFeatures(self, request_iterator, context):
+        """Patch features for a control loop: one response per request frame, in order, on one stream.
+        With `latest_only`, a frame that is already stale when the model becomes free (a newer frame
+        arrived meanwhile) is answered `skipped` with its id instead of being run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +106,11 @@ def add_VisionEncoderServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_vitserve__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_vitserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'StreamFeatures': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamFeatures,
+                    request_deserializer=protos_dot_vitserve__pb2.StreamFeaturesRequest.FromString,
+                    response_serializer=protos_dot_vitserve__pb2.StreamFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class VisionEncoder:
             '/vitserve.v1.VisionEncoder/ListModels',
             protos_dot_vitserve__pb2.ListModelsRequest.SerializeToString,
             protos_dot_vitserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vitserve.v1.VisionEncoder/StreamFeatures',
+            protos_dot_vitserve__pb2.StreamFeaturesRequest.SerializeToString,
+            protos_dot_vitserve__pb2.StreamFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,35 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, NoReturn, Sequence
+from typing import Any, AsyncIterator, Callable, NoReturn, Sequence
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as tritonaio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT, CatalogError, ServedModel, model_from_config
+from serving.errors import GatewayError, RequestError
 from serving.images import DEFAULT_MAX_PIXELS, RESIZE_MODE, ImageError, PreparedBatch, prepare_batch
+from serving.streaming import Remaining, stream_features
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = vitserve_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
 DEFAULT_MAX_IMAGES = 1024
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
               vitserve_pb2.DTYPE_UNSPECIFIED: "<f4"}
 _TRITON_CODES = {"UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
                  "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
                  "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED}
 _PATCH_SOURCE = "patch tokens of the last block after the final norm"
-
-
-class GatewayError(RuntimeError):
-    """The gateway cannot start: Triton unreachable, no models, or a model it cannot serve."""
+_POOLING = vitserve_pb2.EmbedRequest.Pooling
+_POOLING_SOURCE = {_POOLING.CLS: "cls", _POOLING.MEAN_PATCH: "mean_patch",
+                   _POOLING.CLS_AND_MEAN_PATCH: "cls+mean_patch"}
 
 
 def to_tensor(array: np.ndarray, dtype: int) -> vitserve_pb2.Tensor:
@@ -58,6 +55,24 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norm, eps)
 
 
+def pool_embeddings(cls: np.ndarray | None, patches: np.ndarray | None, pooling: int,
+                    normalize: bool) -> tuple[np.ndarray, str]:
+    """Global vectors from CLS ``[N, D]`` and patch tokens ``[N, h*w, D]``: ``([N, D or 2D], source)``.
+
+    ``CLS_AND_MEAN_PATCH`` concatenates ``[CLS | mean]``; with ``normalize`` each half is unit-norm.
+    """
+    parts: list[np.ndarray] = []
+    if pooling in (_POOLING.CLS, _POOLING.CLS_AND_MEAN_PATCH):
+        assert cls is not None
+        parts.append(cls.astype(np.float32, copy=False))
+    if pooling in (_POOLING.MEAN_PATCH, _POOLING.CLS_AND_MEAN_PATCH):
+        assert patches is not None
+        parts.append(patches.astype(np.float32, copy=False).mean(axis=1))
+    if normalize:
+        parts = [l2_normalize(p) for p in parts]
+    return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0], _POOLING_SOURCE[pooling]
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort raises
@@ -66,6 +81,17 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 def _triton_status(e: InferenceServerException) -> grpc.StatusCode:
     status = str(e.status() or "")
     return next((code for name, code in _TRITON_CODES.items() if name in status), grpc.StatusCode.INTERNAL)
+
+
+def _check_enums(dtype: int, layout: int = 0, pooling: int = 0) -> None:
+    # proto3 enums are open: a newer client may send values this gateway does not know.
+    if dtype not in _NP_DTYPES:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown dtype {dtype}; use FLOAT32 or FLOAT16")
+    if layout not in vitserve_pb2.FeaturesRequest.Layout.values():
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown layout {layout}; use GRID or TOKENS")
+    if pooling not in _POOLING.values():
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"unknown pooling {pooling}; use CLS, MEAN_PATCH or CLS_AND_MEAN_PATCH")
 
 
 class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
@@ -79,6 +105,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self.models: dict[str, ServedModel] = {}
         self._client: tritonaio.InferenceServerClient | None = None
         self._last_refresh = 0.0
+        self.on_batch: Callable[[str, int], None] | None = None  # (model, images) per Triton call
 
     @property
     def client(self) -> tritonaio.InferenceServerClient:
@@ -132,69 +159,76 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         except InferenceServerException:
             return False
 
-    # -- request handling -------------------------------------------------------------------
+    # -- request handling (raises RequestError) ----------------------------------------------
 
-    async def _resolve(self, name: str, context: grpc.aio.ServicerContext) -> ServedModel:
+    async def resolve(self, name: str) -> ServedModel:
+        """The served model called ``name`` (empty: the only one)."""
         if not name:
             if len(self.models) == 1:
                 return next(iter(self.models.values()))
             if not self.models:
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, "no models are loaded")
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"several models are served ({', '.join(sorted(self.models))}); set `model`")
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "no models are loaded")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"several models are served ({', '.join(sorted(self.models))}); set `model`")
         if name not in self.models and time.monotonic() - self._last_refresh > 1.0:
             try:  # a model may have been loaded since the last look
                 await self.refresh()
             except InferenceServerException as e:
                 log.warning("could not refresh the model list: %s", e)
         if name not in self.models:
-            await _abort(context, grpc.StatusCode.NOT_FOUND,
-                         f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}")
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}")
         return self.models[name]
 
-    async def _check_enums(self, context: grpc.aio.ServicerContext, dtype: int, layout: int = 0) -> None:
-        # proto3 enums are open: a newer client may send values this gateway does not know.
-        if dtype not in _NP_DTYPES:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"unknown dtype {dtype}; use FLOAT32 or FLOAT16")
-        if layout not in vitserve_pb2.FeaturesRequest.Layout.values():
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"unknown layout {layout}; use GRID or TOKENS")
+    def model_label(self, name: str) -> str:
+        """The model a request names, as metrics label it (empty: the only one served, if one)."""
+        if not name and len(self.models) == 1:
+            return next(iter(self.models))
+        return name if name in self.models else ("" if not name else "unknown")
 
-    async def _decode(self, images: Sequence[vitserve_pb2.Image], model: ServedModel,
-                      context: grpc.aio.ServicerContext) -> PreparedBatch:
+    async def _decode(self, images: Sequence[vitserve_pb2.Image], model: ServedModel) -> PreparedBatch:
         if not images:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "no images in the request")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no images in the request")
         if len(images) > self.max_images:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"{len(images)} images is over the limit of {self.max_images} per request; "
-                         f"split the request")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{len(images)} images is over the limit of {self.max_images} per request; "
+                               f"split the request")
         try:
             if all(im.WhichOneof("source") == "raw" for im in images) and len(images) <= 8:
                 return prepare_batch(images, model.geometry, self.max_pixels)  # cheap: no thread hop
             return await asyncio.to_thread(prepare_batch, images, model.geometry, self.max_pixels)
         except ImageError as e:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
     async def _infer(self, model: ServedModel, pixels: np.ndarray, outputs: Sequence[str],
-                     context: grpc.aio.ServicerContext) -> dict[str, np.ndarray]:
-        """Run ``pixels`` ``[N, H, W, C]`` through Triton in chunks of ``max_batch_size``."""
-        remaining = context.time_remaining()
+                     remaining: Remaining) -> dict[str, np.ndarray]:
+        """Run ``pixels`` ``[N, H, W, C]`` through Triton in chunks of ``max_batch_size``.
+
+        The caller's deadline travels to Triton as ``client_timeout``; a request whose deadline has
+        already passed (e.g. while it was decoded) is refused here and costs no inference.
+        """
+        left = remaining()
+        if left is not None and left <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the deadline passed {-left * 1e3:.0f} ms before inference; not run")
         chunks = [pixels[i:i + model.max_batch_size] for i in range(0, len(pixels), model.max_batch_size)]
+        if self.on_batch is not None:
+            for c in chunks:
+                self.on_batch(model.name, len(c))
 
         async def one(chunk: np.ndarray) -> Any:
             inp = InferInput(INPUT_NAME, list(chunk.shape), "UINT8")
             inp.set_data_from_numpy(np.ascontiguousarray(chunk))
             return await self.client.infer(
                 model.name, [inp], model_version=model.version,
-                outputs=[InferRequestedOutput(o) for o in outputs], client_timeout=remaining)
+                outputs=[InferRequestedOutput(o) for o in outputs], client_timeout=left)
 
         try:
             results = await asyncio.gather(*(one(c) for c in chunks))
         except InferenceServerException as e:
             code = _triton_status(e)
             log.warning("triton call for %s failed (%s): %s", model.name, code.name, e.message())
-            await _abort(context, code, f"triton: {e.message()}")
+            raise RequestError(code, f"triton: {e.message()}") from e
         return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in outputs}
 
     def _preprocessing(self, model: ServedModel, batch: PreparedBatch) -> vitserve_pb2.Preprocessing:
@@ -203,33 +237,34 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                                           resized=batch.resized, converted=batch.converted,
                                           resize_mode=RESIZE_MODE, normalization=model.normalization)
 
-    async def Embed(self, request: vitserve_pb2.EmbedRequest,
-                    context: grpc.aio.ServicerContext) -> vitserve_pb2.EmbedResponse:
+    async def embed(self, request: vitserve_pb2.EmbedRequest, remaining: Remaining) -> vitserve_pb2.EmbedResponse:
         t0 = time.perf_counter()
-        await self._check_enums(context, request.dtype)
-        model = await self._resolve(request.model, context)
-        batch = await self._decode(request.images, model, context)
+        _check_enums(request.dtype, pooling=request.pooling)
+        pooling = request.pooling or _POOLING.CLS
+        model = await self.resolve(request.model)
+        batch = await self._decode(request.images, model)
         t1 = time.perf_counter()
-        out = await self._infer(model, batch.pixels, [CLS_OUTPUT], context)
+        names = [CLS_OUTPUT] if pooling == _POOLING.CLS else (
+            [PATCH_OUTPUT] if pooling == _POOLING.MEAN_PATCH else [CLS_OUTPUT, PATCH_OUTPUT])
+        out = await self._infer(model, batch.pixels, names, remaining)
         t2 = time.perf_counter()
-        emb = out[CLS_OUTPUT].astype(np.float32, copy=False)
-        if request.l2_normalize:
-            emb = l2_normalize(emb)
+        emb, source = pool_embeddings(out.get(CLS_OUTPUT), out.get(PATCH_OUTPUT), pooling, request.l2_normalize)
         return vitserve_pb2.EmbedResponse(
             embeddings=to_tensor(emb, request.dtype), model=model.ref(),
-            preprocessing=self._preprocessing(model, batch), source="cls",
+            preprocessing=self._preprocessing(model, batch), source=source, pooling=pooling,
+            l2_normalized=request.l2_normalize,
             timing=vitserve_pb2.Timing(decode_ms=1e3 * (t1 - t0), inference_ms=1e3 * (t2 - t1),
                                        total_ms=1e3 * (time.perf_counter() - t0)))
 
-    async def Features(self, request: vitserve_pb2.FeaturesRequest,
-                       context: grpc.aio.ServicerContext) -> vitserve_pb2.FeaturesResponse:
+    async def features(self, request: vitserve_pb2.FeaturesRequest,
+                       remaining: Remaining) -> vitserve_pb2.FeaturesResponse:
         t0 = time.perf_counter()
-        await self._check_enums(context, request.dtype, request.layout)
-        model = await self._resolve(request.model, context)
-        batch = await self._decode(request.images, model, context)
+        _check_enums(request.dtype, request.layout)
+        model = await self.resolve(request.model)
+        batch = await self._decode(request.images, model)
         t1 = time.perf_counter()
         names = [PATCH_OUTPUT, CLS_OUTPUT] if request.include_cls else [PATCH_OUTPUT]
-        out = await self._infer(model, batch.pixels, names, context)
+        out = await self._infer(model, batch.pixels, names, remaining)
         t2 = time.perf_counter()
         tokens = out[PATCH_OUTPUT]  # [N, h*w, D]
         layout = request.layout or vitserve_pb2.FeaturesRequest.GRID
@@ -248,6 +283,22 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             total_ms=1e3 * (time.perf_counter() - t0)))
         return response
 
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    async def Embed(self, request: vitserve_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> vitserve_pb2.EmbedResponse:
+        try:
+            return await self.embed(request, context.time_remaining)
+        except RequestError as e:
+            await _abort(context, e.code, e.message)
+
+    async def Features(self, request: vitserve_pb2.FeaturesRequest,
+                       context: grpc.aio.ServicerContext) -> vitserve_pb2.FeaturesResponse:
+        try:
+            return await self.features(request, context.time_remaining)
+        except RequestError as e:
+            await _abort(context, e.code, e.message)
+
     async def ListModels(self, request: vitserve_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> vitserve_pb2.ListModelsResponse:
         try:
@@ -257,41 +308,10 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         return vitserve_pb2.ListModelsResponse(
             models=[m.info(ready=True) for _, m in sorted(self.models.items())])
 
-
-async def watch_triton(gateway: VisionEncoderGateway, health_servicer: health.aio.HealthServicer,
-                       interval: float = 2.0) -> None:
-    """Keep the health status in step with Triton's readiness (NOT_SERVING while it is down)."""
-    serving = True
-    while True:
-        await asyncio.sleep(interval)
-        ready = await gateway.is_triton_ready()
-        if ready != serving:
-            serving = ready
-            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-            log.warning("triton at %s is %s", gateway.triton_url, "ready again" if ready else "not ready")
-            for service in ("", SERVICE_NAME):
-                await health_servicer.set(service, status)
+    def StreamFeatures(self, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
+        return stream_features(self.features, request_iterator, context)
 
 
-def create_server(gateway: VisionEncoderGateway, host: str = "127.0.0.1",
-                  port: int = 0) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    vitserve_pb2_grpc.add_VisionEncoderServicer_to_server(gateway, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise GatewayError(f"cannot bind the gateway to {address}")
-    return server, health_servicer, bound
-
-
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool = True) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, status)
+__all__ = ["GatewayError", "RequestError", "VisionEncoderGateway", "l2_normalize", "pool_embeddings",
+           "to_tensor"]

@@ -19,7 +19,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from serving.gateway import GatewayError, VisionEncoderGateway, create_server, set_serving, watch_triton
+from serving.errors import GatewayError
+from serving.gateway import VisionEncoderGateway
+from serving.grpc_server import DEFAULT_MAX_IN_FLIGHT, ServerOptions, create_server, set_serving, watch_triton
 from serving.triton_launcher import TritonLaunchError, TritonLauncher
 
 log = logging.getLogger(__name__)
@@ -32,18 +34,22 @@ ReadyCallback = Callable[[int, list[str]], None]
 
 async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.0.0.1", port: int = 0,
                       on_ready: ReadyCallback | None = None, connect_timeout: float = 60.0,
-                      grace: float = STOP_GRACE_S, gateway: VisionEncoderGateway | None = None) -> None:
+                      grace: float = STOP_GRACE_S, gateway: VisionEncoderGateway | None = None,
+                      options: ServerOptions | None = None) -> None:
     """Serve the gateway until ``stop`` is set; ``on_ready(port, model_names)`` once it is serving.
 
     A ``gateway`` that already knows its models (tests inject them) skips the wait for Triton.
     """
     gateway = gateway or VisionEncoderGateway(triton_url)
+    options = options or ServerOptions()
     try:
         models = list(gateway.models.values()) or await gateway.connect(connect_timeout)
-        server, health_servicer, bound = create_server(gateway, host, port)
+        server, health_servicer, bound = create_server(gateway, host, port, options)
+        if options.metrics is not None and options.metrics_port is not None:
+            options.metrics.serve_http(options.metrics_port, host)
         await server.start()
         await set_serving(health_servicer)
-        watcher = asyncio.create_task(watch_triton(gateway, health_servicer))
+        watcher = asyncio.create_task(watch_triton(gateway, health_servicer, options.health_interval))
         try:
             if on_ready:
                 on_ready(bound, sorted(m.name for m in models))
@@ -54,6 +60,8 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
             log.info("stopping the gateway (grace %.0fs)", grace)
             await server.stop(grace)
     finally:
+        if options.metrics is not None:
+            options.metrics.close()
         await gateway.close()
 
 
@@ -61,9 +69,10 @@ class BackgroundGateway:
     """The gateway on its own event loop in a daemon thread (for tests and embedding in sync code)."""
 
     def __init__(self, triton_url: str, host: str = "127.0.0.1", port: int = 0,
-                 gateway: VisionEncoderGateway | None = None) -> None:
+                 gateway: VisionEncoderGateway | None = None, options: ServerOptions | None = None) -> None:
         self.triton_url, self.host, self.port = triton_url, host, port
         self._gateway = gateway
+        self.options = options or ServerOptions()
         self.models: list[str] = []
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -83,7 +92,8 @@ class BackgroundGateway:
         async def main() -> None:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
             await run_gateway(self.triton_url, self._stop, host=self.host, port=self.port,
-                              on_ready=self._on_ready, grace=1.0, gateway=self._gateway)
+                              on_ready=self._on_ready, grace=1.0, gateway=self._gateway,
+                              options=self.options)
         try:
             asyncio.run(main())
         except BaseException as e:  # reported to start()
@@ -126,7 +136,7 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLauncher | None,
-                       connect_timeout: float) -> int:
+                       connect_timeout: float, options: ServerOptions) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +160,7 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
     watcher = asyncio.create_task(watch_process())
     try:
         await run_gateway(triton_url, stop, host=host, port=port, on_ready=ready,
-                          connect_timeout=connect_timeout)
+                          connect_timeout=connect_timeout, options=options)
     finally:
         watcher.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -160,7 +170,7 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
 
 def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
           triton_url: str | None = None, host: str = "127.0.0.1", *,
-          triton_timeout: float = 300.0, log_verbose: int = 0) -> int:
+          triton_timeout: float = 300.0, log_verbose: int = 0, options: ServerOptions | None = None) -> int:
     """Run Triton (unless ``triton_url`` names a running one) and the gateway until SIGINT/SIGTERM.
 
     Returns the process exit code: 0 after a signal, 1 if Triton died while serving.
@@ -179,7 +189,8 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
                 log.info("tritonserver ready with %s (log: %s)", ", ".join(models), launcher.log_path)
                 triton_url = launcher.grpc_url
         assert triton_url is not None
-        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout))
+        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout,
+                                        options or ServerOptions()))
     finally:
         if launcher is not None:
             launcher.stop()
@@ -198,6 +209,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-timeout", type=float, default=300.0,
                    help="seconds to wait for Triton and its models to be ready (default 300)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
+                   help=f"RPCs handled at once (a stream counts once); past it RESOURCE_EXHAUSTED "
+                        f"(default {DEFAULT_MAX_IN_FLIGHT})")
+    p.add_argument("--max-message-mb", type=float, default=256.0,
+                   help="largest request message accepted, in MiB (default 256)")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="require 'authorization: Bearer <token>' with the token in this file "
+                        "(health and reflection stay open)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     return p
 
 
@@ -209,10 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"vitserve serve: --port {args.port} is not a port number (0-65535)", file=sys.stderr)
         return 2
+    if args.max_in_flight < 1 or args.max_message_mb <= 0:
+        print("vitserve serve: --max-in-flight must be >= 1 and --max-message-mb > 0", file=sys.stderr)
+        return 2
+    try:
+        options = ServerOptions.from_files(
+            auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
+            max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port)
+    except (OSError, ValueError) as e:
+        print(f"vitserve serve: --auth-token-file: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return serve(args.model_repository, args.port, args.triton_url, args.host,
-                     triton_timeout=args.triton_timeout, log_verbose=args.log_verbose)
+                     triton_timeout=args.triton_timeout, log_verbose=args.log_verbose, options=options)
     except (TritonLaunchError, GatewayError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,107 @@
+"""The ``grpc.aio`` server around the gateway: interceptors, message limits, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import vitserve_pb2_grpc
+from serving.errors import GatewayError
+from serving.gateway import VisionEncoderGateway
+from serving.interceptors import SERVICE_NAME, BearerTokenAuth, InFlightLimit, MetricsInterceptor, read_token
+from serving.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_IN_FLIGHT = 64
+
+
+@dataclass
+class ServerOptions:
+    """What the gateway's server enforces around the RPCs (CLI: ``vitserve serve`` flags)."""
+
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # A larger request is refused by gRPC itself with RESOURCE_EXHAUSTED ("Received message larger
+    # than max") before anything is decoded.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    auth_token: str | None = None
+    metrics: GatewayMetrics | None = None
+    metrics_port: int | None = None  # serve /metrics here (0: a free port); None: no HTTP endpoint
+    health_interval: float = 2.0  # seconds between Triton readiness checks
+
+    @classmethod
+    def from_files(cls, *, auth_token_file: str | Path | None = None, **kwargs: object) -> "ServerOptions":
+        token = read_token(auth_token_file) if auth_token_file is not None else None
+        return cls(auth_token=token, **kwargs)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        if self.metrics_port is not None and self.metrics is None:
+            self.metrics = GatewayMetrics()
+
+
+def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: metrics (sees every outcome), authentication, in-flight limit."""
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if options.metrics is not None:
+        chain.append(MetricsInterceptor(options.metrics, gateway.model_label))
+        gateway.on_batch = options.metrics.observe_triton_batch
+    if options.auth_token is not None:
+        chain.append(BearerTokenAuth(options.auth_token))
+    chain.append(InFlightLimit(options.max_in_flight))
+    return chain
+
+
+def create_server(gateway: VisionEncoderGateway, host: str = "127.0.0.1", port: int = 0,
+                  options: ServerOptions | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
+    options = options or ServerOptions()
+    server = grpc.aio.server(
+        interceptors=interceptors(gateway, options),
+        options=[("grpc.max_receive_message_length", options.max_message_bytes),
+                 ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES)])
+    vitserve_pb2_grpc.add_VisionEncoderServicer_to_server(gateway, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise GatewayError(f"cannot bind the gateway to {address}")
+    return server, health_servicer, bound
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool = True) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, status)
+
+
+async def watch_triton(gateway: VisionEncoderGateway, health_servicer: health.aio.HealthServicer,
+                       interval: float = 2.0) -> None:
+    """Keep the health status in step with Triton's readiness (NOT_SERVING while it is down).
+
+    When Triton is back, the model list is re-read before the status turns SERVING again.
+    """
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        ready = await gateway.is_triton_ready()
+        if ready and not serving:
+            try:
+                await gateway.refresh()
+            except Exception as e:  # noqa: BLE001 - not ready after all; look again next round
+                log.warning("triton is up but its models could not be listed: %s", e)
+                continue
+        if ready != serving:
+            serving = ready
+            log.warning("triton at %s is %s", gateway.triton_url, "ready again" if ready else "not ready")
+            await set_serving(health_servicer, ready)

@@ -1,0 +1,176 @@
+"""Cross-cutting concerns of the gateway as ``grpc.aio`` server interceptors.
+
+Each interceptor wraps the behaviour of every ``vitserve.v1.VisionEncoder`` RPC (unary and
+streaming) in an async context manager, ``guard``; the health and reflection services pass through
+untouched, so probes and ``grpcurl`` work without a token and are never limited. Order them
+outermost first: metrics (sees every outcome), authentication, then the in-flight limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+import grpc
+
+from protos import vitserve_pb2
+from serving.metrics import GatewayMetrics
+
+SERVICE_NAME = vitserve_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+
+
+@dataclass(frozen=True)
+class Call:
+    """One RPC as an interceptor sees it; ``request`` is ``None`` for a client stream."""
+
+    rpc: str
+    metadata: dict[str, str]
+    request: Any
+    context: grpc.aio.ServicerContext
+
+
+Guard = Callable[[Call], contextlib.AbstractAsyncContextManager[None]]
+
+
+def _metadata(items: Sequence[Any] | None) -> dict[str, str]:
+    return {str(k).lower(): v if isinstance(v, str) else repr(v) for k, v in (items or ())}
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails,
+                 guard: Guard) -> grpc.RpcMethodHandler:
+    """``handler`` with each call run inside ``guard(call)`` (unary-unary and stream-stream)."""
+    rpc = details.method.rsplit("/", 1)[-1]
+    metadata = _metadata(details.invocation_metadata)
+    if handler.unary_unary is not None:
+        unary_inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(Call(rpc, metadata, request, context)):
+                return await unary_inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+    if handler.stream_stream is not None:
+        stream_inner = handler.stream_stream
+
+        async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with guard(Call(rpc, metadata, None, context)):
+                async for response in stream_inner(requests, context):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+    return handler  # the service has no unary-stream or stream-unary RPCs
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Base: applies ``self.guard`` to the vitserve service's RPCs only."""
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        return wrap_handler(handler, details, self.guard)
+
+    def guard(self, call: Call) -> contextlib.AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in ``path`` (surrounding whitespace stripped); refuses an empty file."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"the auth token file {path} is empty; put the shared token in it")
+    return token
+
+
+class BearerTokenAuth(GuardInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("an empty bearer token would accept anyone; give a non-empty token")
+        self._token = token.encode()
+
+    @contextlib.asynccontextmanager
+    async def guard(self, call: Call) -> AsyncIterator[None]:
+        value = call.metadata.get("authorization", "")
+        if not value:
+            await call.context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                     "missing credentials: send metadata 'authorization: Bearer <token>'")
+        scheme, _, given = value.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        yield
+
+
+class InFlightLimit(GuardInterceptor):
+    """At most ``limit`` RPCs at once (a stream counts once); past it RESOURCE_EXHAUSTED at once.
+
+    Also answers DEADLINE_EXCEEDED to a call whose deadline passed before it was handled.
+    The count needs no lock: every guard runs on the server's one event loop.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the in-flight limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def guard(self, call: Call) -> AsyncIterator[None]:
+        if self.in_flight >= self.limit:
+            await call.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"{self.in_flight} requests are in flight, the limit is {self.limit}; "
+                                     f"retry later with backoff")
+        left = call.context.time_remaining()
+        if left is not None and left <= 0:
+            await call.context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     "the deadline had passed before the request was handled")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "UNKNOWN"
+
+
+class MetricsInterceptor(GuardInterceptor):
+    """Counts, times and sizes every call; ``model_label(name)`` resolves an empty model name."""
+
+    def __init__(self, metrics: GatewayMetrics, model_label: Callable[[str], str]) -> None:
+        self.metrics = metrics
+        self.model_label = model_label
+
+    @contextlib.asynccontextmanager
+    async def guard(self, call: Call) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        model = self.model_label(getattr(call.request, "model", ""))
+        images = getattr(call.request, "images", None)
+        if images is not None:
+            self.metrics.request_images.labels(call.rpc, model).observe(len(images))
+        self.metrics.in_flight.inc()
+        code = "OK"
+        try:
+            yield
+        except BaseException as e:
+            code = "CANCELLED" if isinstance(e, (GeneratorExit, asyncio.CancelledError)) else _code_name(call.context)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.observe_call(call.rpc, model, code, time.perf_counter() - t0)

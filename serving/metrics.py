@@ -1,0 +1,65 @@
+"""Prometheus metrics of the gateway, on their own registry and HTTP port (``--metrics-port``).
+
+Names: ``vitserve_requests_total`` and ``vitserve_request_errors_total`` {rpc, model, code},
+``vitserve_request_latency_seconds`` {rpc, model} (histogram), ``vitserve_request_images``
+{rpc, model} (images per request), ``vitserve_triton_batch_size`` {model} (images per Triton call,
+after the gateway splits a request by ``max_batch_size``), ``vitserve_requests_in_flight``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class GatewayMetrics:
+    """The gateway's counters, histograms and gauge; ``serve_http`` exposes them for scraping."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vitserve_requests", "RPCs answered, by RPC, model and status code",
+                                ["rpc", "model", "code"], registry=r)
+        self.errors = Counter("vitserve_request_errors", "RPCs answered with a status other than OK",
+                              ["rpc", "model", "code"], registry=r)
+        self.latency = Histogram("vitserve_request_latency_seconds", "RPC latency in the gateway",
+                                 ["rpc", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_images = Histogram("vitserve_request_images", "images per request",
+                                        ["rpc", "model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("vitserve_triton_batch_size", "images per Triton inference call",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge("vitserve_requests_in_flight", "RPCs being handled (a stream counts once)",
+                               registry=r)
+        self.port: int | None = None  # the /metrics port once serve_http ran
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_call(self, rpc: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(rpc, model, code).inc()
+        if code != "OK":
+            self.errors.labels(rpc, model, code).inc()
+        self.latency.labels(rpc, model).observe(seconds)
+
+    def observe_triton_batch(self, model: str, images: int) -> None:
+        self.batch_size.labels(model).observe(images)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

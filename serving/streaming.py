@@ -1,0 +1,73 @@
+"""``StreamFeatures``: patch features for a robot control loop over one bidirectional stream.
+
+Frames are read as they arrive (a reader task) and run one at a time, in order. A frame sent with
+``latest_only`` that is still waiting when the model becomes free while a newer frame has already
+arrived is answered ``skipped`` (no inference): a control loop wants the freshest observation, not
+a queue of old ones. Every frame gets exactly one response, in the order sent; a frame that fails
+gets its status code and message in the response and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from protos import vitserve_pb2
+from serving.errors import RequestError
+
+log = logging.getLogger(__name__)
+
+Remaining = Callable[[], "float | None"]  # seconds left before the caller's deadline (None: none)
+RunFrame = Callable[[vitserve_pb2.FeaturesRequest, Remaining], Awaitable[vitserve_pb2.FeaturesResponse]]
+
+
+def is_stale(frame: vitserve_pb2.StreamFeaturesRequest, waiting_after_it: int) -> bool:
+    """Latest frame wins: a ``latest_only`` frame is stale once any newer frame is waiting."""
+    return frame.latest_only and waiting_after_it > 0
+
+
+async def stream_features(run: RunFrame, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
+    """One response per request frame, in order; ``run`` computes a frame's features."""
+    pending: collections.deque[vitserve_pb2.StreamFeaturesRequest] = collections.deque()
+    arrived = asyncio.Event()
+    finished = False
+
+    async def read() -> None:
+        nonlocal finished
+        try:
+            async for frame in request_iterator:
+                pending.append(frame)
+                arrived.set()
+        except Exception as e:  # the client went away mid-stream; the stream ends with it
+            log.debug("stream reader stopped: %s", e)
+        finally:
+            finished = True
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            if not pending:
+                if finished:
+                    return
+                arrived.clear()  # no await since the check above: no frame can slip in between
+                await arrived.wait()
+                continue
+            frame = pending.popleft()
+            if is_stale(frame, len(pending)):
+                yield vitserve_pb2.StreamFeaturesResponse(frame_id=frame.frame_id, skipped=True)
+                continue
+            try:
+                features = await run(frame.request, context.time_remaining)
+            except RequestError as e:
+                yield vitserve_pb2.StreamFeaturesResponse(
+                    frame_id=frame.frame_id, error_code=e.code.value[0], error_message=e.message)
+                continue
+            yield vitserve_pb2.StreamFeaturesResponse(frame_id=frame.frame_id, features=features)
+    finally:
+        reader.cancel()
