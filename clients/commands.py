@@ -27,6 +27,7 @@ def _common(prog: str, description: str) -> argparse.ArgumentParser:
                    help="dtype the server sends back")
     p.add_argument("--out", type=Path, help="save the array to this .npy file")
     p.add_argument("--timeout", type=float, default=60.0, help="call deadline in seconds")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token the server requires")
     return p
 
 
@@ -45,7 +46,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
         print(f"{parser.prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        with VitServeClient(args.target, timeout=args.timeout) as client:
+        token = args.token_file.read_text().strip() if args.token_file is not None else None
+    except OSError as e:
+        print(f"{parser.prog}: cannot read --token-file {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with VitServeClient(args.target, timeout=args.timeout, token=token) as client:
             array = call(client, args, data)
     except VitServeError as e:
         print(f"{parser.prog}: server error {e.code.name}: {e.details}", file=sys.stderr)
@@ -58,12 +64,17 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
 
 
 def embed_main(argv: list[str] | None = None) -> int:
-    """``vitserve embed IMG... [--target HOST:PORT] [--model M] [--normalize] [--out FILE.npy]``."""
-    parser = _common("vitserve embed", "CLS embeddings [N, D] of image files from a running service.")
+    """``vitserve embed IMG... [--target HOST:PORT] [--model M] [--pooling cls|mean|both] [--normalize]
+    [--out FILE.npy]``."""
+    parser = _common("vitserve embed", "Global embeddings of image files from a running service.")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    parser.add_argument("--pooling", choices=("cls", "mean", "both"), default="cls",
+                        help="CLS token [N, D] (default), mean of patch tokens [N, D], or both "
+                             "concatenated [N, 2D]")
 
     def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
-        emb = client.embed(data, model=args.model, l2_normalize=args.normalize, dtype=args.dtype)
+        emb = client.embed(data, model=args.model, l2_normalize=args.normalize, dtype=args.dtype,
+                           pooling=args.pooling)
         print(f"embeddings: shape {list(emb.shape)} {emb.dtype}")
         for path, row in zip(args.images, emb):
             print(f"  {path}: norm {float(np.linalg.norm(row.astype(np.float32))):.4f}")

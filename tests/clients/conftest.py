@@ -32,9 +32,11 @@ class FakeEncoder(vitserve_pb2_grpc.VisionEncoderServicer):
 
     def __init__(self) -> None:
         self.requests: list = []
+        self.metadata: list[dict] = []
 
     def Embed(self, request, context):
         self.requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
         if request.model == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown model 'missing'; available: fake")
         emb = np.repeat(image_means(request.images)[:, None], EMBED_DIM, axis=1)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.client import (AsyncVitServeClient, VitServeClient, VitServeError, tensor_to_numpy,
-                            to_proto_images)
+from clients.client import (AsyncVitServeClient, VitServeClient, VitServeError, embed_request,
+                            tensor_to_numpy, to_proto_images)
 from protos import vitserve_pb2
 
 
@@ -134,3 +134,17 @@ def test_async_client_same_methods(fake_service):
     emb, res, models, code = asyncio.run(run())
     assert emb.shape == (2, 4) and res.features.shape == (1, 6, 4) and models[0].name == "fake"
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_pooling_names_and_token_metadata(fake_service):
+    image = np.zeros((28, 28), np.uint8)
+    assert embed_request(image, "", False, "float32").pooling == vitserve_pb2.EmbedRequest.CLS
+    assert embed_request(image, "", False, "float32", "mean").pooling == vitserve_pb2.EmbedRequest.MEAN_PATCH
+    with pytest.raises(ValueError, match="pooling must be one of cls, mean, both"):
+        embed_request(image, "", False, "float32", "max")
+    with VitServeClient(fake_service[0], token="t0k") as client:
+        client.embed(image)
+    assert fake_service[1].metadata[-1]["authorization"] == "Bearer t0k"
+    with VitServeClient(fake_service[0]) as client:
+        client.embed(image)
+    assert "authorization" not in fake_service[1].metadata[-1]

@@ -53,3 +53,13 @@ def test_usage_errors_exit_2(fake_service, image_files, tmp_path, capsys):
     assert features_main([image_files[0], "--layout", "hwc"]) == 2
     assert embed_main([image_files[0], "--out", str(tmp_path / "x.txt")]) == 2
     assert "--out must name a .npy file" in capsys.readouterr().err
+
+
+def test_embed_pooling_and_token_file(fake_service, image_files, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    assert embed_main([*image_files, "--target", fake_service[0], "--pooling", "both",
+                       "--token-file", str(token)]) == 0
+    assert fake_service[1].requests[-1].pooling == 3  # CLS_AND_MEAN_PATCH
+    assert fake_service[1].metadata[-1]["authorization"] == "Bearer abc"
+    assert embed_main([*image_files, "--target", fake_service[0], "--token-file", str(tmp_path / "no")]) == 2

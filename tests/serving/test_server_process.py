@@ -7,19 +7,29 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
+import urllib.request
 
-from clients.client import VitServeClient
+import grpc
+import numpy as np
+import pytest
+
+from clients.client import VitServeClient, VitServeError
+from serving import server
+from serving.triton_launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), triton grpc (127\.0\.0\.1:\d+), "
                    r"models: (.+)$")
 
 
-def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_images):
+def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_images, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("process-token\n")
+    metrics_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.server", "--model-repository", str(exported.repository),
-         "--port", "0"],
+         "--port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
+         "--max-in-flight", "4", "--max-message-mb", "8"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
     drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
@@ -29,9 +39,15 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
         match = READY.match(line.strip())
         assert match, f"unexpected first line {line!r}; stderr:\n{''.join(stderr)}"
         assert match.group(3) == exported.name
-        with VitServeClient(match.group(1)) as client:
+        with VitServeClient(match.group(1), token="process-token") as client:
             emb = client.embed(fmnist_test_images[:2])
         assert emb.shape == (2, exported.spec.embed_dim) and np.isfinite(emb).all()
+        with VitServeClient(match.group(1)) as client, pytest.raises(VitServeError) as e:
+            client.embed(fmnist_test_images[:2])
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f'vitserve_requests_total{{code="OK",model="{exported.name}",rpc="Embed"}} 1.0' in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert proc.stdout.read() == ""  # type: ignore[union-attr]  # exactly one line on stdout
@@ -41,3 +57,13 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
             proc.wait()
     drain.join(5)
     assert "stopping tritonserver" in "".join(stderr)
+
+
+def test_serve_flag_errors_exit_2(tmp_path, capsys):
+    repo = ["--triton-url", "127.0.0.1:1", "--port", "0"]
+    assert server.main([*repo, "--max-in-flight", "0"]) == 2
+    assert server.main([*repo, "--auth-token-file", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").write_text("\n")
+    assert server.main([*repo, "--auth-token-file", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "--max-in-flight must be >= 1" in err and "missing" in err and "is empty" in err
