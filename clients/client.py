@@ -229,6 +229,17 @@ def stream_request(frame: Frame, model: str, layout: str, include_cls: bool, dty
         request=features_request(images, model, layout, include_cls, dtype))
 
 
+def channel_credentials(tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                        tls_key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ``tls_ca`` (default: the system roots); ``tls_cert``/``tls_key`` for mTLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs its key: give both tls_cert and tls_key")
+
+    def read(p: str | Path | None) -> bytes | None:
+        return Path(p).read_bytes() if p is not None else None
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
 def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -240,12 +251,15 @@ def _error(e: grpc.RpcError) -> VitServeError:
 
 
 class VitServeClient:
-    """Blocking client; ``timeout`` (seconds) is each call's deadline, ``token`` a bearer token."""
+    """Blocking client; ``timeout`` (seconds) is each call's deadline, ``token`` a bearer token,
+    ``tls`` (from ``channel_credentials``) makes the channel TLS."""
 
-    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None) -> None:
+    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
+                 tls: grpc.ChannelCredentials | None = None) -> None:
         self.target, self.timeout = target, timeout
         self._metadata = _auth_metadata(token)
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = (grpc.secure_channel(target, tls, options=_CHANNEL_OPTIONS) if tls is not None
+                         else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS))
         self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
 
     def _call(self, method: Any, request: Any) -> Any:
@@ -298,10 +312,12 @@ class VitServeClient:
 class AsyncVitServeClient:
     """``grpc.aio`` client with the same methods as ``VitServeClient`` (await them)."""
 
-    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None) -> None:
+    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
+                 tls: grpc.ChannelCredentials | None = None) -> None:
         self.target, self.timeout = target, timeout
         self._metadata = _auth_metadata(token)
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = (grpc.aio.secure_channel(target, tls, options=_CHANNEL_OPTIONS) if tls is not None
+                         else grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS))
         self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
 
     async def _call(self, method: Any, request: Any) -> Any:
@@ -355,4 +371,4 @@ class AsyncVitServeClient:
 
 
 __all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "FeaturesResult",
-           "ModelDescription", "StreamResult", "tensor_to_numpy", "to_proto_images"]
+           "ModelDescription", "StreamResult", "channel_credentials", "tensor_to_numpy", "to_proto_images"]

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from clients.client import VitServeClient, VitServeError
+from clients.client import VitServeClient, VitServeError, channel_credentials
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -28,6 +28,10 @@ def _common(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="save the array to this .npy file")
     p.add_argument("--timeout", type=float, default=60.0, help="call deadline in seconds")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token the server requires")
+    p.add_argument("--tls-ca", type=Path, help="use TLS, trusting this PEM CA (see --tls for system roots)")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
+    p.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (PEM)")
+    p.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     return p
 
 
@@ -47,11 +51,17 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
         return 2
     try:
         token = args.token_file.read_text().strip() if args.token_file is not None else None
+        tls = None
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+            tls = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     except OSError as e:
-        print(f"{parser.prog}: cannot read --token-file {e.filename}: {e.strerror}", file=sys.stderr)
+        print(f"{parser.prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
         return 2
     try:
-        with VitServeClient(args.target, timeout=args.timeout, token=token) as client:
+        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:
             array = call(client, args, data)
     except VitServeError as e:
         print(f"{parser.prog}: server error {e.code.name}: {e.details}", file=sys.stderr)

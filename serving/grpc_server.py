@@ -35,15 +35,34 @@ class ServerOptions:
     metrics: GatewayMetrics | None = None
     metrics_port: int | None = None  # serve /metrics here (0: a free port); None: no HTTP endpoint
     health_interval: float = 2.0  # seconds between Triton readiness checks
+    tls: grpc.ServerCredentials | None = None  # None: plaintext (loopback / behind a proxy)
 
     @classmethod
-    def from_files(cls, *, auth_token_file: str | Path | None = None, **kwargs: object) -> "ServerOptions":
+    def from_files(cls, *, auth_token_file: str | Path | None = None, tls_cert_file: str | Path | None = None,
+                   tls_key_file: str | Path | None = None, tls_client_ca_file: str | Path | None = None,
+                   **kwargs: object) -> "ServerOptions":
+        """Options with the token and TLS material read from files (raises OSError / ValueError)."""
         token = read_token(auth_token_file) if auth_token_file is not None else None
-        return cls(auth_token=token, **kwargs)  # type: ignore[arg-type]
+        tls = None
+        if tls_cert_file is not None or tls_key_file is not None or tls_client_ca_file is not None:
+            if tls_cert_file is None or tls_key_file is None:
+                raise ValueError("TLS needs both a certificate and its private key")
+            tls = server_tls_credentials(tls_cert_file, tls_key_file, tls_client_ca_file)
+        return cls(auth_token=token, tls=tls, **kwargs)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and self.metrics is None:
             self.metrics = GatewayMetrics()
+
+
+def server_tls_credentials(cert_file: str | Path, key_file: str | Path,
+                           client_ca_file: str | Path | None = None) -> grpc.ServerCredentials:
+    """TLS with the server's PEM certificate chain and key; with ``client_ca_file``, mutual TLS
+    (clients must present a certificate signed by that CA)."""
+    pair = (Path(key_file).read_bytes(), Path(cert_file).read_bytes())
+    client_ca = Path(client_ca_file).read_bytes() if client_ca_file is not None else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[grpc.aio.ServerInterceptor]:
@@ -73,7 +92,10 @@ def create_server(gateway: VisionEncoderGateway, host: str = "127.0.0.1", port: 
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if options.tls is not None:
+        bound = server.add_secure_port(address, options.tls)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise GatewayError(f"cannot bind the gateway to {address}")
     return server, health_servicer, bound

@@ -218,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="require 'authorization: Bearer <token>' with the token in this file "
                         "(health and reflection stay open)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
+    p.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="mutual TLS: require client certificates signed by this PEM CA")
     return p
 
 
@@ -235,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = ServerOptions.from_files(
             auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
-            max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port)
+            max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port,
+            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except (OSError, ValueError) as e:
-        print(f"vitserve serve: --auth-token-file: {e}", file=sys.stderr)
+        print(f"vitserve serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -63,3 +63,10 @@ def test_embed_pooling_and_token_file(fake_service, image_files, tmp_path):
     assert fake_service[1].requests[-1].pooling == 3  # CLS_AND_MEAN_PATCH
     assert fake_service[1].metadata[-1]["authorization"] == "Bearer abc"
     assert embed_main([*image_files, "--target", fake_service[0], "--token-file", str(tmp_path / "no")]) == 2
+
+
+def test_tls_flag_errors_exit_2(fake_service, image_files, tmp_path, capsys):
+    assert embed_main([*image_files, "--target", fake_service[0], "--tls-cert", str(tmp_path / "c.pem")]) == 2
+    assert "give both tls_cert and tls_key" in capsys.readouterr().err
+    assert embed_main([*image_files, "--target", fake_service[0], "--tls-ca", str(tmp_path / "no.pem")]) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -14,12 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.client import AsyncVitServeClient, VitServeClient, VitServeError, to_proto_images
+from clients.client import (AsyncVitServeClient, VitServeClient, VitServeError, channel_credentials,
+                            to_proto_images)
 from protos import vitserve_pb2
 from serving.errors import RequestError
 from serving.gateway import VisionEncoderGateway
 from serving.grpc_server import ServerOptions
 from serving.server import BackgroundGateway
+from tests.serving.tls_certs import make_certificates
 from tests.serving.triton_stats import inference_count
 
 TOKEN = "s3cret-token"
@@ -217,3 +219,36 @@ def test_metrics_count_requests_errors_latency_and_batches(guarded, exported, fm
     assert delta(("vitserve_request_latency_seconds_count", (("model", "unknown"), ("rpc", "Embed")))) == 1
     assert (delta(batches), delta(batch_sum)) == (5, 20 + 3 + 2 + 2)
     assert after[("vitserve_requests_in_flight", ())] == 0
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_tls_and_mutual_tls(triton, exported, fmnist_test_images, certificates, mutual):
+    c = certificates
+    options = ServerOptions.from_files(tls_cert_file=c.server_cert, tls_key_file=c.server_key,
+                                       tls_client_ca_file=c.ca if mutual else None)
+    with BackgroundGateway(triton.grpc_url, options=options) as gw:
+        with_cert = channel_credentials(c.ca, c.client_cert, c.client_key)
+        with VitServeClient(gw.target, tls=with_cert) as client:
+            assert client.embed(fmnist_test_images[:2]).shape == (2, exported.spec.embed_dim)
+        without_cert = channel_credentials(c.ca)
+        with VitServeClient(gw.target, tls=without_cert, timeout=5) as client:
+            if mutual:  # the handshake fails: no client certificate
+                with pytest.raises(VitServeError) as e:
+                    client.embed(fmnist_test_images[:1])
+                assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            else:
+                assert client.embed(fmnist_test_images[:1]).shape[0] == 1
+        with VitServeClient(gw.target, timeout=5) as plaintext, pytest.raises(VitServeError) as e:
+            plaintext.embed(fmnist_test_images[:1])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        untrusted = channel_credentials()  # system roots do not know the test CA
+        with VitServeClient(gw.target, tls=untrusted, timeout=5) as client, pytest.raises(VitServeError) as e:
+            client.embed(fmnist_test_images[:1])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
