@@ -143,6 +143,45 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
     save_encoder(run_dir, model.encoder, spec)
 
 
+class _MetricsWindow:
+    """Mean loss and throughput since the last metrics line."""
+
+    def __init__(self, start: float) -> None:
+        self._reset(start)
+
+    def _reset(self, start: float) -> None:
+        self.start, self.loss, self.steps, self.images = start, 0.0, 0, 0
+
+    def add(self, loss: float, images: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.images += images
+
+    def flush(self, step: int, epoch: int, lr: float, elapsed: float) -> dict[str, float]:
+        now = time.perf_counter()
+        record = {"step": step, "epoch": epoch, "loss": self.loss / max(self.steps, 1), "lr": lr,
+                  "img_per_s": self.images / max(now - self.start, 1e-9), "elapsed_s": elapsed}
+        self._reset(now)
+        return record
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, lr: float, bf16: bool) -> float:
+    """One optimiser step on batch ``x [N, C, H, W]`` at learning rate ``lr``; returns the fp32 loss.
+
+    A non-finite loss is returned without stepping, so the caller can stop on it.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(x)["loss"]  # fp32: mae_loss upcasts
+    value = loss.item()
+    if math.isfinite(value):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return value
+
+
 def train(config: TrainConfig) -> Path:
     """Pre-train an encoder as ``config`` says and return the run directory it wrote."""
     from tqdm import tqdm
@@ -179,48 +218,35 @@ def train(config: TrainConfig) -> Path:
              sum(p.numel() for p in model.encoder.parameters()) / 1e6, decoder_param_count(model) / 1e6)
 
     step, epochs_done, out_of_time = 0, 0, False
-    start = window_start = time.perf_counter()
-    window_loss, window_steps, window_imgs = 0.0, 0, 0
+    start = time.perf_counter()
+    window = _MetricsWindow(start)
     bar = tqdm(total=total, desc=f"mae {run_dir.name}", unit="step", dynamic_ncols=True, disable=None)
     try:
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=data_gen)
             for i in range(steps_per_epoch):
                 elapsed = time.perf_counter() - start
+                # A time-budgeted run anneals on wall-clock progress so the cosine ends with the budget.
                 progress = max(step, elapsed / budget_s * total) if budget_s else step
                 lr = lr_at(progress, total, warmup, cfg.lr, cfg.min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 batch = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
                 x = augment(data_mod.to_float_nchw(batch, spec.mean, spec.std), data_gen, cfg.hflip)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                    out = model(x)
-                loss = out["loss"]  # fp32: mae_loss upcasts
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                loss = train_step(model, opt, x, lr, cfg.bf16)
+                if not math.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"loss is {loss_value} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
+                        f"loss is {loss} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
                         "Lower base_lr, raise warmup, or set bf16=false.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
                 step += 1
-                window_loss += loss_value
-                window_steps += 1
-                window_imgs += len(batch)
+                window.add(loss, len(batch))
                 bar.update(1)
                 elapsed = time.perf_counter() - start
                 out_of_time = budget_s is not None and elapsed >= budget_s
                 if step % cfg.log_every == 0 or out_of_time or step == total:
-                    now = time.perf_counter()
-                    record = {"step": step, "epoch": epoch, "loss": window_loss / window_steps,
-                              "lr": lr, "img_per_s": window_imgs / max(now - window_start, 1e-9),
-                              "elapsed_s": elapsed}
+                    record = window.flush(step, epoch, lr, elapsed)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{record['img_per_s']:.0f}")
-                    window_loss, window_steps, window_imgs, window_start = 0.0, 0, 0, now
                 if out_of_time:
                     break
             if out_of_time:
