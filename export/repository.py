@@ -285,6 +285,15 @@ def _parser() -> argparse.ArgumentParser:
                         "onnxruntime: Triton's native ORT backend (external Triton)")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime threads per model instance (default 0: one per core)")
+    p.add_argument("--variants", default="", metavar="KINDS",
+                   help="comma-separated precision variants written as <name>_<suffix> beside the model: "
+                        "int8-dynamic, int8-static, fp16 (each gated against fp32 PyTorch on Fashion-MNIST; "
+                        "exit 1 when one misses its gate and is not written)")
+    p.add_argument("--gate-images", type=int, default=1000, metavar="N",
+                   help="variant gate: N Fashion-MNIST test images as k-NN queries, 2N train images as "
+                        "the k-NN bank (default 1000)")
+    p.add_argument("--force-variants", action="store_true",
+                   help="write variants that miss the quality gate (their manifest says so)")
     return p
 
 
@@ -295,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed the usage message
         return int(e.code or 0)
     try:
+        from export.variants import parse_variants
+
+        kinds = parse_variants(a.variants)
+        if kinds and a.gate_images < 1:
+            raise ExportUsageError(f"--gate-images must be >= 1, got {a.gate_images}")
         model_dir = export_run(a.run_dir, a.repository, a.name, a.version, a.force, a.max_batch_size,
                                tol=a.tolerance, backend=a.backend, intra_op_threads=a.intra_op_threads)
     except ExportUsageError as e:
@@ -307,7 +321,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     errs = " ".join(f"{k}={v:.2e}" for k, v in parity["max_abs_err"].items())
     print(f"{model_dir}  version {a.version}  parity max_abs_err {errs} "
           f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")
-    return 0
+    return _export_variants_cli(a, model_dir, kinds) if kinds else 0
+
+
+def _export_variants_cli(a: argparse.Namespace, model_dir: Path, kinds: list[str]) -> int:
+    """Variants of the model just exported; 1 when one missed its gate and was not written."""
+    from export.variants import VariantGate, export_variants
+
+    model, spec = load_run_encoder(a.run_dir)
+    try:
+        gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images)
+        results = export_variants(model, spec, model_dir, kinds, a.force_variants, a.force, gate)
+    except ExportUsageError as e:
+        print(f"vitserve export: error: {e}", file=sys.stderr)
+        return 2
+    except (ExportError, OSError, RuntimeError) as e:
+        print(f"vitserve export: variant export failed: {e}", file=sys.stderr)
+        return 1
+    for r in results:
+        cos = " ".join(f"{k}={v:.4f}" for k, v in r.figures["mean_cosine"].items())
+        knn = r.figures.get("knn")
+        knn_text = f" knn_drop={knn['drop_points']:+.2f}pt" if knn else ""
+        where = str(r.path) if r.written else "NOT written"
+        print(f"{r.name} ({r.kind}): {where}  cosine {cos}{knn_text}  {r.reason}"
+              + ("  (forced)" if r.written and not r.passed else ""),
+              file=sys.stdout if r.written else sys.stderr)
+    return 0 if all(r.written for r in results) else 1
 
 
 if __name__ == "__main__":
