@@ -270,7 +270,8 @@ class VitServeClient:
 
     def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
               dtype: str = "float32", pooling: str = "cls") -> np.ndarray:
-        """Global embeddings: CLS ``[N, D]``, ``"mean"`` of patch tokens ``[N, D]`` or ``"both"`` ``[N, 2D]``."""
+        """Global embeddings: CLS ``[N, D]`` (default), ``"mean"`` of patch tokens ``[N, D]``, or
+        ``"both"`` ``[N, 2D]`` = ``[CLS | mean]`` (with ``l2_normalize`` each half is unit-norm)."""
         response = self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype, pooling))
         return tensor_to_numpy(response.embeddings)
 
@@ -332,9 +333,10 @@ class AsyncVitServeClient:
         response = await self._call(self._stub.Embed, request)
         return tensor_to_numpy(response.embeddings)
 
-    async def stream_features(self, frames: Iterable[Frame] | AsyncIterable[Frame], model: str = "",
-                              layout: str = "grid", include_cls: bool = False, dtype: str = "float32",
-                              latest_only: bool = False, timeout: float | None = None) -> AsyncIterator[StreamResult]:
+    async def stream_features(
+            self, frames: Iterable[Frame] | AsyncIterable[Frame], model: str = "", layout: str = "grid",
+            include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
+            timeout: float | None = None) -> AsyncIterator[StreamResult]:
         """As ``VitServeClient.stream_features``; ``frames`` may be an async iterable (a camera loop)."""
         async def requests() -> AsyncIterator[vitserve_pb2.StreamFeaturesRequest]:
             if isinstance(frames, AsyncIterable):

@@ -237,7 +237,8 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                                           resized=batch.resized, converted=batch.converted,
                                           resize_mode=RESIZE_MODE, normalization=model.normalization)
 
-    async def embed(self, request: vitserve_pb2.EmbedRequest, remaining: Remaining) -> vitserve_pb2.EmbedResponse:
+    async def embed(self, request: vitserve_pb2.EmbedRequest,
+                    remaining: Remaining) -> vitserve_pb2.EmbedResponse:
         t0 = time.perf_counter()
         _check_enums(request.dtype, pooling=request.pooling)
         pooling = request.pooling or _POOLING.CLS
@@ -308,9 +309,11 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         return vitserve_pb2.ListModelsResponse(
             models=[m.info(ready=True) for _, m in sorted(self.models.items())])
 
-    def StreamFeatures(self, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
-        return stream_features(self.features, request_iterator, context)
+    async def StreamFeatures(
+            self, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
+            context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
+        async for response in stream_features(self.features, request_iterator, context):
+            yield response
 
 
 __all__ = ["GatewayError", "RequestError", "VisionEncoderGateway", "l2_normalize", "pool_embeddings",

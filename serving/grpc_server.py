@@ -77,8 +77,9 @@ def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[
     return chain
 
 
-def create_server(gateway: VisionEncoderGateway, host: str = "127.0.0.1", port: int = 0,
-                  options: ServerOptions | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+def create_server(
+        gateway: VisionEncoderGateway, host: str = "127.0.0.1", port: int = 0,
+        options: ServerOptions | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
     options = options or ServerOptions()
     server = grpc.aio.server(

@@ -169,7 +169,8 @@ class MetricsInterceptor(GuardInterceptor):
         try:
             yield
         except BaseException as e:
-            code = "CANCELLED" if isinstance(e, (GeneratorExit, asyncio.CancelledError)) else _code_name(call.context)
+            cancelled = isinstance(e, (GeneratorExit, asyncio.CancelledError))
+            code = "CANCELLED" if cancelled else _code_name(call.context)
             raise
         finally:
             self.metrics.in_flight.dec()

@@ -30,8 +30,9 @@ def is_stale(frame: vitserve_pb2.StreamFeaturesRequest, waiting_after_it: int) -
     return frame.latest_only and waiting_after_it > 0
 
 
-async def stream_features(run: RunFrame, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
+async def stream_features(
+        run: RunFrame, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
+        context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
     """One response per request frame, in order; ``run`` computes a frame's features."""
     pending: collections.deque[vitserve_pb2.StreamFeaturesRequest] = collections.deque()
     arrived = asyncio.Event()

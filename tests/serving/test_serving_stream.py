@@ -60,7 +60,8 @@ def test_embed_response_names_pooling_and_model(gateway, exported, images):
         default = stub.Embed(vitserve_pb2.EmbedRequest(images=request.images), timeout=30)
         with pytest.raises(grpc.RpcError) as e:
             stub.Embed(vitserve_pb2.EmbedRequest(images=request.images, pooling=9), timeout=30)
-    assert (reply.source, reply.pooling, reply.l2_normalized) == ("mean_patch", vitserve_pb2.EmbedRequest.MEAN_PATCH, True)
+    assert (reply.source, reply.pooling, reply.l2_normalized) == (
+        "mean_patch", vitserve_pb2.EmbedRequest.MEAN_PATCH, True)
     assert (default.source, default.pooling) == ("cls", vitserve_pb2.EmbedRequest.CLS)
     assert reply.model.name == exported.name and len(reply.model.weights_sha256) == 64
     assert reply.preprocessing.height == 28 and reply.timing.total_ms >= reply.timing.inference_ms > 0

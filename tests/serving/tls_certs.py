@@ -30,8 +30,9 @@ def make_certificates(directory: Path) -> Certificates:
     d = directory
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=vitserve test CA", cwd=d)
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-                            ("client", "extendedKeyUsage=clientAuth")):
+    extensions = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+                  "client": "extendedKeyUsage=clientAuth"}
+    for name, extension in extensions.items():
         (d / f"{name}.ext").write_text(extension + "\n")
         _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=vitserve test {name}", cwd=d)
