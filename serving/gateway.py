@@ -106,6 +106,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self._client: tritonaio.InferenceServerClient | None = None
         self._last_refresh = 0.0
         self.on_batch: Callable[[str, int], None] | None = None  # (model, images) per Triton call
+        self.on_frame: Callable[[str, str], None] | None = None  # (model, "ran"|"skipped"|"error")
 
     @property
     def client(self) -> tritonaio.InferenceServerClient:
@@ -312,8 +313,12 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     async def StreamFeatures(
             self, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
             context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
-        async for response in stream_features(self.features, request_iterator, context):
+        async for response in stream_features(self.features, request_iterator, context, self._frame_outcome):
             yield response
+
+    def _frame_outcome(self, frame: vitserve_pb2.StreamFeaturesRequest, outcome: str) -> None:
+        if self.on_frame is not None:
+            self.on_frame(self.model_label(frame.request.model), outcome)
 
 
 __all__ = ["GatewayError", "RequestError", "VisionEncoderGateway", "l2_normalize", "pool_embeddings",

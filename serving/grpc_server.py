@@ -70,7 +70,6 @@ def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[
     chain: list[grpc.aio.ServerInterceptor] = []
     if options.metrics is not None:
         chain.append(MetricsInterceptor(options.metrics, gateway.model_label))
-        gateway.on_batch = options.metrics.observe_triton_batch
     if options.auth_token is not None:
         chain.append(BearerTokenAuth(options.auth_token))
     chain.append(InFlightLimit(options.max_in_flight))
@@ -82,6 +81,9 @@ def create_server(
         options: ServerOptions | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
     options = options or ServerOptions()
+    if options.metrics is not None:
+        gateway.on_batch = options.metrics.observe_triton_batch
+        gateway.on_frame = options.metrics.observe_stream_frame
     server = grpc.aio.server(
         interceptors=interceptors(gateway, options),
         options=[("grpc.max_receive_message_length", options.max_message_bytes),

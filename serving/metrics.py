@@ -3,7 +3,8 @@
 Names: ``vitserve_requests_total`` and ``vitserve_request_errors_total`` {rpc, model, code},
 ``vitserve_request_latency_seconds`` {rpc, model} (histogram), ``vitserve_request_images``
 {rpc, model} (images per request), ``vitserve_triton_batch_size`` {model} (images per Triton call,
-after the gateway splits a request by ``max_batch_size``), ``vitserve_requests_in_flight``.
+after the gateway splits a request by ``max_batch_size``), ``vitserve_requests_in_flight``,
+``vitserve_stream_frames_total`` {model, outcome: ran / skipped / error}.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class GatewayMetrics:
                                         ["rpc", "model"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_size = Histogram("vitserve_triton_batch_size", "images per Triton inference call",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.stream_frames = Counter("vitserve_stream_frames", "StreamFeatures frames by outcome",
+                                     ["model", "outcome"], registry=r)
         self.in_flight = Gauge("vitserve_requests_in_flight", "RPCs being handled (a stream counts once)",
                                registry=r)
         self.port: int | None = None  # the /metrics port once serve_http ran
@@ -50,6 +53,9 @@ class GatewayMetrics:
 
     def observe_triton_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)
+
+    def observe_stream_frame(self, model: str, outcome: str) -> None:
+        self.stream_frames.labels(model, outcome).inc()
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the port."""

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 Remaining = Callable[[], "float | None"]  # seconds left before the caller's deadline (None: none)
 RunFrame = Callable[[vitserve_pb2.FeaturesRequest, Remaining], Awaitable[vitserve_pb2.FeaturesResponse]]
+OnOutcome = Callable[[vitserve_pb2.StreamFeaturesRequest, str], None]  # (frame, "ran"|"skipped"|"error")
 
 
 def is_stale(frame: vitserve_pb2.StreamFeaturesRequest, waiting_after_it: int) -> bool:
@@ -32,8 +33,14 @@ def is_stale(frame: vitserve_pb2.StreamFeaturesRequest, waiting_after_it: int) -
 
 async def stream_features(
         run: RunFrame, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
-        context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
+        context: grpc.aio.ServicerContext,
+        on_outcome: OnOutcome | None = None) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
     """One response per request frame, in order; ``run`` computes a frame's features."""
+
+    def outcome(frame: vitserve_pb2.StreamFeaturesRequest, what: str) -> None:
+        if on_outcome is not None:
+            on_outcome(frame, what)
+
     pending: collections.deque[vitserve_pb2.StreamFeaturesRequest] = collections.deque()
     arrived = asyncio.Event()
     finished = False
@@ -61,14 +68,17 @@ async def stream_features(
                 continue
             frame = pending.popleft()
             if is_stale(frame, len(pending)):
+                outcome(frame, "skipped")
                 yield vitserve_pb2.StreamFeaturesResponse(frame_id=frame.frame_id, skipped=True)
                 continue
             try:
                 features = await run(frame.request, context.time_remaining)
             except RequestError as e:
+                outcome(frame, "error")
                 yield vitserve_pb2.StreamFeaturesResponse(
                     frame_id=frame.frame_id, error_code=e.code.value[0], error_message=e.message)
                 continue
+            outcome(frame, "ran")
             yield vitserve_pb2.StreamFeaturesResponse(frame_id=frame.frame_id, features=features)
     finally:
         reader.cancel()

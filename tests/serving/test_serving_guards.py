@@ -208,7 +208,8 @@ def test_metrics_count_requests_errors_latency_and_batches(guarded, exported, fm
         client.embed(fmnist_test_images[:3])
         with pytest.raises(VitServeError):
             client.embed(fmnist_test_images[:1], model="nope")
-        list(client.stream_features([(1, fmnist_test_images[:2]), (2, fmnist_test_images[2:4])]))
+        list(client.stream_features([(1, fmnist_test_images[:2]), (2, b"not an image"),
+                                     (3, fmnist_test_images[2:4])]))
     with VitServeClient(guarded.target) as client, pytest.raises(VitServeError):
         client.embed(fmnist_test_images[:1])
     after = metrics(guarded)
@@ -221,6 +222,9 @@ def test_metrics_count_requests_errors_latency_and_batches(guarded, exported, fm
     assert delta(("vitserve_request_latency_seconds_count", (("model", "unknown"), ("rpc", "Embed")))) == 1
     assert (delta(batches), delta(batch_sum)) == (5, 20 + 3 + 2 + 2)
     assert after[("vitserve_requests_in_flight", ())] == 0
+    frames = {o: delta(("vitserve_stream_frames_total", (("model", name), ("outcome", o))))
+              for o in ("ran", "error")}
+    assert frames == {"ran": 2, "error": 1}
 
 
 # -- TLS ------------------------------------------------------------------------------------------
