@@ -95,11 +95,21 @@ def test_deadline_travels_to_triton(triton, fmnist_test_images):
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.message.startswith("triton:")
 
 
-def test_client_deadline_shorter_than_the_work_is_deadline_exceeded(gateway, fmnist_test_images):
-    with VitServeClient(gateway.target, timeout=0.005) as client:
+def test_timed_out_call_gives_its_in_flight_slot_back(guarded, fmnist_test_images):
+    with VitServeClient(guarded.target, token=TOKEN, timeout=0.02) as client:
         with pytest.raises(VitServeError) as e:
-            client.features(fmnist_test_images[:512])
+            client.features(fmnist_test_images[:512])  # 32 Triton calls: far more than 20 ms
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    with VitServeClient(guarded.target, token=TOKEN) as client:
+        while True:  # the server learns of the cancellation a moment after the client does
+            try:
+                assert client.embed(fmnist_test_images[:1]).shape[0] == 1
+                break
+            except VitServeError as refused:
+                assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+    assert metrics(guarded)[("vitserve_requests_in_flight", ())] == 0
 
 
 # -- limits ---------------------------------------------------------------------------------------
