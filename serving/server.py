@@ -46,7 +46,10 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
         models = list(gateway.models.values()) or await gateway.connect(connect_timeout)
         server, health_servicer, bound = create_server(gateway, host, port, options)
         if options.metrics is not None and options.metrics_port is not None:
-            options.metrics.serve_http(options.metrics_port, host)
+            try:
+                options.metrics.serve_http(options.metrics_port, host)
+            except OSError as e:
+                raise GatewayError(f"cannot serve metrics on {host}:{options.metrics_port}: {e}") from e
         await server.start()
         await set_serving(health_servicer)
         watcher = asyncio.create_task(watch_triton(gateway, health_servicer, options.health_interval))

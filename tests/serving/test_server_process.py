@@ -2,6 +2,7 @@
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,12 @@ import pytest
 
 from clients.client import VitServeClient, VitServeError
 from serving import server
+from serving.catalog import ServedModel
+from serving.errors import GatewayError
+from serving.gateway import VisionEncoderGateway
+from serving.grpc_server import ServerOptions
+from serving.images import InputGeometry
+from serving.server import BackgroundGateway
 from serving.triton_launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,3 +74,19 @@ def test_serve_flag_errors_exit_2(tmp_path, capsys):
     assert server.main([*repo, "--auth-token-file", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "--max-in-flight must be >= 1" in err and "missing" in err and "is empty" in err
+
+
+
+def test_metrics_port_in_use_is_a_clear_error():
+    gateway = VisionEncoderGateway(f"127.0.0.1:{free_port()}")  # knows a model, so no Triton is needed
+    gateway.models = {"a": ServedModel("a", "1", InputGeometry(28, 28, 1), embed_dim=8, grid=(7, 7),
+                                       patch_size=4, num_prefix_tokens=1, max_batch_size=4,
+                                       weights_sha256="0" * 64, normalization="test")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        options = ServerOptions(metrics_port=port)
+        background = BackgroundGateway(gateway.triton_url, gateway=gateway, options=options)
+        with pytest.raises(GatewayError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            background.start()
