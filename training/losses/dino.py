@@ -1,0 +1,56 @@
+"""DINO's self-distillation loss with centring and sharpening (Caron et al., "Emerging Properties in
+Self-Supervised Vision Transformers", ICCV 2021, arXiv:2104.14294, Algorithm 1 and ``main_dino.py``).
+
+Schedules (teacher temperature, centre momentum) are passed in, never computed here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)``, detached; same shape as ``t``."""
+    return F.softmax((teacher_out.detach().float() - center.float()) / teacher_temp, dim=-1)
+
+
+def dino_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
+    """Mean cross-entropy ``-p_t log p_s`` over every (teacher global crop, student crop) pair but
+    the same-view ones.
+
+    ``student_out [V, N, K]`` holds the logits of all V crops (the G global crops first),
+    ``teacher_out [G, N, K]`` the teacher logits of the global crops, ``center [K]`` (or ``[1, K]``).
+    The teacher side is stop-gradient. Computed in float32.
+    """
+    if student_out.ndim != 3 or teacher_out.ndim != 3:
+        raise ValueError("dino_loss takes student_out [V, N, K] and teacher_out [G, N, K]")
+    v, g = student_out.shape[0], teacher_out.shape[0]
+    if g > v or student_out.shape[1:] != teacher_out.shape[1:]:
+        raise ValueError(f"shapes do not pair up: student {tuple(student_out.shape)}, teacher {tuple(teacher_out.shape)}")
+    p_t = teacher_probs(teacher_out, center.reshape(1, 1, -1), teacher_temp)  # [G, N, K]
+    log_p_s = F.log_softmax(student_out.float() / student_temp, dim=-1)  # [V, N, K]
+    ce = -(p_t.unsqueeze(1) * log_p_s.unsqueeze(0)).sum(-1).mean(-1)  # [G, V]: mean over images
+    pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)  # teacher crop i vs student crop i: skip
+    return ce[pairs].mean()
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
+    """New centre ``m * c + (1 - m) * mean(teacher logits over all crops and images)``, shape of ``c``."""
+    batch_center = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1]).mean(0)
+    return center * momentum + batch_center.reshape(center.shape) * (1 - momentum)
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> float:
+    """Mean entropy (nats) of the teacher distribution: a collapse signal (0 = one-hot collapse,
+    log K = uniform collapse); healthy training sits in between."""
+    p = teacher_probs(teacher_out, center.reshape(*([1] * (teacher_out.ndim - 1)), -1), teacher_temp)
+    return float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
