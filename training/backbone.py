@@ -187,3 +187,39 @@ def parse_override_value(text: str) -> Any:
         if low in ("true", "false"):
             return low == "true"
         return text
+
+
+def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logits feature ``[N, D]`` (timm's ``forward_head(pre_logits=True)``: CLS or avg)
+    for input ``[N, C, H, W]`` of the encoder's size *or any other multiple of the patch size*.
+
+    Other sizes (DINO's local crops) get timm's bicubic resampling of the absolute position
+    embedding, the same as ``dynamic_img_size=True`` would do, while the encoder itself stays a
+    fixed-size model, so its spec and ONNX export do not change.
+    """
+    if tuple(x.shape[-2:]) == tuple(model.patch_embed.img_size):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    from timm.layers import resample_abs_pos_embed
+
+    p = model.patch_embed.patch_size
+    if x.shape[-2] % p[0] or x.shape[-1] % p[1]:
+        raise BackboneError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+    tokens = model.patch_embed.proj(x)  # [N, D, h, w]
+    grid = tokens.shape[-2:]
+    tokens = model.patch_embed.norm(tokens.flatten(2).transpose(1, 2))  # [N, h*w, D]
+    prefix = [t.expand(len(x), -1, -1) for t in (getattr(model, "cls_token", None),
+                                                  getattr(model, "reg_token", None)) if t is not None]
+    pos = getattr(model, "pos_embed", None)
+    if pos is not None:
+        no_embed_class = getattr(model, "no_embed_class", False)
+        pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(model.patch_embed.grid_size),
+                                     num_prefix_tokens=0 if no_embed_class else model.num_prefix_tokens)
+        if no_embed_class:
+            tokens = torch.cat(prefix + [tokens + pos], dim=1)
+        else:
+            tokens = torch.cat(prefix + [tokens], dim=1) + pos
+    else:
+        tokens = torch.cat(prefix + [tokens], dim=1)
+    tokens = model.norm_pre(model.patch_drop(model.pos_drop(tokens)))
+    tokens = model.norm(model.blocks(tokens))
+    return model.forward_head(tokens, pre_logits=True)

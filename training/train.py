@@ -1,7 +1,8 @@
 """Self-supervised pre-training of a timm ViT encoder; writes a run directory (docs/CONTRACTS.md).
 
-``vitserve train --method mae [--config FILE.yaml] [--out DIR] ... [key=value ...]`` calls
-:func:`main`, a thin layer over :func:`train`. Only MAE (He et al. 2022) exists so far.
+``vitserve train --method {mae,dino,simclr,moco} [--config FILE.yaml] [--out DIR] ... [key=value ...]``
+calls :func:`main`, a thin layer over :func:`train`. The methods (MAE, He et al. 2022; DINO, Caron
+et al. 2021; SimCLR, Chen et al. 2020; MoCo v2/v3) live in :mod:`training.methods`.
 
 The recipe follows MAE's ``engine_pretrain.py``: AdamW (betas 0.9/0.95, weight decay 0.05 on
 matrices only), lr = base_lr * batch / 256 with linear warm-up and cosine decay, a non-finite loss
@@ -31,9 +32,9 @@ from torch import nn
 from training import data as data_mod
 from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec, create_encoder
 from training.config import (  # noqa: F401  (TrainConfig and friends are part of this module's API)
-    FASHION_MNIST, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
+    FASHION_MNIST, METHOD_DEFAULTS, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
-from training.mae import MaskedAutoencoder, decoder_param_count
+from training.methods import METHOD_REGISTRY, build_model, schedules_at  # noqa: F401
 from training.run_dir import (
     CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, atomic_torch_save, save_encoder,
     write_json,
@@ -116,18 +117,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.T
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def build_model(cfg: TrainConfig) -> tuple[MaskedAutoencoder, EncoderSpec]:
-    """The MAE model and encoder spec a config describes (random weights, timm's default mean/std)."""
-    encoder, spec = create_encoder(cfg.model_name, cfg.overrides)
-    model = MaskedAutoencoder(
-        encoder, spec, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-        decoder_heads=cfg.decoder_heads, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):  # timm Attention; not part of the state_dict
-            m.fused_attn = cfg.fused_attn
-    return model, spec
-
-
 def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
             "numpy": np.random.get_state(), "python": random.getstate()}
@@ -151,35 +140,52 @@ class _MetricsWindow:
 
     def _reset(self, start: float) -> None:
         self.start, self.loss, self.steps, self.images = start, 0.0, 0, 0
+        self.parts: dict[str, float] = {}
 
-    def add(self, loss: float, images: int) -> None:
+    def add(self, loss: float, images: int, parts: dict[str, float] | None = None) -> None:
         self.loss += loss
         self.steps += 1
         self.images += images
+        for k, v in (parts or {}).items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
 
-    def flush(self, step: int, epoch: int, lr: float, elapsed: float) -> dict[str, float]:
+    def flush(self, step: int, epoch: int, lr: float, elapsed: float,
+              extra: dict[str, float] | None = None) -> dict[str, float]:
         now = time.perf_counter()
-        record = {"step": step, "epoch": epoch, "loss": self.loss / max(self.steps, 1), "lr": lr,
-                  "img_per_s": self.images / max(now - self.start, 1e-9), "elapsed_s": elapsed}
+        steps = max(self.steps, 1)
+        record = {"step": step, "epoch": epoch, "loss": self.loss / steps, "lr": lr,
+                  "img_per_s": self.images / max(now - self.start, 1e-9), "elapsed_s": elapsed,
+                  **{k: v / steps for k, v in self.parts.items()}, **(extra or {})}
         self._reset(now)
         return record
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, lr: float, bf16: bool) -> float:
-    """One optimiser step on batch ``x [N, C, H, W]`` at learning rate ``lr``; returns the fp32 loss.
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor | list[torch.Tensor],
+               lr: float, bf16: bool, schedules: dict[str, float] | None = None,
+               ) -> tuple[float, dict[str, float]]:
+    """One optimiser step on ``views`` (a batch ``[N, C, H, W]`` or a list of views of it) at
+    learning rate ``lr``, then the method's ``after_step`` (EMA, centre, queue) with ``schedules``.
 
-    A non-finite loss is returned without stepping, so the caller can stop on it.
+    Returns the fp32 loss and the scalar loss parts / collapse signals of the method's output. A
+    non-finite loss is returned without stepping, so the caller can stop on it.
     """
+    views = [views] if isinstance(views, torch.Tensor) else list(views)
     for group in opt.param_groups:
         group["lr"] = lr
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(x)["loss"]  # fp32: mae_loss upcasts
+        out = model(*views, **(schedules or {}))  # losses upcast to fp32
+    loss = out["loss"]
     value = loss.item()
+    parts = {k: float(v) for k, v in out.items()
+             if k != "loss" and isinstance(v, torch.Tensor) and v.ndim == 0}
     if math.isfinite(value):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return value
+        after_step = getattr(model, "after_step", None)
+        if after_step is not None:
+            after_step(out, **(schedules or {}))
+    return value, parts
 
 
 def train(config: TrainConfig) -> Path:
@@ -212,15 +218,16 @@ def train(config: TrainConfig) -> Path:
     total = steps_per_epoch * cfg.epochs
     warmup = cfg.warmup * total
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    log.info("MAE on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads; "
-             "encoder %.2fM params, decoder %.2fM", n, steps_per_epoch, total,
+    method = METHOD_REGISTRY[cfg.method]
+    log.info("%s on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads; "
+             "encoder %.2fM params, heads %.2fM trainable", cfg.method, n, steps_per_epoch, total,
              f" or {budget_s:.0f} s" if budget_s else "", cfg.lr, torch.get_num_threads(),
-             sum(p.numel() for p in model.encoder.parameters()) / 1e6, decoder_param_count(model) / 1e6)
+             sum(p.numel() for p in model.encoder.parameters()) / 1e6, _head_param_count(model) / 1e6)
 
     step, epochs_done, out_of_time = 0, 0, False
     start = time.perf_counter()
     window = _MetricsWindow(start)
-    bar = tqdm(total=total, desc=f"mae {run_dir.name}", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, desc=f"{cfg.method} {run_dir.name}", unit="step", dynamic_ncols=True, disable=None)
     try:
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=data_gen)
@@ -230,19 +237,21 @@ def train(config: TrainConfig) -> Path:
                 progress = max(step, elapsed / budget_s * total) if budget_s else step
                 lr = lr_at(progress, total, warmup, cfg.lr, cfg.min_lr)
                 batch = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-                x = augment(data_mod.to_float_nchw(batch, spec.mean, spec.std), data_gen, cfg.hflip)
-                loss = train_step(model, opt, x, lr, cfg.bf16)
+                x01 = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [N, C, H, W] in [0, 1]
+                views = method.views(cfg, x01, spec, data_gen)
+                sched = {k: v for k, v in schedules_at(cfg, progress, total).items() if k in method.schedules}
+                loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched)
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss is {loss} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
                         "Lower base_lr, raise warmup, or set bf16=false.")
                 step += 1
-                window.add(loss, len(batch))
+                window.add(loss, len(batch), parts)
                 bar.update(1)
                 elapsed = time.perf_counter() - start
                 out_of_time = budget_s is not None and elapsed >= budget_s
                 if step % cfg.log_every == 0 or out_of_time or step == total:
-                    record = window.flush(step, epoch, lr, elapsed)
+                    record = window.flush(step, epoch, lr, elapsed, sched)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
@@ -263,6 +272,12 @@ def train(config: TrainConfig) -> Path:
     return run_dir
 
 
+def _head_param_count(model: nn.Module) -> int:
+    """Trainable parameters outside the encoder (decoder, heads) for logging."""
+    enc = {id(p) for p in model.encoder.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in enc and p.requires_grad)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 _FLAG_FIELDS = {"out": "out_dir", "epochs": "epochs", "max_minutes": "max_minutes",
@@ -271,10 +286,13 @@ _FLAG_FIELDS = {"out": "out_dir", "epochs": "epochs", "max_minutes": "max_minute
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < YAML file < command-line flags < trailing ``key=value`` overrides."""
-    values = TrainConfig().to_dict()
-    if args.config:
-        values.update(config_from_yaml(args.config))
-    values["method"] = args.method
+    from_file = config_from_yaml(args.config) if args.config else {}
+    method = args.method or from_file.get("method", "mae")
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r} is not available; choose one of {list(METHODS)}")
+    values = TrainConfig.for_method(method).to_dict()  # dataclass < method defaults < file < flags
+    values.update(from_file)
+    values["method"] = method
     for flag, name in _FLAG_FIELDS.items():
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
@@ -290,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitserve train", description="Self-supervised pre-training of a ViT encoder.",
         epilog="Trailing key=value pairs set any TrainConfig field (e.g. base_lr=3e-4 mask_ratio=0.6); "
                "model.<kwarg>=v sets a timm.create_model override (e.g. model.depth=4).")
-    p.add_argument("--method", default="mae", help="pre-training method (only 'mae' so far)")
+    p.add_argument("--method", choices=METHODS, help="pre-training method (default: mae)")
     p.add_argument("--config", help="YAML file of TrainConfig fields")
     p.add_argument("--out", help="run directory to write (default: runs/<method>-<timestamp>)")
     p.add_argument("--epochs", type=int)
@@ -310,10 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and usage errors (2)
         return int(e.code or 0)
-    if args.method not in METHODS:
-        print(f"vitserve train: error: method {args.method!r} is not implemented yet; "
-              f"available: {', '.join(METHODS)}", file=sys.stderr)
-        return 2
     try:
         cfg = config_from_args(args)
     except ConfigError as e:

@@ -132,8 +132,8 @@ def test_fashion_mnist_subset_run(tmp_path):
 
 
 def test_config_validation_and_overrides():
-    with pytest.raises(ConfigError, match="method 'dino'"):
-        TrainConfig(method="dino")
+    with pytest.raises(ConfigError, match="method 'byol'"):
+        TrainConfig(method="byol")
     with pytest.raises(ConfigError, match="mask_ratio"):
         TrainConfig(mask_ratio=1.0)
     values = apply_overrides(TrainConfig().to_dict(), ["model.depth=4", "base_lr=3e-4", "bf16=true"])
@@ -147,8 +147,8 @@ def test_config_validation_and_overrides():
 def test_cli_rejects_bad_input_with_exit_code_2(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "r"), "nope=1"]) == 2
     assert "unknown config key 'nope'" in capsys.readouterr().err
-    assert main(["--method", "dino"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["--method", "byol"]) == 2
+    assert "invalid choice: 'byol'" in capsys.readouterr().err
     assert main(["--epochs", "many"]) == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
