@@ -35,6 +35,7 @@ class TrainConfig:
     batch_size: int = 256
     epochs: int = 10
     max_minutes: float | None = None  # wall-clock budget of the loop; stops after the current step
+    stop_at_step: int | None = None  # stop (and save a resumable checkpoint) at this global step
     base_lr: float = 1.5e-4  # MAE's base lr; the lr used is base_lr * batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05

@@ -35,10 +35,8 @@ from training.config import (  # noqa: F401  (TrainConfig and friends are part o
     FASHION_MNIST, METHOD_DEFAULTS, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
 from training.methods import METHOD_REGISTRY, build_model, schedules_at  # noqa: F401
-from training.run_dir import (
-    CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, atomic_torch_save, save_encoder,
-    write_json,
-)
+from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from training.run_dir import CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +115,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.T
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-            "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, epoch: int,
-                    cfg: TrainConfig, spec: EncoderSpec, data_gen: torch.Generator) -> None:
-    """Write ``checkpoint.pt`` (everything to resume) and the encoder files, atomically."""
-    atomic_torch_save({
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-        "config": cfg.to_dict(), "encoder_spec": spec.to_dict(), "rng": _rng_state(data_gen),
-    }, run_dir / CHECKPOINT_FILENAME)
-    save_encoder(run_dir, model.encoder, spec)
-
-
 class _MetricsWindow:
     """Mean loss and throughput since the last metrics line."""
 
@@ -188,8 +171,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor
     return value, parts
 
 
-def train(config: TrainConfig) -> Path:
-    """Pre-train an encoder as ``config`` says and return the run directory it wrote."""
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Pre-train an encoder as ``config`` says and return the run directory it wrote.
+
+    With ``resume`` the run goes on from ``config.out_dir``'s checkpoint: weights, teacher, centre,
+    queue, optimiser, step, data position and RNG states, so a step-scheduled run continues exactly
+    as if it had not stopped (a time budget anneals on wall-clock progress, which is not exact).
+    """
     from tqdm import tqdm
 
     cfg = config
@@ -198,20 +186,29 @@ def train(config: TrainConfig) -> Path:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     data_gen = torch.Generator().manual_seed(cfg.seed)
+    if resume and not cfg.out_dir:
+        raise ConfigError("resuming needs the run directory (out_dir)")
 
     run_dir = Path(cfg.out_dir or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+    ckpt = load_checkpoint(run_dir) if resume else None
     model, spec = build_model(cfg)
     images, spec = load_pretraining_images(cfg, spec)
     model.spec = spec  # now with the data's mean/std
     model.train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    step, start_epoch, start_batch, saved_perm = 0, 0, 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, start_epoch, start_batch, saved_perm = ckpt["step"], ckpt["epoch"], ckpt["batch"], ckpt["perm"]
+        restore_rng(ckpt["rng"], data_gen)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / CHECKPOINT_FILENAME).exists():
+    if not resume and (run_dir / CHECKPOINT_FILENAME).exists():
         log.warning("%s already holds a run; overwriting it", run_dir)
     write_json(run_dir / CONFIG_FILENAME, cfg.to_dict())
-    metrics = (run_dir / METRICS_FILENAME).open("w")
+    metrics = (run_dir / METRICS_FILENAME).open("a" if resume else "w")
 
     n = len(images)
     steps_per_epoch = n // cfg.batch_size
@@ -220,18 +217,21 @@ def train(config: TrainConfig) -> Path:
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     method = METHOD_REGISTRY[cfg.method]
     log.info("%s on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads; "
-             "encoder %.2fM params, heads %.2fM trainable", cfg.method, n, steps_per_epoch, total,
+             "encoder %.2fM params, heads %.2fM trainable%s", cfg.method, n, steps_per_epoch, total,
              f" or {budget_s:.0f} s" if budget_s else "", cfg.lr, torch.get_num_threads(),
-             sum(p.numel() for p in model.encoder.parameters()) / 1e6, _head_param_count(model) / 1e6)
+             sum(p.numel() for p in model.encoder.parameters()) / 1e6, _head_param_count(model) / 1e6,
+             f"; resuming at step {step}" if resume else "")
 
-    step, epochs_done, out_of_time = 0, 0, False
+    epoch, batch_pos, perm, stop, out_of_time = start_epoch, start_batch, saved_perm, False, False
     start = time.perf_counter()
     window = _MetricsWindow(start)
-    bar = tqdm(total=total, desc=f"{cfg.method} {run_dir.name}", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.method} {run_dir.name}", unit="step",
+               dynamic_ncols=True, disable=None)
     try:
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=data_gen)
-            for i in range(steps_per_epoch):
+        for epoch in range(start_epoch, cfg.epochs):
+            resumed_here = epoch == start_epoch and saved_perm is not None
+            perm = saved_perm if resumed_here else torch.randperm(n, generator=data_gen)
+            for i in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
                 elapsed = time.perf_counter() - start
                 # A time-budgeted run anneals on wall-clock progress so the cosine ends with the budget.
                 progress = max(step, elapsed / budget_s * total) if budget_s else step
@@ -246,28 +246,33 @@ def train(config: TrainConfig) -> Path:
                         f"loss is {loss} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
                         "Lower base_lr, raise warmup, or set bf16=false.")
                 step += 1
+                batch_pos = i + 1
                 window.add(loss, len(batch), parts)
                 bar.update(1)
                 elapsed = time.perf_counter() - start
                 out_of_time = budget_s is not None and elapsed >= budget_s
-                if step % cfg.log_every == 0 or out_of_time or step == total:
+                stop = out_of_time or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
+                if step % cfg.log_every == 0 or stop or step == total:
                     record = window.flush(step, epoch, lr, elapsed, sched)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{record['img_per_s']:.0f}")
-                if out_of_time:
+                if stop:
                     break
-            if out_of_time:
-                log.info("time budget of %.1f min reached after %d steps (epoch %d)", cfg.max_minutes, step, epoch)
+            if stop and batch_pos < steps_per_epoch:
+                log.info("stopping after %d steps (epoch %d, batch %d)%s", step, epoch, batch_pos,
+                         f": time budget of {cfg.max_minutes} min reached" if out_of_time else "")
                 break
-            epochs_done = epoch + 1
-            if epochs_done < cfg.epochs:  # the final save follows the loop
-                save_checkpoint(run_dir, model, opt, step, epochs_done, cfg, spec, data_gen)
+            epoch, batch_pos, perm = epoch + 1, 0, None
+            if stop:
+                break
+            if epoch < cfg.epochs:  # the final save follows the loop
+                save_checkpoint(run_dir, model, opt, step, epoch, cfg, spec, data_gen)
     finally:
         bar.close()
         metrics.close()
-    save_checkpoint(run_dir, model, opt, step, epochs_done, cfg, spec, data_gen)
+    save_checkpoint(run_dir, model, opt, step, epoch, cfg, spec, data_gen, batch_pos, perm)
     log.info("saved %s after %d steps in %.0f s", run_dir, step, time.perf_counter() - start)
     return run_dir
 
@@ -286,13 +291,22 @@ _FLAG_FIELDS = {"out": "out_dir", "epochs": "epochs", "max_minutes": "max_minute
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < YAML file < command-line flags < trailing ``key=value`` overrides."""
-    from_file = config_from_yaml(args.config) if args.config else {}
-    method = args.method or from_file.get("method", "mae")
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r} is not available; choose one of {list(METHODS)}")
-    values = TrainConfig.for_method(method).to_dict()  # dataclass < method defaults < file < flags
-    values.update(from_file)
-    values["method"] = method
+    if args.resume:  # the run's own resolved config, then flags and overrides on top
+        config_path = Path(args.resume) / CONFIG_FILENAME
+        if not config_path.is_file():
+            raise ConfigError(f"cannot resume: {config_path} does not exist")
+        values = json.loads(config_path.read_text())
+        if args.method and args.method != values["method"]:
+            raise ConfigError(f"{args.resume} is a {values['method']} run; it cannot resume as {args.method}")
+        values.update(out_dir=str(args.resume), stop_at_step=None)
+    else:
+        from_file = config_from_yaml(args.config) if args.config else {}
+        method = args.method or from_file.get("method", "mae")
+        if method not in METHODS:
+            raise ConfigError(f"method {method!r} is not available; choose one of {list(METHODS)}")
+        values = TrainConfig.for_method(method).to_dict()  # dataclass < method defaults < file < flags
+        values.update(from_file)
+        values["method"] = method
     for flag, name in _FLAG_FIELDS.items():
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
@@ -310,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                "model.<kwarg>=v sets a timm.create_model override (e.g. model.depth=4).")
     p.add_argument("--method", choices=METHODS, help="pre-training method (default: mae)")
     p.add_argument("--config", help="YAML file of TrainConfig fields")
+    p.add_argument("--resume", metavar="RUN_DIR", help="go on with the run in RUN_DIR from its checkpoint")
     p.add_argument("--out", help="run directory to write (default: runs/<method>-<timestamp>)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="wall-clock budget; stops cleanly and saves")
@@ -336,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_dir = train(cfg)
+        run_dir = train(cfg, resume=bool(args.resume))
     except ConfigError as e:
         print(f"vitserve train: error: {e}", file=sys.stderr)
         return 2
