@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from training import data as data_mod
-from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec, create_encoder
+from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec
 from training.config import (  # noqa: F401  (TrainConfig and friends are part of this module's API)
     FASHION_MNIST, METHOD_DEFAULTS, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
-from training.methods import METHOD_REGISTRY, build_model, schedules_at  # noqa: F401
 from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from training.methods import METHOD_REGISTRY, build_model, schedules_at  # noqa: F401
 from training.run_dir import CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, write_json
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,10 @@ class _MetricsWindow:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor | list[torch.Tensor],
                lr: float, bf16: bool, schedules: dict[str, float] | None = None,
-               ) -> tuple[float, dict[str, float]]:
+               clip_grad: float | None = None) -> tuple[float, dict[str, float]]:
     """One optimiser step on ``views`` (a batch ``[N, C, H, W]`` or a list of views of it) at
-    learning rate ``lr``, then the method's ``after_step`` (EMA, centre, queue) with ``schedules``.
+    learning rate ``lr`` (gradient norm clipped to ``clip_grad`` if set), then the method's
+    ``after_step`` (EMA, centre, queue) with ``schedules``.
 
     Returns the fp32 loss and the scalar loss parts / collapse signals of the method's output. A
     non-finite loss is returned without stepping, so the caller can stop on it.
@@ -164,6 +165,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor
     if math.isfinite(value):
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
         opt.step()
         after_step = getattr(model, "after_step", None)
         if after_step is not None:
@@ -240,7 +243,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 x01 = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [N, C, H, W] in [0, 1]
                 views = method.views(cfg, x01, spec, data_gen)
                 sched = {k: v for k, v in schedules_at(cfg, progress, total).items() if k in method.schedules}
-                loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched)
+                loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched, cfg.clip_grad)
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss is {loss} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "

@@ -16,7 +16,7 @@ from training.data import DataError
 from training.run_dir import load_encoder
 from training.train import (
     ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, augment, channel_mean_std, lr_at, main,
-    param_groups, train,
+    param_groups, train, train_step,
 )
 
 TINY = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -170,3 +170,30 @@ def test_cli_yaml_flags_and_overrides_run(tmp_path, image_folder, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["batch_size"] == 16 and config["mask_ratio"] == 0.5
     assert config["overrides"]["depth"] == 2 and config["overrides"]["embed_dim"] == 32
+
+
+class _Linear(torch.nn.Module):
+    """A method stand-in: loss = 1000 * sum(w * x), with an after_step that counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.after = []
+
+    def forward(self, x, momentum: float = 0.0):
+        return {"loss": 1000 * (self.w * x).sum(), "signal": torch.tensor(2.5)}
+
+    def after_step(self, out, momentum: float = 0.0) -> None:
+        self.after.append(momentum)
+
+
+def test_train_step_clips_gradients_and_calls_after_step():
+    model = _Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    loss, parts = train_step(model, opt, x, 1.0, False, {"momentum": 0.9}, clip_grad=1.0)
+    assert loss == 0.0 and parts == {"signal": 2.5} and model.after == [0.9]
+    assert torch.allclose(model.w.detach(), -torch.tensor([0.6, 0.8, 0.0, 0.0]))  # unit-norm step
+    train_step(model, opt, x, 1.0, False, {"momentum": 0.95})
+    assert torch.allclose(model.w.detach(), -torch.tensor([3000.6, 4000.8, 0.0, 0.0]))  # unclipped
+    assert model.after == [0.9, 0.95]

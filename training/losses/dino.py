@@ -33,7 +33,8 @@ def dino_loss(
         raise ValueError("dino_loss takes student_out [V, N, K] and teacher_out [G, N, K]")
     v, g = student_out.shape[0], teacher_out.shape[0]
     if g > v or student_out.shape[1:] != teacher_out.shape[1:]:
-        raise ValueError(f"shapes do not pair up: student {tuple(student_out.shape)}, teacher {tuple(teacher_out.shape)}")
+        raise ValueError(f"shapes do not pair up: student {tuple(student_out.shape)}, "
+                         f"teacher {tuple(teacher_out.shape)}")
     p_t = teacher_probs(teacher_out, center.reshape(1, 1, -1), teacher_temp)  # [G, N, K]
     log_p_s = F.log_softmax(student_out.float() / student_temp, dim=-1)  # [V, N, K]
     ce = -(p_t.unsqueeze(1) * log_p_s.unsqueeze(0)).sum(-1).mean(-1)  # [G, V]: mean over images
