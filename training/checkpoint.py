@@ -1,4 +1,4 @@
-"""``checkpoint.pt``: everything an exact resume needs, written atomically with the encoder files.
+"""``checkpoint.pt`` and ``encoder.pt``: everything an exact resume needs, written atomically with the encoder files.
 
 Holds the whole method module's state (student, teacher/key encoder, heads, decoder, DINO centre,
 MoCo queue and pointer — all parameters or buffers), the optimiser, the step, the data position
@@ -45,7 +45,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
         "batch": batch, "perm": perm if batch else None,
         "config": cfg.to_dict(), "encoder_spec": spec.to_dict(), "rng": rng_state(data_gen),
     }, run_dir / CHECKPOINT_FILENAME)
-    save_encoder(run_dir, model.encoder, spec)
+    # A method may store another encoder than the one trained by gradient (DINO: its EMA teacher).
+    save_encoder(run_dir, getattr(model, "export_encoder", model.encoder), spec)
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:

@@ -107,6 +107,12 @@ class DINO(nn.Module):
         entropy = torch.tensor(teacher_entropy(t_out, self.center, teacher_temp))
         return {"loss": loss, "teacher_out": t_out, "teacher_entropy": entropy}
 
+    @property
+    def export_encoder(self) -> nn.Module:
+        """The encoder a run directory stores: the teacher, which DINO evaluates and releases
+        (``eval_knn.py --checkpoint_key teacher``); it is the better of the two in the paper (§5.2)."""
+        return self.teacher_encoder
+
     @torch.no_grad()
     def after_step(self, out: dict[str, torch.Tensor], momentum: float = 0.996, **_: float) -> None:
         """After the optimiser step: EMA the teacher with ``momentum`` and update the centre."""

@@ -156,8 +156,9 @@ def test_method_runs_write_run_dirs(runs, method, signal, model_keys):
     encoder_state = torch.load(run / "encoder.pt", weights_only=True)
     assert not any(k.startswith(("teacher", "head", "projector", "key_", "queue")) for k in encoder_state)
     model, spec = load_encoder(run)
-    student = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in student.items())
+    prefix = "teacher_encoder." if method == "dino" else "encoder."  # DINO stores its teacher
+    stored = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    assert stored and all(torch.equal(model.state_dict()[k], v) for k, v in stored.items())
     assert spec.img_size == (28, 28) and not getattr(model, "dynamic_img_size", False)
 
 
