@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from training import data as data_mod
-from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, EncoderSpec
+from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, BackboneError, EncoderSpec
 from training.config import (  # noqa: F401  (TrainConfig and friends are part of this module's API)
     FASHION_MNIST, METHOD_DEFAULTS, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
@@ -174,12 +174,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor
     return value, parts
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Pre-train an encoder as ``config`` says and return the run directory it wrote.
 
     With ``resume`` the run goes on from ``config.out_dir``'s checkpoint: weights, teacher, centre,
     queue, optimiser, step, data position and RNG states, so a step-scheduled run continues exactly
     as if it had not stopped (a time budget anneals on wall-clock progress, which is not exact).
+    A directory that already holds a run is refused unless ``overwrite``: a stored checkpoint is
+    never replaced by accident.
     """
     from tqdm import tqdm
 
@@ -194,6 +196,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     run_dir = Path(cfg.out_dir or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+    if not resume and not overwrite and (run_dir / CHECKPOINT_FILENAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                          "write elsewhere with --out, or replace it with --overwrite")
     ckpt = load_checkpoint(run_dir) if resume else None
     model, spec = build_model(cfg)
     images, spec = load_pretraining_images(cfg, spec)
@@ -208,8 +213,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         restore_rng(ckpt["rng"], data_gen)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and (run_dir / CHECKPOINT_FILENAME).exists():
-        log.warning("%s already holds a run; overwriting it", run_dir)
+    if overwrite and not resume and (run_dir / CHECKPOINT_FILENAME).exists():
+        log.warning("%s already holds a run; overwriting it (--overwrite)", run_dir)
     write_json(run_dir / CONFIG_FILENAME, cfg.to_dict())
     metrics = (run_dir / METRICS_FILENAME).open("a" if resume else "w")
 
@@ -335,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="'fashion-mnist' or an image folder")
     p.add_argument("--data-dir", help="directory holding the Fashion-MNIST IDX files")
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -354,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_dir = train(cfg, resume=bool(args.resume))
-    except ConfigError as e:
+        run_dir = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    except (ConfigError, BackboneError) as e:
         print(f"vitserve train: error: {e}", file=sys.stderr)
         return 2
     except (data_mod.DataError, NonFiniteLossError) as e:

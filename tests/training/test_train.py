@@ -197,3 +197,24 @@ def test_train_step_clips_gradients_and_calls_after_step():
     train_step(model, opt, x, 1.0, False, {"momentum": 0.95})
     assert torch.allclose(model.w.detach(), -torch.tensor([3000.6, 4000.8, 0.0, 0.0]))  # unclipped
     assert model.after == [0.9, 0.95]
+
+
+def test_existing_run_is_never_overwritten_by_accident(tmp_path, image_folder, capsys):
+    cfg = tiny_config(tmp_path, image_folder, epochs=1)
+    run = train(cfg)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    args = ["--data", str(image_folder), "--out", str(run), "--epochs", "1", "batch_size=16",
+            "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "decoder_dim=16",
+            "decoder_depth=1", "decoder_heads=2", "num_threads=1"]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_cli_unknown_timm_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "r"), "model_name=vit_nonexistent_xyz"]) == 2
+    assert "unknown timm model 'vit_nonexistent_xyz'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
