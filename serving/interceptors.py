@@ -9,6 +9,7 @@ outermost first: metrics (sees every outcome), authentication, then the in-fligh
 from __future__ import annotations
 
 import asyncio
+import abc
 import contextlib
 import hmac
 import time
@@ -79,8 +80,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return wrap_handler(handler, details, self.guard)
 
+    @abc.abstractmethod
     def guard(self, call: Call) -> contextlib.AbstractAsyncContextManager[None]:
-        raise NotImplementedError
+        """The context each guarded call runs in (refuse by aborting before yielding)."""
 
 
 def read_token(path: str | Path) -> str:
