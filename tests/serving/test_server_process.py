@@ -90,3 +90,24 @@ def test_metrics_port_in_use_is_a_clear_error():
         background = BackgroundGateway(gateway.triton_url, gateway=gateway, options=options)
         with pytest.raises(GatewayError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             background.start()
+
+
+def test_serve_in_front_of_running_triton_stops_on_sigint(exported, triton, fmnist_test_images):
+    """``--triton-url``: no Triton of its own; SIGINT stops the gateway, the external Triton lives on."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--triton-url", triton.grpc_url, "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        match = READY.match(line.strip())
+        assert match and match.group(2) == triton.grpc_url, (line, proc.stderr.read() if proc.poll() else "")
+        with VitServeClient(match.group(1)) as client:
+            emb = client.embed(fmnist_test_images[:3], model=exported.name)
+        assert emb.shape == (3, exported.spec.embed_dim)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert triton.poll() is None  # the external Triton was not stopped by the gateway
