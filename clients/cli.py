@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("clients.commands", "embed_main", "CLS embeddings of image files from a running service"),
     "features": ("clients.commands", "features_main", "patch features of image files from a running service"),
     "demo": ("clients.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
+    "bench": ("clients.bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
 }
 
 

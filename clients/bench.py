@@ -1,0 +1,336 @@
+"""``vitserve bench``: service vs in-process throughput and latency over a batch x concurrency sweep.
+
+For each point (batch size B, concurrency C) it runs, for a fixed duration each and interleaved (the
+order alternates from point to point so neither side always runs on a "warm" or "tired" machine):
+
+* **service**: C concurrent ``Embed`` calls of B random uint8 images each over one ``grpc.aio``
+  channel to a running gateway (``--target``), or to one this command starts itself on
+  ``--model-repository`` (Triton + gateway, stopped afterwards);
+* **in-process**: C threads calling ONNX Runtime directly on the same ``<model>/1/model.onnx``
+  (same intra-op thread count as the served model's ``config.pbtxt``), with the same uint8 batches.
+
+Latency is per request, measured by the caller (for the service: the whole gRPC round trip). The result
+is a JSON document (``--json``), a table on stdout and, if matplotlib is installed, a PNG (``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+DEFAULT_CONCURRENCIES = (1, 4, 8)
+_THREADS_RE = re.compile(
+    r'key:\s*"(?:intra_op_threads|intra_op_thread_count)"\s*value\s*:?\s*\{\s*string_value:\s*"(\d+)"')
+
+
+def _summary(latencies_s: list[float], images: int, elapsed: float) -> dict[str, Any]:
+    lat_ms = np.asarray(latencies_s, dtype=np.float64) * 1e3
+    pct = (lambda q: float(np.percentile(lat_ms, q))) if len(lat_ms) else (lambda q: float("nan"))
+    return {"requests": int(len(lat_ms)), "images": int(images), "seconds": round(elapsed, 4),
+            "img_per_s": images / elapsed if elapsed > 0 else 0.0,
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+            "mean_ms": float(lat_ms.mean()) if len(lat_ms) else float("nan")}
+
+
+def model_files(model_repository: str | Path, model: str, version: int = 1) -> tuple[Path, int]:
+    """``(onnx_path, intra_op_threads)`` of ``model`` in a repository (threads 0: the ORT default)."""
+    model_dir = Path(model_repository) / model
+    onnx_path = model_dir / str(version) / "model.onnx"
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no {onnx_path}: the in-process side needs the exported model.onnx")
+    threads = 0
+    config = model_dir / "config.pbtxt"
+    if config.is_file():
+        m = _THREADS_RE.search(config.read_text())
+        if m:
+            threads = int(m.group(1))
+    return onnx_path, threads
+
+
+def _batch(rng: np.random.Generator, batch: int, shape: Sequence[int]) -> np.ndarray:
+    return rng.integers(0, 256, size=(batch, *shape), dtype=np.uint8)
+
+
+def bench_in_process(session: Any, images: np.ndarray, concurrency: int, duration: float,
+                     warmup: float = 0.0) -> dict[str, Any]:
+    """C threads looping ``session.run`` on ``images`` for ``duration`` seconds (after ``warmup``)."""
+    input_name = session.get_inputs()[0].name
+    feeds = {input_name: images}
+
+    def worker(deadline: float, record: bool, out: list[float]) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= deadline:
+                return
+            session.run(None, feeds)
+            if record:
+                out.append(time.perf_counter() - t0)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        if warmup > 0:
+            end = time.perf_counter() + warmup
+            list(pool.map(lambda _: worker(end, False, []), range(concurrency)))
+        per_thread: list[list[float]] = [[] for _ in range(concurrency)]
+        start = time.perf_counter()
+        end = start + duration
+        list(pool.map(lambda i: worker(end, True, per_thread[i]), range(concurrency)))
+        elapsed = time.perf_counter() - start
+    lat = [x for xs in per_thread for x in xs]
+    return _summary(lat, len(lat) * len(images), elapsed)
+
+
+async def _bench_service_async(target: str, model: str, images: np.ndarray, concurrency: int,
+                               duration: float, warmup: float, timeout: float) -> dict[str, Any]:
+    from clients.client import AsyncVitServeClient
+
+    async with AsyncVitServeClient(target, timeout=timeout) as client:
+        async def worker(deadline: float, out: list[float] | None) -> None:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= deadline:
+                    return
+                await client.embed(images, model=model)
+                if out is not None:
+                    out.append(time.perf_counter() - t0)
+
+        if warmup > 0:
+            end = time.perf_counter() + warmup
+            await asyncio.gather(*(worker(end, None) for _ in range(concurrency)))
+        lat: list[float] = []
+        start = time.perf_counter()
+        end = start + duration
+        await asyncio.gather(*(worker(end, lat) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return _summary(lat, len(lat) * len(images), elapsed)
+
+
+def bench_service(target: str, model: str, images: np.ndarray, concurrency: int, duration: float,
+                  warmup: float = 0.0, timeout: float = 60.0) -> dict[str, Any]:
+    """C concurrent ``Embed`` calls of ``images`` over one grpc.aio channel for ``duration`` seconds."""
+    return asyncio.run(_bench_service_async(target, model, images, concurrency, duration, warmup, timeout))
+
+
+def _conditions(target: str, model: str, onnx_path: Path | None, threads: int,
+                item_shape: Sequence[int], duration: float, warmup: float, started: bool) -> dict[str, Any]:
+    versions = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy", "nvidia-pytriton"):
+        try:
+            from importlib.metadata import version
+            versions[dist] = version(dist)
+        except Exception:
+            pass
+    return {"target": target, "model": model, "onnx_path": str(onnx_path) if onnx_path else None,
+            "intra_op_threads": threads, "image_shape": list(item_shape),
+            "duration_s_per_point": duration, "warmup_s_per_point": warmup,
+            "service_started_by_bench": started, "request": "Embed (CLS, float32), raw uint8 frames",
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "processor": platform.processor(), "versions": versions,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def run_bench(target: str, model: str, *, onnx_path: str | Path | None = None, intra_op_threads: int = 0,
+              batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+              concurrencies: Sequence[int] = DEFAULT_CONCURRENCIES, duration: float = 5.0,
+              warmup: float = 0.5, seed: int = 0, started: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Sweep ``batch_sizes`` x ``concurrencies`` against ``target`` and, with ``onnx_path``, in-process.
+
+    Returns ``{"conditions": ..., "points": [{"batch_size", "concurrency", "service", "in_process",
+    "throughput_ratio", "p50_overhead_ms"}]}`` (``in_process`` and the ratios are ``None`` without
+    ``onnx_path``).
+    """
+    from clients.client import VitServeClient
+
+    with VitServeClient(target, timeout=30) as client:
+        models = {m.name: m for m in client.list_models()}
+    if model not in models:
+        raise ValueError(f"model {model!r} is not served at {target}; served: {', '.join(models) or 'none'}")
+    desc = models[model]
+    item_shape = (*desc.input_size, desc.input_channels)
+    session = None
+    if onnx_path is not None:
+        from export.model import make_session
+        session = make_session(str(onnx_path), intra_op_threads)
+    rng = np.random.default_rng(seed)
+    points = []
+    for i, (b, c) in enumerate((b, c) for b in batch_sizes for c in concurrencies):
+        images = _batch(rng, b, item_shape)
+        sides: dict[str, Any] = {"service": None, "in_process": None}
+        order = ["service", "in_process"] if i % 2 == 0 else ["in_process", "service"]
+        for side in order:
+            if side == "service":
+                sides[side] = bench_service(target, model, images, c, duration, warmup)
+            elif session is not None:
+                sides[side] = bench_in_process(session, images, c, duration, warmup)
+        svc, inp = sides["service"], sides["in_process"]
+        point = {"batch_size": b, "concurrency": c, "order": order, **sides,
+                 "throughput_ratio": (svc["img_per_s"] / inp["img_per_s"]) if inp and inp["img_per_s"] else None,
+                 "p50_overhead_ms": (svc["p50_ms"] - inp["p50_ms"]) if inp else None}
+        points.append(point)
+        if progress is not None:
+            progress(_row(point))
+    return {"conditions": _conditions(target, model, Path(onnx_path) if onnx_path else None,
+                                      intra_op_threads, item_shape, duration, warmup, started),
+            "points": points}
+
+
+_HEADER = (f"{'batch':>5} {'conc':>4} | {'svc img/s':>9} {'p50':>7} {'p95':>7} {'p99':>7} | "
+           f"{'inp img/s':>9} {'p50':>7} {'p95':>7} {'p99':>7} | {'ratio':>5} {'dp50 ms':>7}")
+
+
+def _row(p: dict[str, Any]) -> str:
+    s, q = p["service"], p["in_process"]
+
+    def side(x: dict[str, Any] | None) -> str:
+        if x is None:
+            return f"{'-':>9} {'-':>7} {'-':>7} {'-':>7}"
+        return f"{x['img_per_s']:9.0f} {x['p50_ms']:7.2f} {x['p95_ms']:7.2f} {x['p99_ms']:7.2f}"
+    ratio = f"{p['throughput_ratio']:5.2f}" if p["throughput_ratio"] is not None else f"{'-':>5}"
+    over = f"{p['p50_overhead_ms']:7.2f}" if p["p50_overhead_ms"] is not None else f"{'-':>7}"
+    return f"{p['batch_size']:5d} {p['concurrency']:4d} | {side(s)} | {side(q)} | {ratio} {over}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The sweep as a text table (latencies in ms; ratio = service/in-process img/s)."""
+    return "\n".join([_HEADER, "-" * len(_HEADER), *(_row(p) for p in result["points"])])
+
+
+def write_plot(result: dict[str, Any], path: str | Path) -> bool:
+    """Throughput and p50 latency per point, service vs in-process; False if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = result["points"]
+    batches = sorted({p["batch_size"] for p in points})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for b in batches:
+        ps = sorted((p for p in points if p["batch_size"] == b), key=lambda p: p["concurrency"])
+        cs = [p["concurrency"] for p in ps]
+        for side, style in (("service", "-o"), ("in_process", "--s")):
+            if all(p[side] for p in ps):
+                label = f"{side.replace('_', '-')} B={b}"
+                axes[0].plot(cs, [p[side]["img_per_s"] for p in ps], style, label=label)
+                axes[1].plot(cs, [p[side]["p50_ms"] for p in ps], style, label=label)
+    axes[0].set(xlabel="concurrency", ylabel="images/s", title="throughput")
+    axes[1].set(xlabel="concurrency", ylabel="p50 latency (ms)", title="p50 latency per request",
+                yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    c = result["conditions"]
+    fig.suptitle(f"vitserve bench: {c['model']} {tuple(c['image_shape'])}, "
+                 f"{c['duration_s_per_point']}s/point, intra-op threads {c['intra_op_threads'] or 'default'}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitserve bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", help="HOST:PORT of a running gateway (default: start one on --model-repository)")
+    p.add_argument("--model-repository", help="model repository: served by this command when --target is "
+                   "absent; its <model>/1/model.onnx is the in-process side (without it: service only)")
+    p.add_argument("--model", help="model name (default: the only model served)")
+    p.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES), help="e.g. 1,8,32")
+    p.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCIES), help="e.g. 1,4,8")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point and side")
+    p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
+    p.add_argument("--intra-op-threads", type=int,
+                   help="in-process ORT threads (default: the served model's config.pbtxt value)")
+    p.add_argument("--json", default="bench.json", help="where to write the JSON result")
+    p.add_argument("--plot", default=None, help="PNG path (default: the --json path with .png)")
+    p.add_argument("--triton-timeout", type=float, default=180.0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.target is None and args.model_repository is None:
+        print("vitserve bench: give --target HOST:PORT or --model-repository DIR", file=sys.stderr)
+        return 2
+    if args.duration <= 0 or args.warmup < 0:
+        print("vitserve bench: --duration must be > 0 and --warmup >= 0", file=sys.stderr)
+        return 2
+    launcher = gateway = None
+    try:
+        target = args.target
+        if target is None:
+            from serving.server import BackgroundGateway
+            from serving.triton_launcher import TritonLauncher
+            launcher = TritonLauncher(args.model_repository)
+            launcher.start(timeout=args.triton_timeout)
+            gateway = BackgroundGateway(launcher.grpc_url).start(timeout=60)
+            target = gateway.target
+        model = args.model
+        if model is None:
+            from clients.client import VitServeClient
+            with VitServeClient(target, timeout=30) as client:
+                names = [m.name for m in client.list_models()]
+            if len(names) != 1:
+                print(f"vitserve bench: --model is required (served: {', '.join(names) or 'none'})",
+                      file=sys.stderr)
+                return 2
+            model = names[0]
+        onnx_path, threads = None, 0
+        if args.model_repository is not None:
+            onnx_path, threads = model_files(args.model_repository, model)
+        else:
+            print("vitserve bench: no --model-repository, so no in-process comparison", file=sys.stderr)
+        if args.intra_op_threads is not None:
+            threads = args.intra_op_threads
+        print(_HEADER + "\n" + "-" * len(_HEADER), flush=True)
+        result = run_bench(target, model, onnx_path=onnx_path, intra_op_threads=threads,
+                           batch_sizes=args.batch_sizes, concurrencies=args.concurrency,
+                           duration=args.duration, warmup=args.warmup, started=launcher is not None,
+                           progress=lambda line: print(line, flush=True))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"vitserve bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if launcher is not None:
+            launcher.stop()
+    result["conditions"]["command"] = "vitserve bench " + " ".join(sys.argv[2:] if argv is None else argv)
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+    wrote = write_plot(result, plot_path)
+    print(f"wrote {json_path}" + (f" and {plot_path}" if wrote else " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
