@@ -144,3 +144,15 @@ def test_non_vit_encoder_is_rejected_clearly():
     _, spec = create_encoder(overrides={**DEFAULT_OVERRIDES, "depth": 1})
     with pytest.raises(ValueError, match="lacks"):
         MaskedAutoencoder(torch.nn.Linear(2, 2), spec)
+
+
+def test_mask_ratio_zero_encodes_every_patch_and_reconstructs_all():
+    mae = tiny_mae()
+    mae.mask_ratio = 0.0
+    imgs = torch.randn(2, 1, 28, 28)
+    latent, mask, _ = mae.forward_encoder(imgs, 0.0)
+    assert latent.shape[1] == mae.num_prefix + 49 and mask.sum() == 0
+    out = mae(imgs)
+    assert out["loss"].item() > 0  # loss over all patches, not an empty masked set
+    out["loss"].backward()
+    assert mae.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
