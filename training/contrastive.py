@@ -17,6 +17,7 @@ from torch import nn
 
 from training.backbone import EncoderSpec, cls_features
 from training.losses.info_nce import info_nce
+from training.distributed import gather_with_grad
 from training.losses.moco import moco_loss, moco_v3_loss
 from training.schedules import ema_update
 
@@ -55,6 +56,8 @@ class SimCLR(nn.Module):
         """Two views ``[N, C, H, W]`` -> ``{"loss", "feature_std"}``."""
         z = self.projector(cls_features(self.encoder, torch.cat([x1, x2])))  # [2N, proj_dim]
         z1, z2 = z.chunk(2)
+        # Under torchrun the negatives are every rank's views (gradient-preserving all-gather).
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         return {"loss": info_nce(z1, z2, self.temperature), "feature_std": torch.tensor(feature_std(z1))}
 
     def after_step(self, out: dict[str, torch.Tensor], **_: float) -> None:

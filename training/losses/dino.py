@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training.distributed import all_reduce_mean
+
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)``, detached; same shape as ``t``."""
@@ -46,6 +48,7 @@ def dino_loss(
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
     """New centre ``m * c + (1 - m) * mean(teacher logits over all crops and images)``, shape of ``c``."""
     batch_center = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1]).mean(0)
+    batch_center = all_reduce_mean(batch_center)  # under torchrun: the mean over every rank's batch
     return center * momentum + batch_center.reshape(center.shape) * (1 - momentum)
 
 
