@@ -107,8 +107,31 @@ def wrap_ddp(model: nn.Module) -> nn.Module:
         return model
     on_gpu = any(p.is_cuda for p in model.parameters())
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if on_gpu else convert_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    # find_unused_parameters: MoCo under torchrun failed DDP's "finished reduction in the prior
+    # iteration" check without it (every parameter gets a gradient single-process; the cause is not
+    # yet traced). The extra graph walk is cheap for these models.
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment; NCCL
+    with CUDA, else gloo). Returns whether this call started it (so the caller tears it down)."""
+    import os
+
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def from_rank0(value: float) -> float:
+    """Rank 0's ``value`` on every rank (lr progress, stop flags), so ranks never disagree."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t.item())

@@ -35,6 +35,7 @@ from training.config import (  # noqa: F401  (TrainConfig and friends are part o
     FASHION_MNIST, METHOD_DEFAULTS, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
 from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from training import distributed as dist_mod
 from training.methods import METHOD_REGISTRY, build_model, schedules_at  # noqa: F401
 from training.run_dir import CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, write_json
 
@@ -168,7 +169,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor
         if clip_grad:
             nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
         opt.step()
-        after_step = getattr(model, "after_step", None)
+        after_step = getattr(dist_mod.unwrap(model), "after_step", None)
         if after_step is not None:
             after_step(out, **(schedules or {}))
     return value, parts
@@ -183,9 +184,23 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     A directory that already holds a run is refused unless ``overwrite``: a stored checkpoint is
     never replaced by accident.
     """
-    from tqdm import tqdm
 
     cfg = config
+    started_dist = dist_mod.init_from_env()  # under torchrun: one process group, batch sharded per rank
+    try:
+        return _train(cfg, resume, overwrite)
+    finally:
+        if started_dist:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    from tqdm import tqdm
+
+    rank, world = dist_mod.rank_world()
+    main_rank = rank == 0
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) must divide over {world} ranks")
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -204,10 +219,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     images, spec = load_pretraining_images(cfg, spec)
     model.spec = spec  # now with the data's mean/std
     model.train()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    core = model
+    model = dist_mod.wrap_ddp(model)  # replaces BatchNorm modules, so the optimiser comes after
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     step, start_epoch, start_batch, saved_perm = 0, 0, 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, start_epoch, start_batch, saved_perm = ckpt["step"], ckpt["epoch"], ckpt["batch"], ckpt["perm"]
         restore_rng(ckpt["rng"], data_gen)
@@ -215,8 +233,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume and (run_dir / CHECKPOINT_FILENAME).exists():
         log.warning("%s already holds a run; overwriting it (--overwrite)", run_dir)
-    write_json(run_dir / CONFIG_FILENAME, cfg.to_dict())
-    metrics = (run_dir / METRICS_FILENAME).open("a" if resume else "w")
+    if main_rank:
+        write_json(run_dir / CONFIG_FILENAME, cfg.to_dict())
+    metrics = (run_dir / METRICS_FILENAME).open("a" if resume else "w") if main_rank else open(os.devnull, "w")
 
     n = len(images)
     steps_per_epoch = n // cfg.batch_size
@@ -227,14 +246,17 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     log.info("%s on %d images, %d steps/epoch, up to %d steps%s; peak lr %.3g, %d threads; "
              "encoder %.2fM params, heads %.2fM trainable%s", cfg.method, n, steps_per_epoch, total,
              f" or {budget_s:.0f} s" if budget_s else "", cfg.lr, torch.get_num_threads(),
-             sum(p.numel() for p in model.encoder.parameters()) / 1e6, _head_param_count(model) / 1e6,
+             sum(p.numel() for p in core.encoder.parameters()) / 1e6, _head_param_count(core) / 1e6,
              f"; resuming at step {step}" if resume else "")
+    if world > 1:
+        log.info("rank %d of %d: %d images of each global batch of %d", rank, world,
+                 cfg.batch_size // world, cfg.batch_size)
 
     epoch, batch_pos, perm, stop, out_of_time = start_epoch, start_batch, saved_perm, False, False
     start = time.perf_counter()
     window = _MetricsWindow(start)
     bar = tqdm(total=total, initial=step, desc=f"{cfg.method} {run_dir.name}", unit="step",
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if main_rank else True)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             resumed_here = epoch == start_epoch and saved_perm is not None
@@ -243,10 +265,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                 elapsed = time.perf_counter() - start
                 # A time-budgeted run anneals on wall-clock progress so the cosine ends with the budget.
                 progress = max(step, elapsed / budget_s * total) if budget_s else step
+                progress = dist_mod.from_rank0(progress)  # every rank steps at one lr
                 lr = lr_at(progress, total, warmup, cfg.lr, cfg.min_lr)
                 batch = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
                 x01 = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [N, C, H, W] in [0, 1]
                 views = method.views(cfg, x01, spec, data_gen)
+                if world > 1:  # same seed on every rank: the same global views, each rank its shard
+                    views = [dist_mod.shard(v) for v in views]
                 sched = {k: v for k, v in schedules_at(cfg, progress, total).items() if k in method.schedules}
                 loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched, cfg.clip_grad)
                 if not math.isfinite(loss):
@@ -258,7 +283,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                 window.add(loss, len(batch), parts)
                 bar.update(1)
                 elapsed = time.perf_counter() - start
-                out_of_time = budget_s is not None and elapsed >= budget_s
+                out_of_time = bool(dist_mod.from_rank0(float(budget_s is not None and elapsed >= budget_s)))
                 stop = out_of_time or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
                 if step % cfg.log_every == 0 or stop or step == total:
                     record = window.flush(step, epoch, lr, elapsed, sched)
@@ -275,13 +300,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             epoch, batch_pos, perm = epoch + 1, 0, None
             if stop:
                 break
-            if epoch < cfg.epochs:  # the final save follows the loop
-                save_checkpoint(run_dir, model, opt, step, epoch, cfg, spec, data_gen)
+            if epoch < cfg.epochs and main_rank:  # the final save follows the loop
+                save_checkpoint(run_dir, core, opt, step, epoch, cfg, spec, data_gen)
     finally:
         bar.close()
         metrics.close()
-    save_checkpoint(run_dir, model, opt, step, epoch, cfg, spec, data_gen, batch_pos, perm)
-    log.info("saved %s after %d steps in %.0f s", run_dir, step, time.perf_counter() - start)
+    if main_rank:
+        save_checkpoint(run_dir, core, opt, step, epoch, cfg, spec, data_gen, batch_pos, perm)
+        log.info("saved %s after %d steps in %.0f s", run_dir, step, time.perf_counter() - start)
     return run_dir
 
 

@@ -92,3 +92,32 @@ def test_two_process_simclr_step_equals_single_process(tmp_path):
         if k.endswith("num_batches_tracked"):
             continue
         torch.testing.assert_close(got["state"][k], v, rtol=0, atol=1e-9, msg=k)
+
+
+def _train_worker(rank: int, port: int, folder: str, out: str) -> None:
+    from training.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    cfg = TrainConfig.for_method("simclr", data=folder, batch_size=8, epochs=1, stop_at_step=2, log_every=1,
+                                 num_threads=1, overrides={**DEFAULT_OVERRIDES, "depth": 1, "embed_dim": 32,
+                                                           "num_heads": 2}, head_hidden_dim=32, proj_dim=16,
+                                 out_dir=out)
+    train(cfg)
+    assert not dist.is_initialized()  # train() tears down the group it started
+
+
+def test_train_under_two_ranks_writes_one_run(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    mp.spawn(_train_worker, args=(_free_port(), str(tmp_path / "imgs"), str(out)), nprocs=WORLD, join=True)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # rank 0 alone writes
+    assert (out / "checkpoint.pt").exists()
