@@ -118,13 +118,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def init_from_env() -> bool:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment; NCCL
-    with CUDA, else gloo). Returns whether this call started it (so the caller tears it down)."""
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment) with
+    gloo: training.train keeps model and data on the CPU, so NCCL would not fit even where CUDA is
+    present. Returns whether this call started it (so the caller tears it down)."""
     import os
 
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("gloo")
     return True
 
 
