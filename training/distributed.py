@@ -1,7 +1,8 @@
-"""Data-parallel helpers for pre-training under ``torchrun`` (gloo on CPU, NCCL on GPU).
+"""Data-parallel helpers for pre-training under ``torchrun`` (gloo; training runs on the CPU).
 
 Each rank takes a contiguous shard of the global batch (:func:`shard`), the model is wrapped in
-``DistributedDataParallel`` (gradients averaged) with ``SyncBatchNorm`` heads (:func:`wrap_ddp`),
+``DistributedDataParallel`` (gradients averaged) with BatchNorm statistics over all ranks
+(:class:`GlobalBatchNorm1d`, since ``SyncBatchNorm`` refuses CPU modules; :func:`wrap_ddp`),
 contrastive negatives come from every rank through a gradient-preserving all-gather
 (:func:`gather_with_grad`), and DINO's centre averages the teacher outputs of all ranks
 (:func:`all_reduce_mean`). With one process (no process group) every helper is the identity.
@@ -10,6 +11,10 @@ Gradient bookkeeping: every rank computes the *global* contrastive loss on the g
 the all-gather's backward sums the gradients that land on a rank's own rows (``world`` copies of
 the global gradient) and DDP divides by ``world``, so each rank steps with exactly the gradient a
 single process would compute on the whole batch.
+
+Not data-parallel-exact yet: MoCo's queue takes each rank's own keys and its loss uses local
+queries and keys (a valid DDP run, not the single-process step); DINO's centre is averaged over
+ranks but no two-rank DINO step is tested.
 """
 
 from __future__ import annotations
