@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 from training.backbone import DEFAULT_MODEL_NAME, cls_features, create_encoder
 from training.config import TrainConfig
@@ -112,17 +110,6 @@ def test_simclr_forward_gradients_reach_encoder():
     out["loss"].backward()
     assert model.encoder.patch_embed.proj.weight.grad is not None
     assert out["loss"].item() < math.log(7)  # near-identical views beat chance (2N-1 = 7 classes)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / c).mkdir()
-        for i in range(32):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,6 @@ from training.train import (
 TINY = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """64 small grey PNGs in two class folders."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / c).mkdir()
-        for i in range(32):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
 def tiny_config(tmp_path, image_folder, **kw) -> TrainConfig:
     base = dict(data=str(image_folder), overrides=dict(TINY), batch_size=16, epochs=2, log_every=1,
                 decoder_dim=16, decoder_depth=1, decoder_heads=2, num_threads=1,
