@@ -112,3 +112,12 @@ def broken_repository(exported: ExportedModel, tmp_path: Path) -> Path:
     (repo / "broken" / "1" / "model.py").write_text(
         "raise RuntimeError('deliberately broken model for a test')\n")
     return repo
+
+
+@pytest.fixture(scope="module")
+def client(gateway: object) -> Iterator[object]:
+    """A sync client of the module's gateway."""
+    from clients.client import VitServeClient
+
+    with VitServeClient(gateway.target, timeout=60) as c:
+        yield c

@@ -19,12 +19,6 @@ MAX_ABS_ERR = 1e-4
 
 
 @pytest.fixture(scope="module")
-def client(gateway):
-    with VitServeClient(gateway.target, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def images(fmnist_test_images):
     return fmnist_test_images[:40]  # > MAX_BATCH_SIZE: the gateway splits it into 3 Triton calls
 
