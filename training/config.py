@@ -34,7 +34,10 @@ class TrainConfig:
     limit_train: int | None = None  # use a random subset of this many training images
     batch_size: int = 256
     epochs: int = 10
-    max_minutes: float | None = None  # wall-clock budget of the loop; stops after the current step
+    max_minutes: float | None = None  # time budget of the loop; stops after the current step
+    # What max_minutes counts: "wall" (elapsed time) or "cpu" (this process's CPU time, all threads),
+    # which gives runs sharing a loaded machine equal compute, as a fair method comparison needs.
+    budget_clock: str = "wall"
     stop_at_step: int | None = None  # stop (and save a resumable checkpoint) at this global step
     base_lr: float = 1.5e-4  # MAE's base lr; the lr used is base_lr * batch_size / 256
     min_lr: float = 0.0
@@ -89,6 +92,8 @@ class TrainConfig:
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.max_minutes is None or self.max_minutes > 0,
              f"max_minutes must be > 0, got {self.max_minutes}"),
+            (self.budget_clock in ("wall", "cpu"),
+             f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}"),
             (self.limit_train is None or self.limit_train > 0,
              f"limit_train must be > 0, got {self.limit_train}"),
             (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),

@@ -253,6 +253,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                  cfg.batch_size // world, cfg.batch_size)
 
     epoch, batch_pos, perm, stop, out_of_time = start_epoch, start_batch, saved_perm, False, False
+    budget_clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
+    budget_start = budget_clock()
     start = time.perf_counter()
     window = _MetricsWindow(start)
     bar = tqdm(total=total, initial=step, desc=f"{cfg.method} {run_dir.name}", unit="step",
@@ -262,9 +264,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             resumed_here = epoch == start_epoch and saved_perm is not None
             perm = saved_perm if resumed_here else torch.randperm(n, generator=data_gen)
             for i in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
-                elapsed = time.perf_counter() - start
-                # A time-budgeted run anneals on wall-clock progress so the cosine ends with the budget.
-                progress = max(step, elapsed / budget_s * total) if budget_s else step
+                spent = budget_clock() - budget_start
+                # A time-budgeted run anneals on its clock's progress so the cosine ends with the budget.
+                progress = max(step, spent / budget_s * total) if budget_s else step
                 progress = dist_mod.from_rank0(progress)  # every rank steps at one lr
                 lr = lr_at(progress, total, warmup, cfg.lr, cfg.min_lr)
                 batch = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
@@ -283,7 +285,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                 window.add(loss, len(batch), parts)
                 bar.update(1)
                 elapsed = time.perf_counter() - start
-                out_of_time = bool(dist_mod.from_rank0(float(budget_s is not None and elapsed >= budget_s)))
+                spent = budget_clock() - budget_start
+                out_of_time = bool(dist_mod.from_rank0(float(budget_s is not None and spent >= budget_s)))
                 stop = out_of_time or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
                 if step % cfg.log_every == 0 or stop or step == total:
                     record = window.flush(step, epoch, lr, elapsed, sched)

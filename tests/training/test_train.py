@@ -94,12 +94,18 @@ def test_tiny_run_writes_complete_run_dir(tmp_path, image_folder):
         assert torch.equal(model.forward_features(x), reference.forward_features(x))
 
 
-def test_time_budget_stops_and_saves(tmp_path, image_folder):
-    run = train(tiny_config(tmp_path, image_folder, epochs=1000, max_minutes=0.0001))
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_and_saves(tmp_path, image_folder, clock):
+    run = train(tiny_config(tmp_path, image_folder, epochs=1000, max_minutes=0.0001, budget_clock=clock))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1  # the first step already exceeds 6 ms
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
     load_encoder(run)
+
+
+def test_budget_clock_must_be_known():
+    with pytest.raises(ConfigError, match="budget_clock must be 'wall' or 'cpu'"):
+        TrainConfig(budget_clock="gpu")
 
 
 def test_non_finite_loss_raises(tmp_path, image_folder, monkeypatch):
