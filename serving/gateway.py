@@ -33,6 +33,15 @@ _NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
 _TRITON_CODES = {"UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
                  "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
                  "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED}
+# tritonclient's defaults plus a short reconnect backoff: after Triton restarts (the launcher's
+# supervisor brings it back on the same port) the channel reconnects within a second instead of
+# gRPC's default backoff of up to two minutes.
+_TRITON_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1), ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False), ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000)]
 _PATCH_SOURCE = "patch tokens of the last block after the final norm"
 _POOLING = vitserve_pb2.EmbedRequest.Pooling
 _POOLING_SOURCE = {_POOLING.CLS: "cls", _POOLING.MEAN_PATCH: "mean_patch",
@@ -111,7 +120,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     @property
     def client(self) -> tritonaio.InferenceServerClient:
         if self._client is None:
-            self._client = tritonaio.InferenceServerClient(self.triton_url)
+            self._client = tritonaio.InferenceServerClient(self.triton_url, channel_args=_TRITON_CHANNEL_ARGS)
         return self._client
 
     async def connect(self, timeout: float = 30.0) -> list[ServedModel]:

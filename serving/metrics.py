@@ -4,7 +4,9 @@ Names: ``vitserve_requests_total`` and ``vitserve_request_errors_total`` {rpc, m
 ``vitserve_request_latency_seconds`` {rpc, model} (histogram), ``vitserve_request_images``
 {rpc, model} (images per request), ``vitserve_triton_batch_size`` {model} (images per Triton call,
 after the gateway splits a request by ``max_batch_size``), ``vitserve_requests_in_flight``,
-``vitserve_stream_frames_total`` {model, outcome: ran / skipped / error}.
+``vitserve_stream_frames_total`` {model, outcome: ran / skipped / error}; with an embedded Triton,
+``vitserve_triton_restarts_total`` (restarts by the launcher's supervisor) and ``vitserve_triton_up``
+(1 while the embedded tritonserver runs, 0 while it is down and being restarted).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class GatewayMetrics:
                                      ["model", "outcome"], registry=r)
         self.in_flight = Gauge("vitserve_requests_in_flight", "RPCs being handled (a stream counts once)",
                                registry=r)
+        self.triton_restarts = Counter("vitserve_triton_restarts", "restarts of the embedded tritonserver "
+                                       "after it died", registry=r)
+        self.triton_up = Gauge("vitserve_triton_up", "1 while the embedded tritonserver runs", registry=r)
         self.port: int | None = None  # the /metrics port once serve_http ran
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -56,6 +61,14 @@ class GatewayMetrics:
 
     def observe_stream_frame(self, model: str, outcome: str) -> None:
         self.stream_frames.labels(model, outcome).inc()
+
+    def observe_triton_event(self, event: str) -> None:
+        """A supervision event of ``serving.triton_launcher`` (down / restarted / ...)."""
+        if event == "restarted":
+            self.triton_restarts.inc()
+            self.triton_up.set(1)
+        elif event in ("down", "gave_up"):
+            self.triton_up.set(0)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the port."""

@@ -5,6 +5,8 @@ Prints exactly one line to stdout when everything is ready::
     vitserve ready: gateway 127.0.0.1:PORT, triton grpc 127.0.0.1:P, models: a, b
 
 and on SIGINT/SIGTERM stops the gateway (letting in-flight calls finish) and then Triton, exit 0.
+An embedded Triton that dies is restarted on the same ports (``--triton-max-restarts``); while it is
+down health reports NOT_SERVING and calls end UNAVAILABLE. Exit code 1 once restarts are exhausted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
 STOP_GRACE_S = 5.0
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESTART_WINDOW_S = 600.0
+DEFAULT_RESTART_BACKOFF_S = 1.0
 
 ReadyCallback = Callable[[int, list[str]], None]
 
@@ -150,13 +155,18 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
         print(f"vitserve ready: gateway {host}:{bound}, triton grpc {triton_url}, "
               f"models: {', '.join(models)}", flush=True)
 
+    def triton_lost() -> bool:
+        assert launcher is not None
+        # Supervised: only a supervisor that gave up ends the service; it restarts everything else.
+        return launcher.gave_up or (not launcher.supervised and launcher.poll() is not None)
+
     async def watch_process() -> None:
         nonlocal exit_code
-        while launcher is not None and launcher.poll() is None:
+        while launcher is not None and not triton_lost():
             await asyncio.sleep(0.5)
         if launcher is not None:
-            log.error("tritonserver exited unexpectedly (code %s); stopping. Log tail:\n%s",
-                      launcher.poll(), launcher.log_tail(20))
+            log.error("tritonserver is down for good (code %s, %d restarts); stopping. Log tail:\n%s",
+                      launcher.poll(), launcher.restarts, launcher.log_tail(20))
             exit_code = 1
             stop.set()
 
@@ -173,13 +183,20 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
 
 def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
           triton_url: str | None = None, host: str = "127.0.0.1", *,
-          triton_timeout: float = 300.0, log_verbose: int = 0, options: ServerOptions | None = None) -> int:
+          triton_timeout: float = 300.0, log_verbose: int = 0, options: ServerOptions | None = None,
+          triton_max_restarts: int = DEFAULT_MAX_RESTARTS,
+          triton_restart_window: float = DEFAULT_RESTART_WINDOW_S,
+          triton_restart_backoff: float = DEFAULT_RESTART_BACKOFF_S) -> int:
     """Run Triton (unless ``triton_url`` names a running one) and the gateway until SIGINT/SIGTERM.
 
-    Returns the process exit code: 0 after a signal, 1 if Triton died while serving.
+    An embedded Triton that dies is restarted on the same ports, with backoff starting at
+    ``triton_restart_backoff`` seconds, at most ``triton_max_restarts`` times within
+    ``triton_restart_window`` seconds (0: never). Returns the process exit code: 0 after a
+    signal, 1 if Triton died and was not (or could no longer be) restarted.
     """
     if (model_repository is None) == (triton_url is None):
         raise ValueError("give exactly one of model_repository and triton_url")
+    options = options or ServerOptions()
     launcher: TritonLauncher | None = None
     try:
         with _terminate_as_exit():
@@ -191,9 +208,17 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
                                             f"models; put one there with `vitserve export`")
                 log.info("tritonserver ready with %s (log: %s)", ", ".join(models), launcher.log_path)
                 triton_url = launcher.grpc_url
+                metrics = options.metrics
+                if metrics is not None:
+                    metrics.triton_up.set(1)
+                if triton_max_restarts > 0:
+                    launcher.supervise(
+                        max_restarts=triton_max_restarts, restart_window=triton_restart_window,
+                        backoff_initial=triton_restart_backoff,
+                        backoff_max=max(30.0, triton_restart_backoff), ready_timeout=triton_timeout,
+                        on_event=metrics.observe_triton_event if metrics is not None else None)
         assert triton_url is not None
-        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout,
-                                        options or ServerOptions()))
+        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout, options))
     finally:
         if launcher is not None:
             launcher.stop()
@@ -212,6 +237,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-timeout", type=float, default=300.0,
                    help="seconds to wait for Triton and its models to be ready (default 300)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--triton-max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                   help=f"restart an embedded tritonserver that died, at most this many times within "
+                        f"--triton-restart-window (0: exit 1 instead; default {DEFAULT_MAX_RESTARTS})")
+    p.add_argument("--triton-restart-window", type=float, default=DEFAULT_RESTART_WINDOW_S,
+                   help=f"seconds over which restarts are counted (default {DEFAULT_RESTART_WINDOW_S:.0f})")
+    p.add_argument("--triton-restart-backoff", type=float, default=DEFAULT_RESTART_BACKOFF_S,
+                   help=f"seconds before the first restart attempt, doubling per failed attempt "
+                        f"(default {DEFAULT_RESTART_BACKOFF_S})")
     p.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
                    help=f"RPCs handled at once (a stream counts once); past it RESOURCE_EXHAUSTED "
                         f"(default {DEFAULT_MAX_IN_FLIGHT})")
@@ -239,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_in_flight < 1 or args.max_message_mb <= 0:
         print("vitserve serve: --max-in-flight must be >= 1 and --max-message-mb > 0", file=sys.stderr)
         return 2
+    if args.triton_max_restarts < 0 or args.triton_restart_window <= 0 or args.triton_restart_backoff < 0:
+        print("vitserve serve: --triton-max-restarts must be >= 0, --triton-restart-window > 0 and "
+              "--triton-restart-backoff >= 0", file=sys.stderr)
+        return 2
     try:
         options = ServerOptions.from_files(
             auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
@@ -250,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return serve(args.model_repository, args.port, args.triton_url, args.host,
-                     triton_timeout=args.triton_timeout, log_verbose=args.log_verbose, options=options)
+                     triton_timeout=args.triton_timeout, log_verbose=args.log_verbose, options=options,
+                     triton_max_restarts=args.triton_max_restarts,
+                     triton_restart_window=args.triton_restart_window,
+                     triton_restart_backoff=args.triton_restart_backoff)
     except (TritonLaunchError, GatewayError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)
         return 1

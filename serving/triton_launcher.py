@@ -3,6 +3,10 @@
 The wheel's server tree is read-only inside site-packages and lacks the Python-backend stub in
 ``backends/python/``, so a writable copy with the stub for this interpreter is prepared once under
 ``~/.cache/vitserve/`` (atomically, so concurrent launches never see a half-written copy).
+
+``TritonLauncher.supervise()`` keeps the server up: a ``tritonserver`` that dies (crash, OOM kill,
+``kill -9``) is restarted on the same ports with exponential backoff, each restart logged and
+counted, until too many restarts fall within a window.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +135,20 @@ def _server_env(libs_dir: Path) -> dict[str, str]:
     return env
 
 
+# Supervision events passed to ``supervise(on_event=...)``.
+EVENT_DOWN = "down"            # the server exited without stop(); a restart follows unless given up
+EVENT_RESTARTED = "restarted"  # a restarted server and all its models are ready again
+EVENT_RESTART_FAILED = "restart_failed"  # one restart attempt did not get ready; tried again
+EVENT_GAVE_UP = "gave_up"      # more than max_restarts restarts within restart_window; left down
+SupervisionCallback = Callable[[str], None]
+
+
 class TritonLauncher:
     """``tritonserver`` on a model repository as a subprocess bound to 127.0.0.1.
 
     Ports left as ``None`` are picked free. ``start()`` returns when the server and every model are
     ready; ``stop()`` sends SIGTERM and SIGKILLs the process group after a grace period.
+    ``supervise()`` (after ``start()``) restarts a server that died, on the same ports.
     """
 
     def __init__(
@@ -157,6 +172,11 @@ class TritonLauncher:
         self.process: subprocess.Popen[bytes] | None = None
         self.models: list[str] = []
         self._log_offset = 0
+        self.restarts = 0  # successful restarts by the supervisor
+        self.gave_up = False  # the supervisor stopped restarting (too many restarts in the window)
+        self._stopping = threading.Event()
+        self._spawn_lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -197,8 +217,11 @@ class TritonLauncher:
         server_tree = prepare_server_tree()
         _, libs_dir, _ = pytriton_paths()
         auto_ports = not any(self._fixed_ports)
+        self._stopping.clear()
+        self.gave_up = False
         for attempt in range(3):
-            self._spawn(server_tree, libs_dir)
+            with self._spawn_lock:
+                self._spawn(server_tree, libs_dir)
             try:
                 self.models = self._wait_ready(timeout)
                 return self.models
@@ -293,9 +316,110 @@ class TritonLauncher:
         """The exit code if the server has exited, else ``None``."""
         return None if self.process is None else self.process.poll()
 
+    @property
+    def supervised(self) -> bool:
+        return self._supervisor is not None and self._supervisor.is_alive()
+
+    def supervise(self, *, max_restarts: int = 5, restart_window: float = 600.0,
+                  backoff_initial: float = 1.0, backoff_max: float = 30.0, ready_timeout: float = 300.0,
+                  on_event: SupervisionCallback | None = None) -> None:
+        """Watch the running server from a daemon thread and restart it, on the same ports, if it dies.
+
+        Restart attempts wait ``backoff_initial`` seconds, doubling per failed attempt up to
+        ``backoff_max``. If more than ``max_restarts`` restarts would fall within ``restart_window``
+        seconds the supervisor gives up (``gave_up``, event ``gave_up``) and leaves the server down:
+        a crash loop is reported, not hidden. ``on_event`` is called from the supervisor thread.
+        """
+        if self.process is None or self.process.poll() is not None:
+            raise TritonLaunchError("supervise() needs a running tritonserver; call start() first")
+        if self.supervised:
+            raise TritonLaunchError("this launcher is already supervised")
+        if max_restarts < 0 or backoff_initial < 0 or backoff_max < backoff_initial:
+            raise ValueError("max_restarts >= 0 and 0 <= backoff_initial <= backoff_max are required")
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="vitserve-triton-supervisor", daemon=True,
+            args=(max_restarts, restart_window, backoff_initial, backoff_max, ready_timeout, on_event))
+        self._supervisor.start()
+
+    def _supervise(self, max_restarts: int, restart_window: float, backoff_initial: float,
+                   backoff_max: float, ready_timeout: float, on_event: SupervisionCallback | None) -> None:
+        def emit(event: str) -> None:
+            if on_event is not None:
+                try:
+                    on_event(event)
+                except Exception:  # noqa: BLE001 - a callback bug must not stop supervision
+                    log.exception("triton supervision callback failed on %r", event)
+
+        server_tree = prepare_server_tree()
+        _, libs_dir, _ = pytriton_paths()
+        restart_times: list[float] = []
+        while not self._stopping.is_set():
+            proc = self.process
+            assert proc is not None
+            while proc.poll() is None and not self._stopping.wait(0.2):
+                pass
+            if self._stopping.is_set():
+                return
+            code = proc.returncode
+            log.error("tritonserver (pid %d) died with %s; log tail:\n%s", proc.pid,
+                      f"signal {-code}" if code < 0 else f"exit code {code}", self.log_tail(10))
+            emit(EVENT_DOWN)
+            self._kill_group(proc)  # Python-backend stubs of the dead server must not linger
+            backoff = backoff_initial
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                restart_times = [t for t in restart_times if now - t < restart_window]
+                if len(restart_times) >= max_restarts:
+                    log.error("tritonserver restarted %d times within %.0fs; giving up (it stays down)",
+                              len(restart_times), restart_window)
+                    self.gave_up = True
+                    emit(EVENT_GAVE_UP)
+                    return
+                if self._stopping.wait(backoff):
+                    return
+                restart_times.append(time.monotonic())
+                with self._spawn_lock:
+                    if self._stopping.is_set():
+                        return
+                    log.warning("restarting tritonserver on the same ports (grpc %s), attempt %d "
+                                "within the window", self.grpc_url, len(restart_times))
+                    self._spawn(server_tree, libs_dir)
+                try:
+                    self.models = self._wait_ready(ready_timeout)
+                except TritonLaunchError as e:
+                    if self._stopping.is_set():
+                        return
+                    log.error("tritonserver restart failed: %s", e)
+                    emit(EVENT_RESTART_FAILED)
+                    assert self.process is not None
+                    self._kill_group(self.process)
+                    backoff = min(backoff_max, max(backoff * 2, 0.1))
+                    continue
+                self.restarts += 1
+                log.warning("tritonserver is back (restart %d, pid %d) with %s", self.restarts,
+                            self.process.pid if self.process else -1, ", ".join(self.models))
+                emit(EVENT_RESTARTED)
+                break
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL to the whole process group after ``stop_grace`` seconds."""
-        proc = self.process
+        """SIGTERM, then SIGKILL to the whole process group after ``stop_grace`` seconds.
+
+        Also ends supervision: a server stopped here is never restarted.
+        """
+        self._stopping.set()
+        with self._spawn_lock:  # a restart in progress finishes spawning first, then is stopped
+            proc = self.process
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            self._supervisor = None
         if proc is None:
             return None
         atexit.unregister(self.stop)
@@ -312,6 +436,8 @@ class TritonLauncher:
         except (ProcessLookupError, PermissionError):
             pass
         code = proc.wait()
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(5.0)
         return code
 
     def __enter__(self) -> "TritonLauncher":

@@ -72,8 +72,10 @@ def test_serve_flag_errors_exit_2(tmp_path, capsys):
     assert server.main([*repo, "--auth-token-file", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").write_text("\n")
     assert server.main([*repo, "--auth-token-file", str(tmp_path / "empty")]) == 2
+    assert server.main([*repo, "--triton-max-restarts", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--max-in-flight must be >= 1" in err and "missing" in err and "is empty" in err
+    assert "--triton-max-restarts must be >= 0" in err
 
 
 

@@ -1,0 +1,134 @@
+"""The launcher's supervisor brings back an embedded Triton that was killed (``kill -9``).
+
+A real tritonserver under a real gateway: while it is down calls end UNAVAILABLE (none hangs) and
+health is NOT_SERVING; it comes back on the same ports with correct answers, the restart is counted
+in the metrics; a second death past ``max_restarts`` is given up on and left down.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.client import VitServeClient, VitServeError
+from serving.grpc_server import ServerOptions
+from serving.metrics import GatewayMetrics
+from serving.server import BackgroundGateway
+from serving.triton_launcher import TritonLaunchError, TritonLauncher
+
+SERVICE = "vitserve.v1.VisionEncoder"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"{what} did not happen within {timeout}s")
+        time.sleep(0.05)
+
+
+def health(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
+
+
+class CallLoop:
+    """Embed calls back to back from a thread, recording each outcome's status code."""
+
+    def __init__(self, target: str, images: np.ndarray) -> None:
+        self.codes: list[grpc.StatusCode] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target, images), daemon=True)
+
+    def _run(self, target: str, images: np.ndarray) -> None:
+        # A generous deadline: a call that hung on the dead server would end DEADLINE_EXCEEDED.
+        with VitServeClient(target, timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    client.embed(images)
+                    self.codes.append(grpc.StatusCode.OK)
+                except VitServeError as e:
+                    self.codes.append(e.code)
+                time.sleep(0.01)
+
+    def __enter__(self) -> "CallLoop":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(90)
+
+
+def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    want_cls, _ = torch_reference(images)
+    events: list[str] = []
+    metrics = GatewayMetrics()
+
+    def on_event(event: str) -> None:
+        events.append(event)
+        metrics.observe_triton_event(event)
+
+    launcher = TritonLauncher(exported.repository, stop_grace=5)
+    try:
+        launcher.start(timeout=120)
+        with pytest.raises(TritonLaunchError, match="already running"):
+            launcher.start()
+        ports = (launcher.grpc_port, launcher.http_port, launcher.metrics_port)
+        launcher.supervise(max_restarts=1, backoff_initial=1.0, ready_timeout=120, on_event=on_event)
+        options = ServerOptions(health_interval=0.2, metrics=metrics)
+        with BackgroundGateway(launcher.grpc_url, options=options) as gw, \
+                grpc.insecure_channel(gw.target) as channel, VitServeClient(gw.target, timeout=30) as client:
+            wait_for(lambda: health(channel) == SERVING, 5, "SERVING at start")
+            first_pid = launcher.process.pid
+
+            with CallLoop(gw.target, images) as loop:
+                wait_for(lambda: grpc.StatusCode.OK in loop.codes, 30, "a call before the kill")
+                os.kill(first_pid, signal.SIGKILL)
+                wait_for(lambda: health(channel) == NOT_SERVING, 10, "NOT_SERVING after kill -9")
+                wait_for(lambda: launcher.restarts == 1, 120, "the restart")
+                wait_for(lambda: health(channel) == SERVING, 15, "SERVING after the restart")
+                n = len(loop.codes)
+                wait_for(lambda: len(loop.codes) > n and loop.codes[-1] == grpc.StatusCode.OK, 15,
+                         "a call answered after the restart")
+            assert set(loop.codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, loop.codes
+            assert grpc.StatusCode.UNAVAILABLE in loop.codes  # calls while it was down failed fast
+
+            assert launcher.process.pid != first_pid
+            assert (launcher.grpc_port, launcher.http_port, launcher.metrics_port) == ports
+            with pytest.raises(ProcessLookupError):  # the dead server's backend stubs are gone too
+                os.killpg(first_pid, 0)
+            cls = client.embed(images)
+            np.testing.assert_allclose(cls, want_cls, rtol=1e-4, atol=1e-4)
+            assert events == ["down", "restarted"]
+            assert metrics.triton_restarts._value.get() == 1
+            assert metrics.triton_up._value.get() == 1
+
+            # Past max_restarts within the window: given up on, left down, reported.
+            os.kill(launcher.process.pid, signal.SIGKILL)
+            wait_for(lambda: launcher.gave_up, 30, "giving up")
+            assert events == ["down", "restarted", "down", "gave_up"]
+            assert launcher.poll() is not None and metrics.triton_up._value.get() == 0
+            wait_for(lambda: health(channel) == NOT_SERVING, 10, "NOT_SERVING after giving up")
+            with pytest.raises(VitServeError) as e:
+                client.embed(images)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        launcher.stop()
+    assert not launcher.supervised
+
+
+def test_supervise_needs_a_running_server(tmp_path):
+    launcher = TritonLauncher(tmp_path)
+    with pytest.raises(TritonLaunchError, match="call start\\(\\) first"):
+        launcher.supervise()
