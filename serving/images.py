@@ -8,6 +8,7 @@ INVALID_ARGUMENT.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,6 +25,12 @@ FORMAT_NAMES = "PNG/JPEG/WebP/BMP"
 # (a 100 kB PNG can declare 50k x 50k pixels and expand to gigabytes).
 DEFAULT_MAX_PIXELS = 8192 * 8192
 RESIZE_MODE = "bilinear"
+# Magic bytes, so an error can say what a refused file *is* rather than only what it is not.
+_ACCEPTED_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
+_REFUSED_MAGIC = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+                  (b"8BPS", "PSD"), (b"%PDF", "PDF"), (b"%!PS", "PostScript"), (b"\x00\x00\x01\x00", "ICO"),
+                  (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+                  (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "OpenEXR"))
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
 
 
@@ -103,6 +110,38 @@ def _to_geometry(index: int, img: Image.Image, geometry: InputGeometry) -> Prepa
     return PreparedImage(arr, resized, converted)
 
 
+def sniff_format(data: bytes) -> tuple[str | None, bool]:
+    """``(format, accepted)`` from a file's magic bytes; ``(None, False)`` when none is recognised."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP", True
+    if data[4:8] == b"ftyp":  # ISO base media: AVIF, HEIC
+        return "AVIF/HEIC", False
+    for magic, name in _ACCEPTED_MAGIC:
+        if data.startswith(magic):
+            return name, True
+    for magic, name in _REFUSED_MAGIC:
+        if data.startswith(magic):
+            return name, False
+    return None, False
+
+
+def _unidentified(index: int, data: bytes) -> ImageError:
+    """Why PIL could not even read the header: an unaccepted format, a broken header, or no image."""
+    name, accepted = sniff_format(data)
+    if name == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        if width == 0 or height == 0:  # PIL refuses these as "not a PNG"; say what is wrong
+            return ImageError(index, f"empty image ({width}x{height} declared in the PNG header)")
+    if name is not None and accepted:
+        return ImageError(index, f"cannot decode (corrupt or truncated {name} header: the file starts like a "
+                                 f"{name} but its header cannot be read; {len(data)} bytes)")
+    if name is not None:
+        return ImageError(index, f"cannot decode (not a {FORMAT_NAMES} file): it is a {name} file, which is "
+                                 f"not accepted; convert it to PNG or JPEG")
+    return ImageError(index, f"cannot decode (not a {FORMAT_NAMES} file): unrecognised header "
+                             f"{data[:8]!r} ({len(data)} bytes)")
+
+
 def decode_encoded(index: int, data: bytes, geometry: InputGeometry,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Decode a PNG/JPEG/WebP/BMP file and bring it to the model's geometry."""
@@ -119,8 +158,7 @@ def decode_encoded(index: int, data: bytes, geometry: InputGeometry,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(index, f"refused as a possible decompression bomb ({e}); send a smaller image") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError(index, f"cannot decode (not a {FORMAT_NAMES} file): unrecognised header "
-                                f"{data[:8]!r} ({len(data)} bytes)") from e
+        raise _unidentified(index, data) from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt after a valid header
         raise ImageError(index, f"cannot decode ({type(e).__name__}: corrupt or truncated file): {e}") from e
     return _to_geometry(index, img, geometry)
