@@ -43,32 +43,37 @@ class ExportUsageError(ExportError, ValueError):
 
 
 class ExportableEncoder(nn.Module):
-    """uint8 images ``[N, H, W, C]`` -> (``cls [N, D]``, ``patch_tokens [N, h*w, D]``) in one graph.
+    """uint8 images ``[N, H, W, C]`` -> (``cls [N, D]``, ``patch_tokens [N, h*w, D]``, extras) in one graph.
 
     The preprocessing is ``training.data.to_float_nchw`` op for op (permute, cast, /255, -mean, /std),
     so the served model sees exactly the pixels training saw. Tokens come from ``forward_features``
     (after the final norm); the first ``spec.num_prefix_tokens`` tokens (CLS, then registers) are not
-    patches. A model without a CLS token reports the mean patch token as ``cls``.
+    patches. A model without a CLS token reports the mean patch token as ``cls``. ``selection``
+    (``export.outputs.OutputSelection``) appends the outputs chosen at export time.
     """
 
-    def __init__(self, model: nn.Module, spec: EncoderSpec) -> None:
+    def __init__(self, model: nn.Module, spec: EncoderSpec, selection: Any = None) -> None:
         super().__init__()
+        from export.architecture import prefix_token_names
+        from export.outputs import DEFAULT_SELECTION, validate_selection
+
         if len(spec.mean) != spec.in_chans or len(spec.std) != spec.in_chans:
             raise ExportUsageError(
                 f"encoder spec has {spec.in_chans} channels but mean={spec.mean} std={spec.std}")
         self.model = model
-        self.num_prefix_tokens = int(spec.num_prefix_tokens)
-        self.has_cls_token = bool(spec.has_cls_token)
+        self.spec = spec
+        self.selection = selection or DEFAULT_SELECTION
+        self.prefix_names = prefix_token_names(model, spec) if not self.selection.is_default else []
+        validate_selection(self.selection, spec, self.prefix_names)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from export.outputs import compute_outputs
+
         x = images.permute(0, 3, 1, 2).float().div(255.0)  # [N, C, H, W] in [0, 1]
         x = (x - self.mean) / self.std
-        tokens = self.model.forward_features(x)  # [N, prefix + h*w, D]
-        patch_tokens = tokens[:, self.num_prefix_tokens:]  # [N, h*w, D]
-        cls = tokens[:, 0] if self.has_cls_token else patch_tokens.mean(dim=1)  # [N, D]
-        return cls, patch_tokens
+        return compute_outputs(self.model, self.spec, self.selection, x, self.prefix_names)
 
 
 @contextlib.contextmanager
@@ -100,10 +105,12 @@ def _check_images(images: np.ndarray, spec: EncoderSpec) -> np.ndarray:
     return images
 
 
-def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Export ``model`` as uint8 ``[N, H, W, C]`` -> (cls, patch_tokens) ONNX with a dynamic batch axis.
+def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: int = DEFAULT_OPSET,
+                selection: Any = None) -> Path:
+    """Export ``model`` as uint8 ``[N, H, W, C]`` -> (cls, patch_tokens, extras) ONNX, dynamic batch axis.
 
-    The graph is checked with ``onnx.checker`` and carries the encoder spec as metadata.
+    The graph is checked with ``onnx.checker`` and carries the encoder spec as metadata;
+    ``selection`` (``export.outputs.OutputSelection``) adds the outputs chosen at export time.
     """
     import json
 
@@ -114,10 +121,11 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: in
     path = Path(path)
     was_training = model.training
     model.eval()
-    wrapper = ExportableEncoder(model, spec).eval()
+    wrapper = ExportableEncoder(model, spec, selection).eval()
+    output_names = list(wrapper.selection.names())
     h, w = spec.img_size
     example = torch.zeros((2, h, w, spec.in_chans), dtype=torch.uint8)
-    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
     t0 = time.perf_counter()
     try:
         with exportable_attention(model), torch.no_grad(), warnings.catch_warnings():
@@ -126,7 +134,7 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: in
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 wrapper, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=dynamic,
                 do_constant_folding=True)
     except Exception as e:  # the exporter raises many types; all mean "this model does not export"
         raise ExportError(f"torch.onnx.export failed for {spec.model_name}: {e}") from e
@@ -135,7 +143,7 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: in
     proto = onnx.load(str(path))
     proto.producer_name = "vitserve"
     for key, value in (("vitserve_encoder_spec", json.dumps(spec.to_dict(), separators=(",", ":"))),
-                       ("vitserve_outputs", ",".join(OUTPUT_NAMES))):
+                       ("vitserve_outputs", ",".join(output_names))):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
@@ -174,21 +182,24 @@ def ort_providers() -> list[Any]:
     return providers
 
 
-def _reference(model: nn.Module, spec: EncoderSpec, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+def _reference(model: nn.Module, spec: EncoderSpec, images: np.ndarray, batch: int,
+               selection: Any = None) -> dict[str, np.ndarray]:
     """The PyTorch model as trained (fused attention, ``to_float_nchw``) in fp32 on CPU."""
+    from export.architecture import prefix_token_names
+    from export.outputs import DEFAULT_SELECTION, compute_outputs
     from training.data import to_float_nchw
 
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
+    selection = selection or DEFAULT_SELECTION
+    prefix = prefix_token_names(model, spec) if not selection.is_default else []
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in selection.names()}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for i in range(0, len(images), batch):
-                tokens = model.forward_features(to_float_nchw(images[i:i + batch], spec.mean, spec.std))
-                patches = tokens[:, spec.num_prefix_tokens:]
-                cls = tokens[:, 0] if spec.has_cls_token else patches.mean(dim=1)
-                outs["cls"].append(cls.float().numpy())
-                outs["patch_tokens"].append(patches.float().numpy())
+                x = to_float_nchw(images[i:i + batch], spec.mean, spec.std)
+                for name, value in zip(outs, compute_outputs(model, spec, selection, x, prefix)):
+                    outs[name].append(value.float().numpy())
     finally:
         model.train(was_training)
     return {k: np.concatenate(v) for k, v in outs.items()}
@@ -202,6 +213,7 @@ def check_parity(
     tol: float = DEFAULT_TOLERANCE,
     batch_sizes: Sequence[int] = (1, 32),
     data: str | None = None,
+    selection: Any = None,
 ) -> dict[str, Any]:
     """Compare ONNX Runtime with PyTorch fp32 on uint8 ``images [N, H, W, C]``; raise above ``tol``.
 
@@ -218,8 +230,9 @@ def check_parity(
     images = _check_images(images, spec)
     data = data or f"{len(images)} caller-supplied images"
     batch_sizes = sorted({max(1, min(int(b), len(images))) for b in batch_sizes})
-    ref = _reference(model, spec, images, max(batch_sizes))
-    errors = {k: 0.0 for k in OUTPUT_NAMES}
+    ref = _reference(model, spec, images, max(batch_sizes), selection)
+    names = list(ref)  # every output of the graph: the default pair and the selected extras
+    errors = {k: 0.0 for k in names}
     used: list[str] = []
     for provider in ort_providers():
         options = ort.SessionOptions()
@@ -227,8 +240,8 @@ def check_parity(
         used.append(session.get_providers()[0])
         for b in batch_sizes:
             for i in range(0, len(images), b):
-                got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i:i + b]})
-                for name, value in zip(OUTPUT_NAMES, got):
+                got = session.run(names, {INPUT_NAME: images[i:i + b]})
+                for name, value in zip(names, got):
                     expected = ref[name][i:i + b]
                     if value.shape != expected.shape:
                         raise ExportError(f"ONNX output {name} has shape {list(value.shape)}, "

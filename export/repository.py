@@ -15,7 +15,7 @@ atomic exchange where the kernel offers one.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,11 +33,13 @@ from torch import nn
 
 from export import model as triton_model
 from export.architecture import describe_architecture, output_descriptions
+from export.buckets import bucket_names, bucket_table, resize_encoder
 from export.onnx_export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, TORCH_EXPORTER,
-                                ExportError, ExportUsageError, check_parity, export_onnx)
+                                ExportUsageError, check_parity, export_onnx)
+from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs, output_dims, validate_selection
 from export.publish import exists_message, fsync_tree, publish, staging_directory
-from export.triton_config import (BACKENDS, DynamicBatching, InstanceGroup, TensorSpec,
-                                  TritonConfigError, TritonModelConfig)
+from export.triton_config import (DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
+                                  TritonConfigError, TritonModelConfig, VersionPolicy)
 from training.backbone import BackboneError, EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ CONFIG_FILENAME = "config.pbtxt"
 MANIFEST_PARAMETER = "vitserve_manifest"
 WEIGHTS_FILENAME = "encoder.pt"  # training.run_dir.ENCODER_FILENAME
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+LANES = ("throughput", "latency")
+LATENCY_SUFFIX = "_latency"
+LATENCY_PREFERRED = (1, 2, 4)        # latency lane: answer alone or with the few requests already there
+THROUGHPUT_PREFERRED = (8, 16, 32)   # throughput lane: wait (max_queue_delay) to fill larger batches
 
 
 def validate_model_name(name: str) -> str:
@@ -119,49 +125,86 @@ def exporter_info(opset: int, backend: str) -> dict[str, Any]:
 
 
 def tensor_layout(spec: EncoderSpec, architecture: dict[str, Any] | None = None,
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Manifest ``inputs`` and ``outputs``: name -> {dtype, shape (batch as -1), description}.
+                  selection: OutputSelection | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Manifest ``inputs`` and ``outputs``: name -> {dtype, shape (batch as -1), description, ...}.
 
     ``architecture`` (``export.architecture.describe_architecture``) makes the descriptions say which
     prefix tokens were removed and whether the tokens carry a final norm; without it a standard
-    final-norm ViT is assumed.
+    final-norm ViT is assumed. Each output also states its ``block``, ``layer``, ``final_norm``,
+    ``tokens`` range and ``pooling`` (``export.outputs.describe_outputs``).
     """
     h, w = spec.img_size
-    gh, gw = spec.grid_size
-    d = spec.embed_dim
     arch = architecture or {"final_norm": True, "fc_norm": False, "global_pool": "token",
                             "prefix_tokens": ["cls"] * spec.num_prefix_tokens}
     cls_what, patch_what = output_descriptions(spec, arch)
     inputs = {INPUT_NAME: {"dtype": "uint8", "shape": [-1, h, w, spec.in_chans],
                            "description": "raw pixels NHWC; (x/255 - mean)/std is inside the graph"}}
-    outputs = {
-        "cls": {"dtype": "float32", "shape": [-1, d], "description": cls_what},
-        "patch_tokens": {"dtype": "float32", "shape": [-1, gh * gw, d], "description": patch_what},
-    }
+    outputs = describe_outputs(spec, arch, selection or DEFAULT_SELECTION, cls_what, patch_what)
     return inputs, outputs
+
+
+def lane_batching(lane: str | None, max_batch_size: int, max_queue_delay_us: int) -> DynamicBatching:
+    """Dynamic batching of a lane: none given -> ``max_queue_delay_us`` without preferred sizes;
+    ``throughput`` -> the same delay, preferred 8/16/32; ``latency`` -> no delay, preferred 1/2/4
+    (sizes above ``max_batch_size`` dropped)."""
+    if lane is None:
+        return DynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
+    if lane not in LANES:
+        raise ExportUsageError(f"lane {lane!r} is not one of {list(LANES)}")
+    preferred, delay = ((LATENCY_PREFERRED, 0) if lane == "latency"
+                        else (THROUGHPUT_PREFERRED, max_queue_delay_us))
+    sizes = tuple(b for b in preferred if b <= max_batch_size) or (max_batch_size,)
+    return DynamicBatching(max_queue_delay_microseconds=delay, preferred_batch_size=sizes)
 
 
 def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_batch_size: int,
                   backend: str = "python", instance_count: int = 1, instance_kind: str = "CPU",
-                  intra_op_threads: int = 0, max_queue_delay_us: int = 500) -> TritonModelConfig:
-    """The typed Triton configuration of an exported encoder, carrying ``manifest`` as a parameter."""
+                  intra_op_threads: int = 0, max_queue_delay_us: int = 500, *,
+                  outputs: Sequence[tuple[str, tuple[int, ...]]] | None = None, lane: str | None = None,
+                  version_policy: VersionPolicy | None = None,
+                  gpu_accelerators: Sequence[GpuAccelerator] = ()) -> TritonModelConfig:
+    """The typed Triton configuration of an exported encoder, carrying ``manifest`` as a parameter.
+
+    ``outputs`` (name, dims) default to ``cls`` and ``patch_tokens``; ``lane`` picks the batching
+    (``lane_batching``); ``version_policy`` and ``gpu_accelerators`` are for the production target.
+    """
     h, w = spec.img_size
     params = {MANIFEST_PARAMETER: json.dumps(manifest, separators=(",", ":"), sort_keys=True)}
     if backend == "python":
         params[triton_model.THREADS_PARAMETER] = str(intra_op_threads)
     elif intra_op_threads > 0:  # the onnxruntime backend's own knob
         params["intra_op_thread_count"] = str(intra_op_threads)
+    if outputs is None:
+        outputs = [("cls", (spec.embed_dim,)), ("patch_tokens", (spec.num_patches, spec.embed_dim))]
     return TritonModelConfig(
         name=name, backend=backend, max_batch_size=max_batch_size,
         inputs=(TensorSpec(INPUT_NAME, np.uint8, (h, w, spec.in_chans)),),
-        outputs=(TensorSpec("cls", np.float32, (spec.embed_dim,)),
-                 TensorSpec("patch_tokens", np.float32, (spec.num_patches, spec.embed_dim))),
-        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
+        outputs=tuple(TensorSpec(n, np.float32, tuple(d)) for n, d in outputs),
+        dynamic_batching=lane_batching(lane, max_batch_size, max_queue_delay_us),
         instance_groups=(InstanceGroup(count=instance_count, kind=instance_kind),),
-        parameters=params)
+        parameters=params, version_policy=version_policy, gpu_accelerators=tuple(gpu_accelerators))
 
 
-def export_encoder(
+def _resized_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[N, H, W, C]`` bilinearly resized to ``size`` (parity images for another bucket)."""
+    if tuple(images.shape[1:3]) == tuple(size):
+        return images
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def export_encoder(model: nn.Module, spec: EncoderSpec, repository: str | Path, name: str,
+                   version: int = 1, force: bool = False, max_batch_size: int = 64, **options: Any) -> Path:
+    """Export ``model`` as ``repository/<name>`` (ONNX + parity gate + config + manifest); return its path.
+
+    ``options`` are ``export_entries``' keywords; with resolution buckets or lanes the other entries
+    are written beside it (``export_entries`` returns them all).
+    """
+    return export_entries(model, spec, repository, name, version, force, max_batch_size, **options)[0]
+
+
+def export_entries(
     model: nn.Module,
     spec: EncoderSpec,
     repository: str | Path,
@@ -181,65 +224,124 @@ def export_encoder(
     intra_op_threads: int = 0,
     max_queue_delay_us: int = 500,
     probes: dict[str, Any] | None = None,
-) -> Path:
-    """Export ``model`` as ``repository/<name>`` (ONNX + parity gate + config + manifest); return its path.
+    selection: OutputSelection | None = None,
+    resolutions: Sequence[tuple[int, int]] | None = None,
+    lanes: bool = False,
+    version_policy: VersionPolicy | None = None,
+    gpu_accelerators: Sequence[GpuAccelerator] = (),
+    target: str | None = None,
+    weights: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Export ``model`` into ``repository``: one entry per resolution bucket and lane; return their paths.
 
-    ``weights_sha256`` defaults to a hash of the state dict; ``parity_images`` to
-    ``default_parity_images(spec)``. Raises ``ExportUsageError`` for bad arguments or an existing model
-    (without ``force``), ``ExportError`` when the export fails its checks; either way nothing is left.
+    The first path is ``repository/<name>`` (first resolution, throughput lane). Each bucket is its
+    own ONNX graph with its own parity gate; a lane entry holds the same graph as its bucket with
+    other batching. ``weights_sha256`` defaults to a hash of the state dict; ``parity_images`` to
+    ``default_parity_images(spec)`` (resized for other buckets). Raises ``ExportUsageError`` for bad
+    arguments or an existing entry (without ``force``), ``ExportError`` when a check fails; in both
+    cases nothing is published (all entries are staged and checked before the first one is moved in).
     """
     validate_model_name(name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ExportUsageError(f"version must be an integer >= 1, got {version!r}")
     if max_batch_size < 1:
         raise ExportUsageError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    selection = selection or DEFAULT_SELECTION
+    target = target or ("production" if backend == "onnxruntime" else "embedded")
     config_args = (max_batch_size, backend, instance_count, instance_kind, intra_op_threads,
                    max_queue_delay_us)
+    config_kw = {"version_policy": version_policy, "gpu_accelerators": tuple(gpu_accelerators)}
+    lane_list: list[str | None] = ["throughput", "latency"] if lanes else [None]
     try:
-        triton_config(name, spec, {}, *config_args).validate()  # before the slow part
+        for lane in lane_list:  # before the slow part
+            triton_config(name, spec, {}, *config_args, lane=lane, **config_kw).validate()
     except TritonConfigError as e:
         raise ExportUsageError(f"invalid Triton configuration: {e}") from e
     repository = Path(repository)
     if repository.exists() and not repository.is_dir():
         raise ExportUsageError(f"model repository {repository} exists and is not a directory")
-    repository.mkdir(parents=True, exist_ok=True)
-    target = repository / name
-    if target.exists() and not force:  # fail before the slow part; publish() re-checks atomically
-        raise ExportUsageError(exists_message(target))
 
     architecture = describe_architecture(model, spec)  # raises for a family we do not understand
-    with staging_directory(repository, name) as staging:
-        version_dir = staging / str(version)
-        version_dir.mkdir()
-        onnx_path = export_onnx(model, spec, version_dir / "model.onnx", opset=opset)
-        parity = check_parity(model, spec, onnx_path, parity_images, tol=tol)
-        files = {f"{version}/model.onnx": sha256_file(onnx_path)}
-        if backend == "python":
-            shutil.copyfile(triton_model.__file__, version_dir / "model.py")
-            files[f"{version}/model.py"] = sha256_file(version_dir / "model.py")
-        inputs, outputs = tensor_layout(spec, architecture)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "version": version,
-            "encoder_spec": spec.to_dict(),
-            "architecture": architecture,
-            "inputs": inputs,
-            "outputs": outputs,
-            "weights_sha256": weights_sha256 or state_dict_sha256(model),
-            "files": files,
-            "parity": parity,
-            "exporter": exporter_info(opset, backend),
-            "probes": dict(probes or {}),
-            "source": source or f"in-memory {spec.model_name}",
-        }
-        pbtxt = triton_config(name, spec, manifest, *config_args).to_pbtxt()
-        (staging / CONFIG_FILENAME).write_text(pbtxt)
-        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        fsync_tree(staging)
-        publish(staging, target, force)
-    log.info("exported %s version %d to %s", name, version, target)
-    return target
+    validate_selection(selection, spec, architecture["prefix_tokens"])
+    sizes = [tuple(s) for s in resolutions] if resolutions else [tuple(spec.img_size)]
+    bucket_entries = bucket_names(name, sizes)
+    encoders = [resize_encoder(model, spec, s) for s in sizes]  # fails fast on a bad size
+    buckets = bucket_table(bucket_entries, [s for _, s in encoders]) if resolutions else None
+    entries = [(b, lane, i) for i, b in enumerate(bucket_entries) for lane in lane_list]
+    entry_name = {(i, lane): b + (LATENCY_SUFFIX if lane == "latency" else "") for b, lane, i in entries}
+    for n in entry_name.values():
+        validate_model_name(n)
+    repository.mkdir(parents=True, exist_ok=True)
+    for n in entry_name.values():
+        if (repository / n).exists() and not force:  # fail before the slow part; publish() re-checks
+            raise ExportUsageError(exists_message(repository / n))
+
+    weights_hash = weights_sha256 or state_dict_sha256(model)
+    staged: list[tuple[Path, Path]] = []
+    with contextlib.ExitStack() as stack:
+        for i, (bucket_model, bucket_spec) in enumerate(encoders):
+            images = None if parity_images is None else _resized_images(parity_images, bucket_spec.img_size)
+            onnx_path: Path | None = None
+            parity: dict[str, Any] = {}
+            for lane in lane_list:
+                entry = entry_name[(i, lane)]
+                staging = stack.enter_context(staging_directory(repository, entry))
+                version_dir = staging / str(version)
+                version_dir.mkdir()
+                if onnx_path is None:
+                    onnx_path = export_onnx(bucket_model, bucket_spec, version_dir / "model.onnx", opset=opset,
+                                            selection=selection)
+                    parity = check_parity(bucket_model, bucket_spec, onnx_path, images, tol=tol,
+                                          selection=selection)
+                    if tuple(bucket_spec.img_size) != tuple(spec.img_size):
+                        parity["position_embedding"] = (
+                            f"resampled from grid {list(spec.grid_size)} to {list(bucket_spec.grid_size)} "
+                            "by timm set_input_size/resample_abs_pos_embed; reference: the resampled "
+                            "PyTorch model")
+                else:
+                    shutil.copyfile(onnx_path, version_dir / "model.onnx")
+                files = {f"{version}/model.onnx": sha256_file(version_dir / "model.onnx")}
+                if backend == "python":
+                    shutil.copyfile(triton_model.__file__, version_dir / "model.py")
+                    files[f"{version}/model.py"] = sha256_file(version_dir / "model.py")
+                inputs, outputs = tensor_layout(bucket_spec, architecture, selection)
+                manifest = {
+                    "format_version": FORMAT_VERSION,
+                    "name": entry,
+                    "version": version,
+                    "encoder_spec": bucket_spec.to_dict(),
+                    "architecture": architecture,
+                    "inputs": inputs,
+                    "outputs": outputs,
+                    "weights_sha256": weights_hash,
+                    "files": files,
+                    "parity": parity,
+                    "exporter": {**exporter_info(opset, backend), "target": target},
+                    # probe scores were measured at the encoder's own size; other buckets get none
+                    "probes": dict(probes or {}) if tuple(bucket_spec.img_size) == tuple(spec.img_size) else {},
+                    "source": source or f"in-memory {spec.model_name}",
+                }
+                if weights:
+                    manifest["weights"] = dict(weights)
+                if buckets is not None:
+                    manifest["buckets"] = buckets
+                    manifest["bucket"] = {"size": list(bucket_spec.img_size), "grid": list(bucket_spec.grid_size)}
+                if lane is not None:
+                    manifest["lanes"] = {"throughput": entry_name[(i, "throughput")],
+                                         "latency": entry_name[(i, "latency")]}
+                    manifest["lane"] = lane
+                dims = output_dims(bucket_spec, architecture, selection)
+                pbtxt = triton_config(entry, bucket_spec, manifest, *config_args, outputs=dims, lane=lane,
+                                      **config_kw).to_pbtxt()
+                (staging / CONFIG_FILENAME).write_text(pbtxt)
+                (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
+                fsync_tree(staging)
+                staged.append((staging, repository / entry))
+        for staging, target_dir in staged:  # every entry passed its checks: move them in
+            publish(staging, target_dir, force)
+    for _, target_dir in staged:
+        log.info("exported %s version %d to %s", target_dir.name, version, target_dir)
+    return [t for _, t in staged]
 
 
 def export_run(
@@ -253,15 +355,27 @@ def export_run(
 ) -> Path:
     """Export the encoder of a training run directory into ``repository``; return the model directory.
 
-    ``name`` defaults to the run directory's name; ``options`` are ``export_encoder``'s keywords.
+    ``name`` defaults to the run directory's name; ``options`` are ``export_entries``' keywords.
+    The run's ``probes.json`` (``vitserve probe --write-run``), when present, goes verbatim into the
+    manifest's ``probes``.
     """
+    return export_run_entries(run_dir, repository, name, version, force, max_batch_size, **options)[0]
+
+
+def export_run_entries(run_dir: str | Path, repository: str | Path, name: str | None = None,
+                       version: int = 1, force: bool = False, max_batch_size: int = 64,
+                       **options: Any) -> list[Path]:
+    """``export_run`` returning every entry written (resolution buckets, lanes)."""
+    from export.sources import read_probes
+
     run_dir = Path(run_dir)
     name = validate_model_name(name) if name is not None else default_model_name(run_dir)
     model, spec = load_run_encoder(run_dir)
     weights = run_dir / WEIGHTS_FILENAME
     options.setdefault("weights_sha256", sha256_file(weights) if weights.is_file() else None)
     options.setdefault("source", str(run_dir.resolve()))
-    return export_encoder(model, spec, repository, name, version, force, max_batch_size, **options)
+    options.setdefault("probes", read_probes(run_dir))
+    return export_entries(model, spec, repository, name, version, force, max_batch_size, **options)
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
@@ -269,84 +383,11 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(model_dir) / MANIFEST_FILENAME).read_text())
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitserve export",
-                                description="Export a training run's encoder into a Triton model repository.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `vitserve train`")
-    p.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository")
-    p.add_argument("--name", help="model name (default: the run directory's name)")
-    p.add_argument("--version", type=int, default=1, help="model version directory (default 1)")
-    p.add_argument("--force", action="store_true", help="replace an existing model of that name")
-    p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default 64)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help=f"parity gate: max abs error ONNX vs PyTorch (default {DEFAULT_TOLERANCE:g})")
-    p.add_argument("--backend", choices=BACKENDS, default="python",
-                   help="python: ORT inside Triton's Python backend (embedded server); "
-                        "onnxruntime: Triton's native ORT backend (external Triton)")
-    p.add_argument("--intra-op-threads", type=int, default=0,
-                   help="ONNX Runtime threads per model instance (default 0: one per core)")
-    p.add_argument("--variants", default="", metavar="KINDS",
-                   help="comma-separated precision variants written as <name>_<suffix> beside the model: "
-                        "int8-dynamic, int8-static, fp16 (each gated against fp32 PyTorch on Fashion-MNIST; "
-                        "exit 1 when one misses its gate and is not written)")
-    p.add_argument("--gate-images", type=int, default=1000, metavar="N",
-                   help="variant gate: N Fashion-MNIST test images as k-NN queries, 2N train images as "
-                        "the k-NN bank (default 1000)")
-    p.add_argument("--force-variants", action="store_true",
-                   help="write variants that miss the quality gate (their manifest says so)")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``vitserve export RUN_DIR --repository DIR ...``: 0 on success, 2 on a user error, 1 on a failed check."""
-    try:
-        a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as e:  # argparse already printed the usage message
-        return int(e.code or 0)
-    try:
-        from export.variants import parse_variants
+    """``vitserve export``; see ``export.cli.main``."""
+    from export.cli import main as cli_main
 
-        kinds = parse_variants(a.variants)
-        if kinds and a.gate_images < 1:
-            raise ExportUsageError(f"--gate-images must be >= 1, got {a.gate_images}")
-        model_dir = export_run(a.run_dir, a.repository, a.name, a.version, a.force, a.max_batch_size,
-                               tol=a.tolerance, backend=a.backend, intra_op_threads=a.intra_op_threads)
-    except ExportUsageError as e:
-        print(f"vitserve export: error: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"vitserve export: export failed: {e}", file=sys.stderr)
-        return 1
-    parity = read_manifest(model_dir)["parity"]
-    errs = " ".join(f"{k}={v:.2e}" for k, v in parity["max_abs_err"].items())
-    print(f"{model_dir}  version {a.version}  parity max_abs_err {errs} "
-          f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")
-    return _export_variants_cli(a, model_dir, kinds) if kinds else 0
-
-
-def _export_variants_cli(a: argparse.Namespace, model_dir: Path, kinds: list[str]) -> int:
-    """Variants of the model just exported; 1 when one missed its gate and was not written."""
-    from export.variants import VariantGate, export_variants
-
-    model, spec = load_run_encoder(a.run_dir)
-    try:
-        gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images)
-        results = export_variants(model, spec, model_dir, kinds, a.force_variants, a.force, gate)
-    except ExportUsageError as e:
-        print(f"vitserve export: error: {e}", file=sys.stderr)
-        return 2
-    except (ExportError, OSError, RuntimeError) as e:
-        print(f"vitserve export: variant export failed: {e}", file=sys.stderr)
-        return 1
-    for r in results:
-        cos = " ".join(f"{k}={v:.4f}" for k, v in r.figures["mean_cosine"].items())
-        knn = r.figures.get("knn")
-        knn_text = f" knn_drop={knn['drop_points']:+.2f}pt" if knn else ""
-        where = str(r.path) if r.written else "NOT written"
-        print(f"{r.name} ({r.kind}): {where}  cosine {cos}{knn_text}  {r.reason}"
-              + ("  (forced)" if r.written and not r.passed else ""),
-              file=sys.stdout if r.written else sys.stderr)
-    return 0 if all(r.written for r in results) else 1
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,24 @@ class InstanceGroup:
 
 
 @dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions Triton serves: ``latest`` (the newest ``num_versions``), ``all``, or ``specific``."""
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GpuAccelerator:
+    """An ORT-backend GPU execution accelerator, e.g. TensorRT with ``precision_mode`` FP16."""
+
+    name: Literal["tensorrt"] = "tensorrt"
+    parameters: tuple[tuple[str, str], ...] = (("precision_mode", "FP16"),
+                                               ("max_workspace_size_bytes", str(1 << 30)))
+
+
+@dataclass(frozen=True)
 class TritonModelConfig:
     """A Triton ``config.pbtxt``: backend, batching, tensors, instances and string parameters."""
 
@@ -78,6 +96,8 @@ class TritonModelConfig:
     dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
     instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
     parameters: dict[str, str] = field(default_factory=dict)
+    version_policy: VersionPolicy | None = None
+    gpu_accelerators: tuple[GpuAccelerator, ...] = ()
 
     def validate(self) -> None:
         """Raise ``TritonConfigError`` for what Triton would refuse at load time."""
@@ -104,6 +124,19 @@ class TritonModelConfig:
         for g in self.instance_groups:
             if g.count < 1 or g.kind not in _KINDS:
                 raise TritonConfigError(f"invalid instance group {g}")
+        policy = self.version_policy
+        if policy is not None:
+            if policy.kind not in ("latest", "all", "specific"):
+                raise TritonConfigError(f"version policy {policy.kind!r} is not latest, all or specific")
+            if policy.kind == "latest" and policy.num_versions < 1:
+                raise TritonConfigError(f"latest version policy needs num_versions >= 1, got {policy.num_versions}")
+            if policy.kind == "specific" and (not policy.versions or min(policy.versions) < 1):
+                raise TritonConfigError(f"specific version policy needs versions >= 1, got {policy.versions}")
+        if self.gpu_accelerators:
+            if self.backend != "onnxruntime":
+                raise TritonConfigError("GPU execution accelerators (TensorRT) need the onnxruntime backend")
+            if not any(g.kind == "GPU" for g in self.instance_groups):
+                raise TritonConfigError("a GPU execution accelerator (TensorRT) needs a KIND_GPU instance group")
 
     def to_proto(self) -> mc.ModelConfig:
         """The ``ModelConfig`` protobuf message Triton reads."""
@@ -123,6 +156,17 @@ class TritonModelConfig:
                 self.dynamic_batching.preferred_batch_size)
         for g in self.instance_groups:
             config.instance_group.add(count=g.count, kind=_KINDS[g.kind])
+        policy = self.version_policy
+        if policy is not None and policy.kind == "latest":
+            config.version_policy.latest.num_versions = policy.num_versions
+        elif policy is not None and policy.kind == "all":
+            config.version_policy.all.SetInParent()
+        elif policy is not None:
+            config.version_policy.specific.versions.extend(policy.versions)
+        for acc in self.gpu_accelerators:
+            entry = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name=acc.name)
+            for key, value in acc.parameters:
+                entry.parameters[key] = value
         for key in sorted(self.parameters):
             config.parameters[key].string_value = str(self.parameters[key])
         return config

@@ -233,7 +233,9 @@ def _write_entry(repository: Path, name: str, base: Path, onnx_path: Path, varia
         if (base / str(version) / "model.py").is_file():
             shutil.copyfile(triton_model.__file__, version_dir / "model.py")
             files[f"{version}/model.py"] = sha256_file(version_dir / "model.py")
-        manifest = {**base_manifest, "name": name, "files": files, "variant": variant, "probes": {},
+        # lanes and buckets name the base's fp32 entries: a variant entry is none of them
+        kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "buckets", "bucket")}
+        manifest = {**kept, "name": name, "files": files, "variant": variant, "probes": {},
                     "parity": {"max_abs_err": figures["max_abs_err"], "mean_cosine": figures["mean_cosine"],
                                "n_images": figures["n_images"], "tolerance": None, "data": figures["data"],
                                "reference": "fp32 PyTorch"}}

@@ -55,7 +55,9 @@ def test_manifest_contents_and_hashes(exported, run_dir):
     assert manifest["inputs"]["images"]["dtype"] == "uint8"
     assert manifest["outputs"]["cls"]["shape"] == [-1, 192]
     assert manifest["outputs"]["patch_tokens"] == {
-        "dtype": "float32", "shape": [-1, 49, 192], "description": manifest["outputs"]["patch_tokens"]["description"]}
+        "dtype": "float32", "shape": [-1, 49, 192], "description": manifest["outputs"]["patch_tokens"]["description"],
+        "block": 1, "layer": -1, "final_norm": True, "tokens": [1, 50], "pooling": None}
+    assert manifest["outputs"]["cls"]["tokens"] == [0, 1] and manifest["outputs"]["cls"]["pooling"] is None
     parity = manifest["parity"]
     assert parity["n_images"] == 64 and parity["tolerance"] == 1e-4
     assert parity["data"].startswith("fashion-mnist")

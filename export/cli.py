@@ -1,0 +1,240 @@
+"""``vitserve export``: a thin command line over ``export.repository.export_entries`` and the variants.
+
+Weights come from a run directory (positional ``RUN_DIR``) or from a timm name (``--timm``) with a
+local checkpoint file or timm's pretrained tag. Exit codes: 0 success, 2 a user error (bad option,
+existing model, checkpoint that does not fit), 1 a failed check (parity, variant gate, TensorRT
+requested but unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from export.onnx_export import DEFAULT_TOLERANCE, ExportError, ExportUsageError
+from export.triton_config import BACKENDS, GpuAccelerator, VersionPolicy
+from training.backbone import EncoderSpec, parse_override_value
+
+TARGETS = ("embedded", "production")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitserve export",
+        description="Export an encoder (a training run, or a timm ViT with a checkpoint file or pretrained "
+                    "tag) into a Triton model repository, with a parity gate against PyTorch.")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run directory written by `vitserve train`")
+    p.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository")
+    p.add_argument("--name", help="model name (default: the run directory's or timm model's name)")
+    p.add_argument("--version", type=int, default=1, help="model version directory (default 1)")
+    p.add_argument("--force", action="store_true", help="replace existing models of those names")
+    p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default 64)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"parity gate: max abs error ONNX vs PyTorch (default {DEFAULT_TOLERANCE:g})")
+    src = p.add_argument_group("weights from timm instead of a run directory")
+    src.add_argument("--timm", metavar="NAME", help="timm model name, e.g. vit_small_patch14_reg4_dinov2")
+    src.add_argument("--checkpoint", metavar="FILE", help="weights file (.safetensors, .pt, .pth, .bin), "
+                     "loaded with timm's load_checkpoint and the family's checkpoint filter")
+    src.add_argument("--pretrained", action="store_true",
+                     help="timm's pretrained weights (needs network access or the Hugging Face cache)")
+    src.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="timm.create_model keyword, e.g. img_size=224 (repeatable)")
+    out = p.add_argument_group("outputs (cls and patch_tokens are always there, unchanged)")
+    out.add_argument("--layers", default="", metavar="I,J",
+                     help="extra outputs patch_tokens_l<I>: patch tokens after those blocks (negative: "
+                          "from the end, e.g. -2 = penultimate)")
+    out.add_argument("--no-final-norm", action="store_true",
+                     help="extra outputs without the model's final norm (alone: adds patch_tokens_l-1 un-normed)")
+    out.add_argument("--registers", action="store_true", help="extra output registers [N, R, D]")
+    out.add_argument("--mean-pooled", action="store_true", help="extra output mean_patch [N, D]")
+    out.add_argument("--resolutions", default="", metavar="S,S",
+                     help="resolution buckets, e.g. 224,336 or 224x320: one entry per size (<name> for the "
+                          "first, <name>_r<S> for the others), position embeddings resampled")
+    tri = p.add_argument_group("Triton configuration")
+    tri.add_argument("--target", choices=TARGETS, default="embedded",
+                     help="embedded: Python backend running ORT (vitserve serve); production: native "
+                          "onnxruntime_onnx backend for an NGC Triton (default embedded)")
+    tri.add_argument("--backend", choices=BACKENDS, default=None,
+                     help="override the target's backend (python or onnxruntime)")
+    tri.add_argument("--instance-kind", choices=("CPU", "GPU"), default=None,
+                     help="instance group kind (default: CPU embedded, GPU production)")
+    tri.add_argument("--instance-count", type=int, default=1, help="instances per group (default 1)")
+    tri.add_argument("--trt-accelerator", choices=("none", "fp16", "fp32"), default="none",
+                     help="production: ORT's TensorRT execution accelerator at that precision")
+    tri.add_argument("--version-policy", default=None, metavar="POLICY",
+                     help="latest[:N] | all | specific:1,2 (default: Triton's, latest 1)")
+    tri.add_argument("--lanes", action="store_true",
+                     help="also write <name>_latency (no queue delay, preferred batches 1,2,4); <name> "
+                          "becomes the throughput lane (preferred 8,16,32)")
+    tri.add_argument("--max-queue-delay-us", type=int, default=500,
+                     help="dynamic batching delay of the (throughput) entry in microseconds (default 500)")
+    tri.add_argument("--intra-op-threads", type=int, default=0,
+                     help="ONNX Runtime threads per model instance (default 0: one per core)")
+    tri.add_argument("--tensorrt", action="store_true",
+                     help="also build TensorRT engines (needs the tensorrt package and a GPU; exit 1 otherwise)")
+    var = p.add_argument_group("precision variants")
+    var.add_argument("--variants", default="", metavar="KINDS",
+                     help="comma-separated precision variants written as <name>_<suffix> beside the model: "
+                          "int8-dynamic, int8-static, fp16 (each gated against fp32 PyTorch on Fashion-MNIST; "
+                          "exit 1 when one misses its gate and is not written)")
+    var.add_argument("--gate-images", type=int, default=1000, metavar="N",
+                     help="variant gate: N Fashion-MNIST test images as k-NN queries, 2N train images as "
+                          "the k-NN bank (default 1000)")
+    var.add_argument("--force-variants", action="store_true",
+                     help="write variants that miss the quality gate (their manifest says so)")
+    return p
+
+
+def parse_version_policy(text: str | None) -> VersionPolicy | None:
+    """``latest`` / ``latest:2`` / ``all`` / ``specific:1,3`` -> ``VersionPolicy``."""
+    if not text:
+        return None
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "latest":
+            return VersionPolicy("latest", num_versions=int(rest or 1))
+        if kind == "all" and not rest:
+            return VersionPolicy("all")
+        if kind == "specific" and rest:
+            return VersionPolicy("specific", versions=tuple(int(v) for v in rest.split(",")))
+    except ValueError:
+        pass
+    raise ExportUsageError(f"--version-policy must be latest[:N], all or specific:V1,V2; got {text!r}")
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ExportUsageError(f"--override takes KEY=VALUE, got {pair!r}")
+        out[key] = parse_override_value(text)
+    return out
+
+
+def export_options(a: argparse.Namespace) -> dict[str, Any]:
+    """``export_entries`` keywords from the parsed command line (raises ``ExportUsageError``)."""
+    from export.buckets import parse_resolutions
+    from export.outputs import OutputSelection, parse_layers
+
+    layers = parse_layers(a.layers) if a.layers else ()
+    if a.no_final_norm and not layers:
+        layers = (-1,)
+    selection = OutputSelection(layers=layers, final_norm=not a.no_final_norm, registers=a.registers,
+                                mean_patch=a.mean_pooled)
+    backend = a.backend or ("onnxruntime" if a.target == "production" else "python")
+    kind = a.instance_kind or ("GPU" if a.target == "production" else "CPU")
+    accelerators: tuple[GpuAccelerator, ...] = ()
+    if a.trt_accelerator != "none":
+        if a.target != "production":
+            raise ExportUsageError("--trt-accelerator is for --target production")
+        accelerators = (GpuAccelerator("tensorrt", (("precision_mode", a.trt_accelerator.upper()),
+                                                    ("max_workspace_size_bytes", str(1 << 30)))),)
+    return {"tol": a.tolerance, "backend": backend, "intra_op_threads": a.intra_op_threads,
+            "instance_kind": kind, "instance_count": a.instance_count, "selection": selection,
+            "resolutions": parse_resolutions(a.resolutions) if a.resolutions else None,
+            "lanes": a.lanes, "max_queue_delay_us": a.max_queue_delay_us,
+            "version_policy": parse_version_policy(a.version_policy), "gpu_accelerators": accelerators,
+            "target": a.target}
+
+
+def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str, Any]]:
+    """Model, spec, default entry name and source keywords (source, weights hash, probes, weights)."""
+    from export.repository import WEIGHTS_FILENAME, default_model_name, load_run_encoder, sha256_file
+    from export.sources import load_timm_encoder, read_probes
+
+    if a.timm:
+        if a.run_dir:
+            raise ExportUsageError("pass either RUN_DIR or --timm NAME, not both")
+        loaded = load_timm_encoder(a.timm, _overrides(a.override), a.checkpoint, a.pretrained)
+        return loaded.model, loaded.spec, default_model_name(a.timm), {
+            "source": loaded.source, "weights_sha256": loaded.weights_sha256, "weights": loaded.weights}
+    if a.checkpoint or a.pretrained or a.override:
+        raise ExportUsageError("--checkpoint, --pretrained and --override need --timm NAME")
+    if not a.run_dir:
+        raise ExportUsageError("give RUN_DIR (a `vitserve train` run directory) or --timm NAME")
+    run_dir = Path(a.run_dir)
+    model, spec = load_run_encoder(run_dir)
+    weights = run_dir / WEIGHTS_FILENAME
+    return model, spec, default_model_name(run_dir), {
+        "source": str(run_dir.resolve()), "probes": read_probes(run_dir),
+        "weights_sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vitserve export (RUN_DIR | --timm NAME ...) --repository DIR ...``: 0 ok, 2 user error, 1 failed check."""
+    from export.repository import export_entries, read_manifest, validate_model_name
+    from export.variants import parse_variants
+
+    try:
+        a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # argparse already printed the usage message
+        return int(e.code or 0)
+    if a.tensorrt:
+        from export.tensorrt_engine import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason() or (
+            "the engine builder (export/tensorrt_engine.py, untested) is not wired into the export yet")
+        print(f"vitserve export: TensorRT engines cannot be built here: {reason}; nothing was written. "
+              "Export without --tensorrt (ONNX Runtime), or use --target production --trt-accelerator fp16 "
+              "to let Triton's ORT backend build TensorRT engines on the GPU.", file=sys.stderr)
+        return 1
+    try:
+        kinds = parse_variants(a.variants)
+        if kinds and a.gate_images < 1:
+            raise ExportUsageError(f"--gate-images must be >= 1, got {a.gate_images}")
+        options = export_options(a)
+        model, spec, default_name, source = _load(a)
+        name = validate_model_name(a.name) if a.name is not None else default_name
+        paths = export_entries(model, spec, a.repository, name, a.version, a.force, a.max_batch_size,
+                               **options, **source)
+    except ExportUsageError as e:
+        print(f"vitserve export: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"vitserve export: export failed: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        manifest = read_manifest(path)
+        parity = manifest["parity"]
+        errs = " ".join(f"{k}={v:.2e}" for k, v in parity["max_abs_err"].items())
+        extra = "".join(f"  {k} {manifest[k]}" for k in ("lane",) if k in manifest)
+        size = "x".join(map(str, manifest["encoder_spec"]["img_size"]))
+        print(f"{path}  version {a.version}  {size}{extra}  parity max_abs_err {errs} "
+              f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")
+    if not kinds:
+        return 0
+    from export.buckets import resize_encoder
+
+    base_spec = read_manifest(paths[0])["encoder_spec"]
+    model, spec = resize_encoder(model, spec, tuple(base_spec["img_size"]))
+    return _export_variants_cli(a, model, spec, paths[0], kinds)
+
+
+def _export_variants_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderSpec, model_dir: Path,
+                         kinds: list[str]) -> int:
+    """Variants of the model just exported; 1 when one missed its gate and was not written."""
+    from export.variants import VariantGate, export_variants
+
+    try:
+        gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images)
+        results = export_variants(model, spec, model_dir, kinds, a.force_variants, a.force, gate)
+    except ExportUsageError as e:
+        print(f"vitserve export: error: {e}", file=sys.stderr)
+        return 2
+    except (ExportError, OSError, RuntimeError) as e:
+        print(f"vitserve export: variant export failed: {e}", file=sys.stderr)
+        return 1
+    for r in results:
+        cos = " ".join(f"{k}={v:.4f}" for k, v in r.figures["mean_cosine"].items())
+        knn = r.figures.get("knn")
+        knn_text = f" knn_drop={knn['drop_points']:+.2f}pt" if knn else ""
+        where = str(r.path) if r.written else "NOT written"
+        print(f"{r.name} ({r.kind}): {where}  cosine {cos}{knn_text}  {r.reason}"
+              + ("  (forced)" if r.written and not r.passed else ""),
+              file=sys.stdout if r.written else sys.stderr)
+    return 0 if all(r.written for r in results) else 1

@@ -1,0 +1,163 @@
+"""Where an exported encoder's weights come from: a timm name plus a local checkpoint or a pretrained tag.
+
+Run directories are read by ``export.repository.load_run_encoder``; this module covers the weights
+users already have. The model is built by ``training.backbone.create_encoder`` (headless timm ViT,
+with overrides such as ``img_size``) and the checkpoint goes through timm's own readers:
+``timm.models.load_checkpoint`` (safetensors or torch files, ``state_dict``/``model``/EMA keys,
+DDP prefixes) with the family's ``checkpoint_filter_fn`` (original DINOv2/CLIP/DeiT layouts, position
+embeddings resampled to the built size). Classifier heads the headless model does not have are
+dropped and reported; every other missing or unexpected key is an error that names the keys.
+
+Also here: ``read_probes``, the run directory's ``probes.json`` copied into the manifest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from export.onnx_export import ExportUsageError
+from training.backbone import BackboneError, EncoderSpec, create_encoder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+PROBES_FILENAME = "probes.json"
+_SHOW_KEYS = 8
+
+
+@dataclass
+class LoadedEncoder:
+    """A headless eval-mode timm ViT with its spec and where its weights came from."""
+
+    model: nn.Module
+    spec: EncoderSpec
+    source: str
+    weights_sha256: str | None = None  # of the checkpoint file; None: hash the state dict
+    weights: dict[str, Any] = field(default_factory=dict)  # manifest ``weights`` entry
+
+
+def _family_filter(model: nn.Module) -> Callable[[dict, nn.Module], dict] | None:
+    """The ``checkpoint_filter_fn`` of the timm module that defines ``model``'s class, if any."""
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _head_keys(model: nn.Module, keys: list[str]) -> list[str]:
+    """Checkpoint keys of classifier heads that the headless model has replaced by ``Identity``."""
+    heads = [name for name in ("head", "head_dist") if isinstance(getattr(model, name, None), nn.Identity)]
+    return [k for k in keys if any(k.startswith(h + ".") for h in heads)]
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW_KEYS])
+    return f"{shown}{f' ... (+{len(keys) - _SHOW_KEYS} more)' if len(keys) > _SHOW_KEYS else ''}"
+
+
+def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load ``path`` into ``model`` strictly (heads aside) with timm's ``load_checkpoint``.
+
+    Returns ``{"file", "dropped_keys"}``; raises ``ExportUsageError`` naming missing/unexpected keys
+    or shape mismatches, and for unreadable files.
+    """
+    from timm.models import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportUsageError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ExportUsageError(f"checkpoint {path}: unsupported file type {path.suffix!r}; "
+                               f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    family = _family_filter(model)
+    dropped: list[str] = []
+
+    def filter_fn(state_dict: dict, model: nn.Module) -> dict:
+        state_dict = family(state_dict, model) if family is not None else state_dict
+        dropped.extend(_head_keys(model, list(state_dict)))
+        return {k: v for k, v in state_dict.items() if k not in dropped}
+
+    try:
+        incompatible = load_checkpoint(model, str(path), strict=False, filter_fn=filter_fn)
+    except RuntimeError as e:  # shape mismatches: the checkpoint is for another architecture/size
+        raise ExportUsageError(f"checkpoint {path} does not fit {type(model).__name__}: {e}") from e
+    except Exception as e:  # unreadable/corrupt file: safetensors, pickle and zip raise many types
+        raise ExportUsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listed(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
+        raise ExportUsageError(f"checkpoint {path} does not match the model built for it: "
+                               + "; ".join(parts)
+                               + " (wrong --timm name or overrides such as img_size/embed_dim/depth?)")
+    if dropped:
+        log.info("dropped classifier-head keys the headless encoder does not use: %s", dropped)
+    return {"file": str(path.resolve()), "dropped_keys": sorted(dropped)}
+
+
+def load_timm_encoder(name: str, overrides: dict[str, Any] | None = None,
+                      checkpoint: str | Path | None = None, pretrained: bool = False) -> LoadedEncoder:
+    """Build timm ``name`` (headless, ``overrides``) and load ``checkpoint`` or timm's pretrained weights.
+
+    Without either the weights stay random (``source`` says so). ``pretrained`` needs the weights to
+    be reachable (Hugging Face hub or its local cache); otherwise ``ExportUsageError`` says so.
+    """
+    import timm
+
+    from export.repository import sha256_file
+
+    overrides = dict(overrides or {})
+    if checkpoint is not None and pretrained:
+        raise ExportUsageError("pass either --checkpoint FILE or --pretrained, not both")
+    try:
+        model, spec = create_encoder(name, overrides)
+    except BackboneError as e:
+        raise ExportUsageError(str(e)) from e
+    if checkpoint is not None:
+        weights = load_checkpoint_into(model, checkpoint)
+        return LoadedEncoder(model.eval(), spec, f"timm:{name} checkpoint {Path(checkpoint).resolve()}",
+                             sha256_file(checkpoint), {"kind": "checkpoint", **weights})
+    if pretrained:
+        tag = timm.models.get_pretrained_cfg(name)
+        if tag is None or not (tag.hf_hub_id or tag.url or tag.file):
+            raise ExportUsageError(f"timm has no pretrained weights for {name!r}")
+        try:
+            pre = timm.create_model(name, pretrained=True, num_classes=0, **overrides)
+        except Exception as e:  # network, hub and cache errors come in many types
+            where = tag.hf_hub_id or tag.url or tag.file
+            raise ExportUsageError(
+                f"pretrained weights for {name!r} are not reachable ({where}): {type(e).__name__}: {e}. "
+                "Without network access, download the file elsewhere and pass --checkpoint FILE") from e
+        model.load_state_dict(pre.state_dict(), strict=True)  # same architecture, so every key fits
+        return LoadedEncoder(model.eval(), spec, f"timm:{name} pretrained {tag.hf_hub_id or tag.url}",
+                             None, {"kind": "pretrained", "tag": name,
+                                    "hub": tag.hf_hub_id or tag.url or tag.file})
+    log.warning("exporting %s with RANDOM weights (no --checkpoint or --pretrained)", name)
+    return LoadedEncoder(model.eval(), spec, f"timm:{name} random init", None, {"kind": "random"})
+
+
+def read_probes(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN_DIR/probes.json`` (written by ``vitserve probe --write-run``) verbatim, or ``{}`` if absent.
+
+    Raises ``ExportUsageError`` when the file exists but is not a JSON object with a ``scores`` dict:
+    a manifest must not carry probe scores nobody can read.
+    """
+    path = Path(run_dir) / PROBES_FILENAME
+    if not path.is_file():
+        return {}
+    try:
+        probes = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportUsageError(f"{path} is not readable JSON: {e}; fix or remove it") from e
+    if not isinstance(probes, dict) or not isinstance(probes.get("scores"), dict):
+        raise ExportUsageError(f"{path} must be a JSON object with a 'scores' object "
+                               "(as `vitserve probe --write-run` writes); fix or remove it")
+    return probes
