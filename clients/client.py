@@ -6,6 +6,10 @@
 ...     res = client.features(images, layout="grid")    # res.features: [N, h, w, D]
 ...     for r in client.stream_features(frames, latest_only=True):  # frames: (frame_id, images)
 ...         r.frame_id, r.skipped, r.features
+...     res = client.features(photos, resize_op="center_crop", lane="latency")
+...     res.preprocessing["images"][0]["source_box"]     # what was done to each image
+...     client.get_model("m").probe_scores               # {"knn_cls_top1": ..., ...}
+...     client.unload_model("m"); client.load_model("m")  # server started with --enable-admin
 
 Images may be uint8 arrays ``[H, W]``, ``[H, W, C]`` or a batch ``[N, H, W, C]`` (sent as raw frames),
 ``bytes`` of an encoded file (PNG/JPEG/WebP/BMP), or file paths (read and sent encoded), either one
@@ -15,12 +19,14 @@ image or a list of them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
+
+from google.protobuf import json_format
 
 from protos import vitserve_pb2, vitserve_pb2_grpc
 
@@ -38,6 +44,11 @@ _NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
 _LAYOUTS = {"grid": vitserve_pb2.FeaturesRequest.GRID, "tokens": vitserve_pb2.FeaturesRequest.TOKENS}
 _Pooling = vitserve_pb2.EmbedRequest.Pooling
 POOLINGS = {"cls": _Pooling.CLS, "mean": _Pooling.MEAN_PATCH, "both": _Pooling.CLS_AND_MEAN_PATCH}
+LANES = {"": vitserve_pb2.LANE_UNSPECIFIED, "default": vitserve_pb2.LANE_UNSPECIFIED,
+         "throughput": vitserve_pb2.THROUGHPUT, "latency": vitserve_pb2.LATENCY}
+RESIZE_OPS = {"": vitserve_pb2.RESIZE_OP_UNSPECIFIED, "default": vitserve_pb2.RESIZE_OP_UNSPECIFIED,
+              "resize": vitserve_pb2.RESIZE, "center_crop": vitserve_pb2.CENTER_CROP,
+              "letterbox": vitserve_pb2.LETTERBOX}
 
 
 class VitServeError(RuntimeError):
@@ -80,6 +91,40 @@ class ModelDescription:
     num_prefix_tokens: int
     encoder_spec: dict[str, Any]
     manifest: dict[str, Any]
+    probe_scores: dict[str, float] = field(default_factory=dict)
+    max_batch_size: int = 0
+    outputs: tuple[str, ...] = ()
+    precision: str = ""
+    base_model: str = ""
+    variants: tuple[str, ...] = ()
+    lane: str = ""
+    lanes: dict[str, str] = field(default_factory=dict)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    default_resize_op: str = ""
+    crop_pct: float = 1.0
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings and what produced them (``VitServeClient.embed_result``)."""
+
+    embeddings: np.ndarray
+    model: dict[str, str]
+    preprocessing: dict[str, Any]
+    timing: dict[str, float]
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelControlResult:
+    """The outcome of LoadModel / UnloadModel / ReloadModel."""
+
+    model: str
+    state: str
+    info: "ModelDescription | None"
+    elapsed_ms: float
+    served_models: tuple[str, ...]
 
 
 def tensor_to_numpy(tensor: vitserve_pb2.Tensor) -> np.ndarray:
@@ -155,7 +200,16 @@ def _layout(name: str) -> int:
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
-    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+    """A response message as a dict with every field (enums by name, nested messages as dicts)."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
+                                     preserving_proto_field_name=True)
+
+
+def _enum(table: dict[str, int], name: str, what: str) -> int:
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"{what} must be one of {', '.join(k for k in table if k)}, got {name!r}") from None
 
 
 def features_result(response: vitserve_pb2.FeaturesResponse) -> FeaturesResult:
@@ -198,7 +252,19 @@ def model_description(info: vitserve_pb2.ModelInfo) -> ModelDescription:
         grid=(info.grid_height, info.grid_width), patch_size=info.patch_size,
         num_prefix_tokens=info.num_prefix_tokens,
         encoder_spec=json.loads(info.encoder_spec_json or "{}"),
-        manifest=json.loads(info.manifest_json or "{}"))
+        manifest=json.loads(info.manifest_json or "{}"),
+        probe_scores=dict(info.probe_scores), max_batch_size=info.max_batch_size, outputs=tuple(info.outputs),
+        precision=info.precision, base_model=info.base_model, variants=tuple(info.variants), lane=info.lane,
+        lanes=dict(info.lanes), preferred_batch_sizes=tuple(info.preferred_batch_sizes),
+        max_queue_delay_us=info.max_queue_delay_us,
+        default_resize_op=vitserve_pb2.ResizeOp.Name(info.default_resize_op), crop_pct=info.crop_pct)
+
+
+def control_result(response: vitserve_pb2.ModelControlResponse) -> ModelControlResult:
+    return ModelControlResult(
+        model=response.model, state=response.state,
+        info=model_description(response.info) if response.HasField("info") else None,
+        elapsed_ms=response.elapsed_ms, served_models=tuple(response.served_models))
 
 
 def _pooling(name: str) -> int:
@@ -209,24 +275,33 @@ def _pooling(name: str) -> int:
 
 
 def embed_request(images: Images, model: str, l2_normalize: bool, dtype: str,
-                  pooling: str = "cls") -> vitserve_pb2.EmbedRequest:
+                  pooling: str = "cls", lane: str = "", resize_op: str = "") -> vitserve_pb2.EmbedRequest:
     return vitserve_pb2.EmbedRequest(model=model, images=to_proto_images(images),
-                                     l2_normalize=l2_normalize, dtype=_dtype(dtype), pooling=_pooling(pooling))
+                                     l2_normalize=l2_normalize, dtype=_dtype(dtype), pooling=_pooling(pooling),
+                                     lane=_enum(LANES, lane, "lane"),
+                                     resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"))
 
 
 def features_request(images: Images, model: str, layout: str, include_cls: bool,
-                     dtype: str) -> vitserve_pb2.FeaturesRequest:
+                     dtype: str, lane: str = "", resize_op: str = "") -> vitserve_pb2.FeaturesRequest:
     return vitserve_pb2.FeaturesRequest(model=model, images=to_proto_images(images),
                                         layout=_layout(layout), include_cls=include_cls,
-                                        dtype=_dtype(dtype))
+                                        dtype=_dtype(dtype), lane=_enum(LANES, lane, "lane"),
+                                        resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"))
 
 
 def stream_request(frame: Frame, model: str, layout: str, include_cls: bool, dtype: str,
-                   latest_only: bool) -> vitserve_pb2.StreamFeaturesRequest:
+                   latest_only: bool, lane: str = "", resize_op: str = "") -> vitserve_pb2.StreamFeaturesRequest:
     frame_id, images = frame
     return vitserve_pb2.StreamFeaturesRequest(
         frame_id=frame_id, latest_only=latest_only,
-        request=features_request(images, model, layout, include_cls, dtype))
+        request=features_request(images, model, layout, include_cls, dtype, lane, resize_op))
+
+
+def embed_result(response: vitserve_pb2.EmbedResponse) -> EmbedResult:
+    return EmbedResult(embeddings=tensor_to_numpy(response.embeddings), model=_message_dict(response.model),
+                       preprocessing=_message_dict(response.preprocessing),
+                       timing=_message_dict(response.timing), source=response.source)
 
 
 def channel_credentials(tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
@@ -269,21 +344,32 @@ class VitServeClient:
             raise _error(e) from None
 
     def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
-              dtype: str = "float32", pooling: str = "cls") -> np.ndarray:
+              dtype: str = "float32", pooling: str = "cls", lane: str = "", resize_op: str = "") -> np.ndarray:
         """Global embeddings: CLS ``[N, D]`` (default), ``"mean"`` of patch tokens ``[N, D]``, or
-        ``"both"`` ``[N, 2D]`` = ``[CLS | mean]`` (with ``l2_normalize`` each half is unit-norm)."""
-        response = self._call(self._stub.Embed, embed_request(images, model, l2_normalize, dtype, pooling))
-        return tensor_to_numpy(response.embeddings)
+        ``"both"`` ``[N, 2D]`` = ``[CLS | mean]`` (with ``l2_normalize`` each half is unit-norm).
+
+        ``lane``: "throughput" / "latency" (the model's declared lanes; "" the model itself);
+        ``resize_op``: "resize" / "center_crop" / "letterbox" ("" the model's default)."""
+        return self.embed_result(images, model, l2_normalize, dtype, pooling, lane, resize_op).embeddings
+
+    def embed_result(self, images: Images, model: str = "", l2_normalize: bool = False, dtype: str = "float32",
+                     pooling: str = "cls", lane: str = "", resize_op: str = "") -> EmbedResult:
+        """As ``embed``, with the model, preprocessing (per image) and server timings."""
+        request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op)
+        return embed_result(self._call(self._stub.Embed, request))
 
     def stream_features(self, frames: Iterable[Frame], model: str = "", layout: str = "grid",
                         include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
-                        timeout: float | None = None) -> Iterator[StreamResult]:
+                        timeout: float | None = None, lane: str = "",
+                        resize_op: str = "") -> Iterator[StreamResult]:
         """One ``StreamResult`` per ``(frame_id, images)`` sent, in order, over one stream.
 
         With ``latest_only`` a frame still waiting when a newer one has arrived comes back
         ``skipped``. ``timeout`` bounds the whole stream (default: none, for a control loop).
+        Without ``lane`` the server uses the model's latency lane when it declares one.
         """
-        requests = (stream_request(f, model, layout, include_cls, dtype, latest_only) for f in frames)
+        requests = (stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op)
+                    for f in frames)
         try:
             for response in self._stub.StreamFeatures(requests, timeout=timeout, metadata=self._metadata):
                 yield stream_result(response)
@@ -291,14 +377,33 @@ class VitServeClient:
             raise _error(e) from None
 
     def features(self, images: Images, model: str = "", layout: str = "grid", include_cls: bool = False,
-                 dtype: str = "float32") -> FeaturesResult:
+                 dtype: str = "float32", lane: str = "", resize_op: str = "") -> FeaturesResult:
         """Patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens), optionally CLS ``[N, D]``."""
-        request = features_request(images, model, layout, include_cls, dtype)
+        request = features_request(images, model, layout, include_cls, dtype, lane, resize_op)
         return features_result(self._call(self._stub.Features, request))
 
     def list_models(self) -> list[ModelDescription]:
         response = self._call(self._stub.ListModels, vitserve_pb2.ListModelsRequest())
         return [model_description(m) for m in response.models]
+
+    def get_model(self, model: str = "") -> ModelDescription:
+        return model_description(self._call(self._stub.GetModel, vitserve_pb2.GetModelRequest(model=model)))
+
+    # Model management: the server must run with `vitserve serve --enable-admin`.
+    def load_model(self, model: str) -> ModelControlResult:
+        return control_result(self._call(self._stub.LoadModel, vitserve_pb2.ModelControlRequest(model=model)))
+
+    def unload_model(self, model: str) -> ModelControlResult:
+        return control_result(self._call(self._stub.UnloadModel, vitserve_pb2.ModelControlRequest(model=model)))
+
+    def reload_model(self, model: str) -> ModelControlResult:
+        return control_result(self._call(self._stub.ReloadModel, vitserve_pb2.ModelControlRequest(model=model)))
+
+    def list_repository(self) -> list[dict[str, str]]:
+        """Every model in Triton's repository: ``{"name", "version", "state", "reason"}``."""
+        response = self._call(self._stub.ListRepository, vitserve_pb2.ListRepositoryRequest())
+        return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+                for m in response.models]
 
     def close(self) -> None:
         self._channel.close()
@@ -328,23 +433,31 @@ class AsyncVitServeClient:
             raise _error(e) from None
 
     async def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
-                    dtype: str = "float32", pooling: str = "cls") -> np.ndarray:
-        request = embed_request(images, model, l2_normalize, dtype, pooling)
-        response = await self._call(self._stub.Embed, request)
-        return tensor_to_numpy(response.embeddings)
+                    dtype: str = "float32", pooling: str = "cls", lane: str = "",
+                    resize_op: str = "") -> np.ndarray:
+        return (await self.embed_result(images, model, l2_normalize, dtype, pooling, lane, resize_op)).embeddings
+
+    async def embed_result(self, images: Images, model: str = "", l2_normalize: bool = False,
+                           dtype: str = "float32", pooling: str = "cls", lane: str = "",
+                           resize_op: str = "") -> EmbedResult:
+        request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op)
+        return embed_result(await self._call(self._stub.Embed, request))
 
     async def stream_features(
             self, frames: Iterable[Frame] | AsyncIterable[Frame], model: str = "", layout: str = "grid",
             include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
-            timeout: float | None = None) -> AsyncIterator[StreamResult]:
+            timeout: float | None = None, lane: str = "", resize_op: str = "") -> AsyncIterator[StreamResult]:
         """As ``VitServeClient.stream_features``; ``frames`` may be an async iterable (a camera loop)."""
+        def one(f: Frame) -> vitserve_pb2.StreamFeaturesRequest:
+            return stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op)
+
         async def requests() -> AsyncIterator[vitserve_pb2.StreamFeaturesRequest]:
             if isinstance(frames, AsyncIterable):
                 async for f in frames:
-                    yield stream_request(f, model, layout, include_cls, dtype, latest_only)
+                    yield one(f)
             else:
                 for f in frames:
-                    yield stream_request(f, model, layout, include_cls, dtype, latest_only)
+                    yield one(f)
 
         call = self._stub.StreamFeatures(requests(), timeout=timeout, metadata=self._metadata)
         try:
@@ -354,13 +467,17 @@ class AsyncVitServeClient:
             raise _error(e) from None
 
     async def features(self, images: Images, model: str = "", layout: str = "grid",
-                       include_cls: bool = False, dtype: str = "float32") -> FeaturesResult:
-        request = features_request(images, model, layout, include_cls, dtype)
+                       include_cls: bool = False, dtype: str = "float32", lane: str = "",
+                       resize_op: str = "") -> FeaturesResult:
+        request = features_request(images, model, layout, include_cls, dtype, lane, resize_op)
         return features_result(await self._call(self._stub.Features, request))
 
     async def list_models(self) -> list[ModelDescription]:
         response = await self._call(self._stub.ListModels, vitserve_pb2.ListModelsRequest())
         return [model_description(m) for m in response.models]
+
+    async def get_model(self, model: str = "") -> ModelDescription:
+        return model_description(await self._call(self._stub.GetModel, vitserve_pb2.GetModelRequest(model=model)))
 
     async def close(self) -> None:
         await self._channel.close()
@@ -372,5 +489,5 @@ class AsyncVitServeClient:
         await self.close()
 
 
-__all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "FeaturesResult",
-           "ModelDescription", "StreamResult", "channel_credentials", "tensor_to_numpy", "to_proto_images"]
+__all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "EmbedResult", "FeaturesResult",
+           "ModelControlResult", "ModelDescription", "StreamResult", "channel_credentials", "tensor_to_numpy", "to_proto_images"]

@@ -54,6 +54,31 @@ class VisionEncoderStub:
                 request_serializer=protos_dot_vitserve__pb2.StreamFeaturesRequest.SerializeToString,
                 response_deserializer=protos_dot_vitserve__pb2.StreamFeaturesResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/vitserve.v1.VisionEncoder/GetModel',
+                request_serializer=protos_dot_vitserve__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=protos_dot_vitserve__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.ListRepository = channel.unary_unary(
+                '/vitserve.v1.VisionEncoder/ListRepository',
+                request_serializer=protos_dot_vitserve__pb2.ListRepositoryRequest.SerializeToString,
+                response_deserializer=protos_dot_vitserve__pb2.ListRepositoryResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/vitserve.v1.VisionEncoder/LoadModel',
+                request_serializer=protos_dot_vitserve__pb2.ModelControlRequest.SerializeToString,
+                response_deserializer=protos_dot_vitserve__pb2.ModelControlResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/vitserve.v1.VisionEncoder/UnloadModel',
+                request_serializer=protos_dot_vitserve__pb2.ModelControlRequest.SerializeToString,
+                response_deserializer=protos_dot_vitserve__pb2.ModelControlResponse.FromString,
+                _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/vitserve.v1.VisionEncoder/ReloadModel',
+                request_serializer=protos_dot_vitserve__pb2.ModelControlRequest.SerializeToString,
+                response_deserializer=protos_dot_vitserve__pb2.ModelControlResponse.FromString,
+                _registered_method=True)
 
 
 class VisionEncoderServicer:
@@ -83,7 +108,47 @@ class VisionEncoderServicer:
     def StreamFeatures(self, request_iterator, context):
         """Patch features for a control loop: one response per request frame, in order, on one stream.
         With `latest_only`, a frame that is already stale when the model becomes free (a newer frame
-        arrived meanwhile) is answered `skipped` with its id instead of being run.
+        arrived meanwhile) is answered `skipped` with its id instead of being run. Frames without a
+        `lane` go to the model's latency lane when its manifest declares one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """One served model's description (NOT_FOUND if it is not served).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRepository(self, request, context):
+        """Model management (admin) through Triton's explicit model control. Off unless the server was
+        started with `vitserve serve --enable-admin`: then these answer UNIMPLEMENTED with a message
+        saying so. Behind the bearer token when authentication is on, like every other RPC.
+        Every model in Triton's repository, loaded or not, with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model of the repository (NOT_FOUND if it is not there); a loaded one is re-read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a model (NOT_FOUND if the repository has no such model); calls to it get NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModel(self, request, context):
+        """Re-read a loaded model from the repository (new files or versions); the old one serves until
+        the new one is ready. FAILED_PRECONDITION if it is not loaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +176,31 @@ def add_VisionEncoderServicer_to_server(servicer, server):
                     servicer.StreamFeatures,
                     request_deserializer=protos_dot_vitserve__pb2.StreamFeaturesRequest.FromString,
                     response_serializer=protos_dot_vitserve__pb2.StreamFeaturesResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=protos_dot_vitserve__pb2.GetModelRequest.FromString,
+                    response_serializer=protos_dot_vitserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRepository,
+                    request_deserializer=protos_dot_vitserve__pb2.ListRepositoryRequest.FromString,
+                    response_serializer=protos_dot_vitserve__pb2.ListRepositoryResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=protos_dot_vitserve__pb2.ModelControlRequest.FromString,
+                    response_serializer=protos_dot_vitserve__pb2.ModelControlResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=protos_dot_vitserve__pb2.ModelControlRequest.FromString,
+                    response_serializer=protos_dot_vitserve__pb2.ModelControlResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=protos_dot_vitserve__pb2.ModelControlRequest.FromString,
+                    response_serializer=protos_dot_vitserve__pb2.ModelControlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +311,141 @@ class VisionEncoder:
             '/vitserve.v1.VisionEncoder/StreamFeatures',
             protos_dot_vitserve__pb2.StreamFeaturesRequest.SerializeToString,
             protos_dot_vitserve__pb2.StreamFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VisionEncoder/GetModel',
+            protos_dot_vitserve__pb2.GetModelRequest.SerializeToString,
+            protos_dot_vitserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VisionEncoder/ListRepository',
+            protos_dot_vitserve__pb2.ListRepositoryRequest.SerializeToString,
+            protos_dot_vitserve__pb2.ListRepositoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VisionEncoder/LoadModel',
+            protos_dot_vitserve__pb2.ModelControlRequest.SerializeToString,
+            protos_dot_vitserve__pb2.ModelControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VisionEncoder/UnloadModel',
+            protos_dot_vitserve__pb2.ModelControlRequest.SerializeToString,
+            protos_dot_vitserve__pb2.ModelControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VisionEncoder/ReloadModel',
+            protos_dot_vitserve__pb2.ModelControlRequest.SerializeToString,
+            protos_dot_vitserve__pb2.ModelControlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,7 @@ from typing import Any
 
 from protos import vitserve_pb2
 from serving.images import InputGeometry
+from serving.preprocess import PreprocessSpec, PreprocessSpecError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ MANIFEST_PARAMETER = "vitserve_manifest"
 INPUT_NAME = "images"
 CLS_OUTPUT = "cls"
 PATCH_OUTPUT = "patch_tokens"
+LANES = ("throughput", "latency")
 
 
 class CatalogError(ValueError):
@@ -42,16 +44,58 @@ class ServedModel:
     weights_sha256: str
     normalization: str
     manifest: dict[str, Any] = field(default_factory=dict)
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    outputs: tuple[str, ...] = (CLS_OUTPUT, PATCH_OUTPUT)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
 
     @property
     def encoder_spec(self) -> dict[str, Any]:
         return dict(self.manifest.get("encoder_spec", {}))
 
+    @property
+    def lane(self) -> str:
+        """This model's lane ("throughput" / "latency") when its manifest declares lanes, else ""."""
+        lane = self.manifest.get("lane", "")
+        return lane if isinstance(lane, str) and lane in LANES and self.lanes else ""
+
+    @property
+    def lanes(self) -> dict[str, str]:
+        """Lane -> model name, as the manifest declares (``{}``: none)."""
+        lanes = self.manifest.get("lanes") or {}
+        if not isinstance(lanes, dict):
+            return {}
+        return {str(k): str(v) for k, v in lanes.items() if k in LANES and isinstance(v, str) and v}
+
+    @property
+    def probe_scores(self) -> dict[str, float]:
+        """``manifest.probes.scores`` (numbers only); ``{}`` when the model was exported without probes."""
+        probes = self.manifest.get("probes") or {}
+        scores = probes.get("scores") if isinstance(probes, dict) else None
+        if not isinstance(scores, dict):
+            return {}
+        return {str(k): float(v) for k, v in scores.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    @property
+    def variant(self) -> dict[str, Any]:
+        v = self.manifest.get("variant") or {}
+        return v if isinstance(v, dict) else {}
+
+    @property
+    def precision(self) -> str:
+        return str(self.variant.get("precision", "fp32"))
+
+    @property
+    def base_model(self) -> str:
+        return str(self.variant.get("base_model", ""))
+
     def ref(self) -> vitserve_pb2.ModelRef:
         return vitserve_pb2.ModelRef(name=self.name, version=self.version,
-                                     weights_sha256=self.weights_sha256)
+                                     weights_sha256=self.weights_sha256, lane=self.lane)
 
-    def info(self, ready: bool) -> vitserve_pb2.ModelInfo:
+    def info(self, ready: bool, variants: list[str] | None = None) -> vitserve_pb2.ModelInfo:
+        """The model's description; ``variants``: the served precision variants derived from it."""
         return vitserve_pb2.ModelInfo(
             model=self.ref(), ready=ready,
             input_height=self.geometry.height, input_width=self.geometry.width,
@@ -59,7 +103,12 @@ class ServedModel:
             grid_height=self.grid[0], grid_width=self.grid[1], patch_size=self.patch_size,
             num_prefix_tokens=self.num_prefix_tokens,
             encoder_spec_json=json.dumps(self.encoder_spec, sort_keys=True),
-            manifest_json=json.dumps(self.manifest, sort_keys=True))
+            manifest_json=json.dumps(self.manifest, sort_keys=True),
+            probe_scores=self.probe_scores, max_batch_size=self.max_batch_size, outputs=list(self.outputs),
+            precision=self.precision, base_model=self.base_model, variants=sorted(variants or []),
+            lane=self.lane, lanes=self.lanes, preferred_batch_sizes=list(self.preferred_batch_sizes),
+            max_queue_delay_us=self.max_queue_delay_us, default_resize_op=self.preprocess.resize_op,
+            crop_pct=self.preprocess.crop_pct)
 
 
 def _dims(tensors: list[dict[str, Any]], name: str, model: str) -> list[int]:
@@ -115,6 +164,14 @@ def model_from_config(config: dict[str, Any], version: str = "") -> ServedModel:
         grid, prefix = (side, side), 1
         patch = in_dims[0] // side
         normalization = "in graph (no manifest)"
+    try:
+        preprocess = PreprocessSpec.from_manifest(manifest, in_dims[2])
+    except PreprocessSpecError as e:
+        raise CatalogError(f"model {name!r}: {e}") from e
+    batching = config.get("dynamic_batching") or {}
+    preferred = tuple(int(b) for b in batching.get("preferred_batch_size", []) or [])
+    delay = int(batching.get("max_queue_delay_microseconds", 0) or 0)
+    outputs = tuple(str(t.get("name")) for t in config.get("output", []))
     if grid[0] * grid[1] != num_patches or cls_dims[-1] != embed_dim:
         raise CatalogError(f"model {name!r}: manifest grid {grid} / dims cls {cls_dims} disagree with "
                            f"output {PATCH_OUTPUT!r} dims {patch_dims}")
@@ -130,4 +187,8 @@ def model_from_config(config: dict[str, Any], version: str = "") -> ServedModel:
         weights_sha256=str(manifest.get("weights_sha256", "")),
         normalization=normalization,
         manifest=manifest,
+        preprocess=preprocess,
+        outputs=outputs,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=delay,
     )

@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT, CatalogError, ServedModel, model_from_config
 from serving.errors import GatewayError, RequestError
-from serving.images import DEFAULT_MAX_PIXELS, RESIZE_MODE, ImageError, PreparedBatch, prepare_batch
+from serving.images import DEFAULT_MAX_PIXELS, ImageError
+from serving.preprocess import PreparedBatch, prepare_batch, resolve_op
 from serving.streaming import Remaining, stream_features
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ _PATCH_SOURCE = "patch tokens of the last block after the final norm"
 _POOLING = vitserve_pb2.EmbedRequest.Pooling
 _POOLING_SOURCE = {_POOLING.CLS: "cls", _POOLING.MEAN_PATCH: "mean_patch",
                    _POOLING.CLS_AND_MEAN_PATCH: "cls+mean_patch"}
+_LANE_NAMES = {vitserve_pb2.THROUGHPUT: "throughput", vitserve_pb2.LATENCY: "latency"}
+ADMIN_DISABLED = ("model management is off on this server; start it with `vitserve serve --enable-admin` "
+                  "(Triton then runs with explicit model control)")
 
 
 def to_tensor(array: np.ndarray, dtype: int) -> vitserve_pb2.Tensor:
@@ -92,8 +96,10 @@ def _triton_status(e: InferenceServerException) -> grpc.StatusCode:
     return next((code for name, code in _TRITON_CODES.items() if name in status), grpc.StatusCode.INTERNAL)
 
 
-def _check_enums(dtype: int, layout: int = 0, pooling: int = 0) -> None:
+def _check_enums(dtype: int, layout: int = 0, pooling: int = 0, lane: int = 0) -> None:
     # proto3 enums are open: a newer client may send values this gateway does not know.
+    if lane not in vitserve_pb2.Lane.values():
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown lane {lane}; use THROUGHPUT or LATENCY")
     if dtype not in _NP_DTYPES:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown dtype {dtype}; use FLOAT32 or FLOAT16")
     if layout not in vitserve_pb2.FeaturesRequest.Layout.values():
@@ -107,10 +113,11 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     """Serves every ready vitserve model of one Triton server."""
 
     def __init__(self, triton_url: str, *, max_images: int = DEFAULT_MAX_IMAGES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, enable_admin: bool = False) -> None:
         self.triton_url = triton_url
         self.max_images = max_images
         self.max_pixels = max_pixels
+        self.enable_admin = enable_admin
         self.models: dict[str, ServedModel] = {}
         self._client: tritonaio.InferenceServerClient | None = None
         self._last_refresh = 0.0
@@ -190,13 +197,51 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                                f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}")
         return self.models[name]
 
+    async def resolve_lane(self, name: str, lane: int, stream: bool = False) -> ServedModel:
+        """The model that runs a request for ``name`` on ``lane``.
+
+        ``LANE_UNSPECIFIED`` is the named model itself, except on a stream, which goes to the
+        latency lane when the model declares one. A lane the model does not declare is
+        INVALID_ARGUMENT; a declared lane whose model is not loaded is UNAVAILABLE.
+        """
+        model = await self.resolve(name)
+        if lane == vitserve_pb2.LANE_UNSPECIFIED:
+            if not (stream and "latency" in model.lanes):
+                return model
+            lane = vitserve_pb2.LATENCY
+        lane_name = _LANE_NAMES[lane]
+        target = model.lanes.get(lane_name)
+        if target is None:
+            declared = ", ".join(f"{k}: {v}" for k, v in sorted(model.lanes.items())) or "none"
+            hint = (" (export it with a latency lane to get one)" if lane_name == "latency" else "")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model {model.name!r} declares no {lane_name} lane (its lanes: {declared}){hint}; "
+                               f"leave `lane` unset to use the model itself")
+        if target == model.name:
+            return model
+        try:
+            return await self.resolve(target)
+        except RequestError as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"the {lane_name} lane of {model.name!r} is model {target!r}, which is not "
+                               f"loaded ({e.message})") from e
+
+    def variants_of(self, name: str) -> list[str]:
+        """Served precision variants whose manifest names ``name`` as their base model."""
+        return sorted(m.name for m in self.models.values() if m.base_model == name)
+
     def model_label(self, name: str) -> str:
         """The model a request names, as metrics label it (empty: the only one served, if one)."""
         if not name and len(self.models) == 1:
             return next(iter(self.models))
         return name if name in self.models else ("" if not name else "unknown")
 
-    async def _decode(self, images: Sequence[vitserve_pb2.Image], model: ServedModel) -> PreparedBatch:
+    async def _decode(self, images: Sequence[vitserve_pb2.Image], model: ServedModel,
+                      resize_op: int = 0) -> PreparedBatch:
+        try:
+            op = resolve_op(resize_op, model.preprocess)
+        except ValueError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         if not images:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no images in the request")
         if len(images) > self.max_images:
@@ -204,9 +249,10 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                                f"{len(images)} images is over the limit of {self.max_images} per request; "
                                f"split the request")
         try:
+            args = (images, model.geometry, model.preprocess, op, self.max_pixels)
             if all(im.WhichOneof("source") == "raw" for im in images) and len(images) <= 8:
-                return prepare_batch(images, model.geometry, self.max_pixels)  # cheap: no thread hop
-            return await asyncio.to_thread(prepare_batch, images, model.geometry, self.max_pixels)
+                return prepare_batch(*args)  # cheap: no thread hop
+            return await asyncio.to_thread(prepare_batch, *args)
         except ImageError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
@@ -245,15 +291,23 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         g = model.geometry
         return vitserve_pb2.Preprocessing(height=g.height, width=g.width, channels=g.channels,
                                           resized=batch.resized, converted=batch.converted,
-                                          resize_mode=RESIZE_MODE, normalization=model.normalization)
+                                          resize_mode=model.preprocess.interpolation,
+                                          normalization=model.normalization, resize_op=batch.resize_op,
+                                          images=batch.images, crop_pct=model.preprocess.crop_pct)
 
-    async def embed(self, request: vitserve_pb2.EmbedRequest,
-                    remaining: Remaining) -> vitserve_pb2.EmbedResponse:
+    @staticmethod
+    def _timing(arrived: float, t0: float, t1: float, t2: float) -> vitserve_pb2.Timing:
+        return vitserve_pb2.Timing(queue_ms=1e3 * (t0 - arrived), decode_ms=1e3 * (t1 - t0),
+                                   inference_ms=1e3 * (t2 - t1), total_ms=1e3 * (time.perf_counter() - arrived))
+
+    async def embed(self, request: vitserve_pb2.EmbedRequest, remaining: Remaining,
+                    arrived: float | None = None) -> vitserve_pb2.EmbedResponse:
         t0 = time.perf_counter()
-        _check_enums(request.dtype, pooling=request.pooling)
+        arrived = t0 if arrived is None else arrived
+        _check_enums(request.dtype, pooling=request.pooling, lane=request.lane)
         pooling = request.pooling or _POOLING.CLS
-        model = await self.resolve(request.model)
-        batch = await self._decode(request.images, model)
+        model = await self.resolve_lane(request.model, request.lane)
+        batch = await self._decode(request.images, model, request.resize_op)
         t1 = time.perf_counter()
         names = [CLS_OUTPUT] if pooling == _POOLING.CLS else (
             [PATCH_OUTPUT] if pooling == _POOLING.MEAN_PATCH else [CLS_OUTPUT, PATCH_OUTPUT])
@@ -263,16 +317,15 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         return vitserve_pb2.EmbedResponse(
             embeddings=to_tensor(emb, request.dtype), model=model.ref(),
             preprocessing=self._preprocessing(model, batch), source=source, pooling=pooling,
-            l2_normalized=request.l2_normalize,
-            timing=vitserve_pb2.Timing(decode_ms=1e3 * (t1 - t0), inference_ms=1e3 * (t2 - t1),
-                                       total_ms=1e3 * (time.perf_counter() - t0)))
+            l2_normalized=request.l2_normalize, timing=self._timing(arrived, t0, t1, t2))
 
-    async def features(self, request: vitserve_pb2.FeaturesRequest,
-                       remaining: Remaining) -> vitserve_pb2.FeaturesResponse:
+    async def features(self, request: vitserve_pb2.FeaturesRequest, remaining: Remaining,
+                       arrived: float | None = None, stream: bool = False) -> vitserve_pb2.FeaturesResponse:
         t0 = time.perf_counter()
-        _check_enums(request.dtype, request.layout)
-        model = await self.resolve(request.model)
-        batch = await self._decode(request.images, model)
+        arrived = t0 if arrived is None else arrived
+        _check_enums(request.dtype, request.layout, lane=request.lane)
+        model = await self.resolve_lane(request.model, request.lane, stream=stream)
+        batch = await self._decode(request.images, model, request.resize_op)
         t1 = time.perf_counter()
         names = [PATCH_OUTPUT, CLS_OUTPUT] if request.include_cls else [PATCH_OUTPUT]
         out = await self._infer(model, batch.pixels, names, remaining)
@@ -289,9 +342,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             preprocessing=self._preprocessing(model, batch), source=described or _PATCH_SOURCE)
         if request.include_cls:
             response.cls.CopyFrom(to_tensor(out[CLS_OUTPUT], request.dtype))
-        response.timing.CopyFrom(vitserve_pb2.Timing(
-            decode_ms=1e3 * (t1 - t0), inference_ms=1e3 * (t2 - t1),
-            total_ms=1e3 * (time.perf_counter() - t0)))
+        response.timing.CopyFrom(self._timing(arrived, t0, t1, t2))
         return response
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -317,13 +368,120 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         except InferenceServerException as e:
             await _abort(context, _triton_status(e), f"triton: {e.message()}")
         return vitserve_pb2.ListModelsResponse(
-            models=[m.info(ready=True) for _, m in sorted(self.models.items())])
+            models=[m.info(ready=True, variants=self.variants_of(n)) for n, m in sorted(self.models.items())])
 
     async def StreamFeatures(
             self, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
             context: grpc.aio.ServicerContext) -> AsyncIterator[vitserve_pb2.StreamFeaturesResponse]:
-        async for response in stream_features(self.features, request_iterator, context, self._frame_outcome):
+        async def run(request: vitserve_pb2.FeaturesRequest, remaining: Remaining,
+                      arrived: float) -> vitserve_pb2.FeaturesResponse:
+            return await self.features(request, remaining, arrived=arrived, stream=True)
+
+        async for response in stream_features(run, request_iterator, context, self._frame_outcome):
             yield response
+
+    async def GetModel(self, request: vitserve_pb2.GetModelRequest,
+                       context: grpc.aio.ServicerContext) -> vitserve_pb2.ModelInfo:
+        try:
+            model = await self.resolve(request.model)
+        except RequestError as e:
+            await _abort(context, e.code, e.message)
+        return model.info(ready=True, variants=self.variants_of(model.name))
+
+    # -- model management (admin) ---------------------------------------------------------------
+
+    async def _admin_allowed(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.enable_admin:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, ADMIN_DISABLED)
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        return list((await self.client.get_model_repository_index(as_json=True)).get("models", []))
+
+    async def _repository_entry(self, name: str) -> dict[str, Any]:
+        """The repository index entry of ``name``; NOT_FOUND if the repository has no such model."""
+        if not name:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "set `model` to the model's name")
+        index = await self.repository_index()
+        entries = [m for m in index if m.get("name") == name]
+        if not entries:
+            known = ", ".join(sorted({str(m.get("name")) for m in index})) or "none"
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"no model {name!r} in Triton's model repository (it has: {known})")
+        return max(entries, key=lambda m: int(m.get("version") or 0))
+
+    async def _control(self, name: str, action: str) -> vitserve_pb2.ModelControlResponse:
+        t0 = time.perf_counter()
+        entry = await self._repository_entry(name)
+        if action == "reload" and entry.get("state") != "READY":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {name!r} is not loaded (state {entry.get('state') or 'never loaded'}); "
+                               f"use LoadModel")
+        try:
+            if action == "unload":
+                await self.client.unload_model(name)
+            else:
+                await self.client.load_model(name)
+        except InferenceServerException as e:
+            message = e.message() or str(e)
+            code = _triton_status(e)
+            if "explicit model load / unload is not allowed" in message or "polling is enabled" in message:
+                code = grpc.StatusCode.FAILED_PRECONDITION
+                message += " (Triton must run with --model-control-mode=explicit; `vitserve serve " \
+                           "--enable-admin` starts it so)"
+            elif code == grpc.StatusCode.INTERNAL and action != "unload":
+                code = grpc.StatusCode.FAILED_PRECONDITION  # the model's files do not load
+            log.warning("admin %s of %s failed: %s", action, name, message)
+            await self._refresh_quietly()
+            raise RequestError(code, f"triton could not {action} {name!r}: {message}") from e
+        await self._refresh_quietly()
+        state = (await self._repository_entry(name)).get("state", "")
+        log.info("admin: %s %s done in %.0f ms (state %s)", action, name, 1e3 * (time.perf_counter() - t0), state)
+        response = vitserve_pb2.ModelControlResponse(
+            model=name, state=state, elapsed_ms=1e3 * (time.perf_counter() - t0),
+            served_models=sorted(self.models))
+        if name in self.models:
+            response.info.CopyFrom(self.models[name].info(True, self.variants_of(name)))
+        return response
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except InferenceServerException as e:
+            log.warning("could not refresh the model list after a model control call: %s", e)
+
+    async def _admin(self, name: str, action: str,
+                     context: grpc.aio.ServicerContext) -> vitserve_pb2.ModelControlResponse:
+        await self._admin_allowed(context)
+        try:
+            return await self._control(name, action)
+        except RequestError as e:
+            await _abort(context, e.code, e.message)
+        except InferenceServerException as e:
+            await _abort(context, _triton_status(e), f"triton: {e.message()}")
+
+    async def LoadModel(self, request: vitserve_pb2.ModelControlRequest,
+                        context: grpc.aio.ServicerContext) -> vitserve_pb2.ModelControlResponse:
+        return await self._admin(request.model, "load", context)
+
+    async def UnloadModel(self, request: vitserve_pb2.ModelControlRequest,
+                          context: grpc.aio.ServicerContext) -> vitserve_pb2.ModelControlResponse:
+        return await self._admin(request.model, "unload", context)
+
+    async def ReloadModel(self, request: vitserve_pb2.ModelControlRequest,
+                          context: grpc.aio.ServicerContext) -> vitserve_pb2.ModelControlResponse:
+        return await self._admin(request.model, "reload", context)
+
+    async def ListRepository(self, request: vitserve_pb2.ListRepositoryRequest,
+                             context: grpc.aio.ServicerContext) -> vitserve_pb2.ListRepositoryResponse:
+        await self._admin_allowed(context)
+        try:
+            index = await self.repository_index()
+        except InferenceServerException as e:
+            await _abort(context, _triton_status(e), f"triton: {e.message()}")
+        return vitserve_pb2.ListRepositoryResponse(models=[
+            vitserve_pb2.RepositoryModel(name=str(m.get("name", "")), version=str(m.get("version", "")),
+                                         state=str(m.get("state", "")), reason=str(m.get("reason", "")))
+            for m in sorted(index, key=lambda m: (str(m.get("name")), str(m.get("version"))))])
 
     def _frame_outcome(self, frame: vitserve_pb2.StreamFeaturesRequest, outcome: str) -> None:
         if self.on_frame is not None:

@@ -36,6 +36,8 @@ class ServerOptions:
     metrics_port: int | None = None  # serve /metrics here (0: a free port); None: no HTTP endpoint
     health_interval: float = 2.0  # seconds between Triton readiness checks
     tls: grpc.ServerCredentials | None = None  # None: plaintext (loopback / behind a proxy)
+    # Model management RPCs (LoadModel, UnloadModel, ReloadModel, ListRepository); off: UNIMPLEMENTED.
+    enable_admin: bool = False
 
     @classmethod
     def from_files(cls, *, auth_token_file: str | Path | None = None, tls_cert_file: str | Path | None = None,
@@ -81,6 +83,7 @@ def create_server(
         options: ServerOptions | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
     options = options or ServerOptions()
+    gateway.enable_admin = options.enable_admin
     if options.metrics is not None:
         gateway.on_batch = options.metrics.observe_triton_batch
         gateway.on_frame = options.metrics.observe_stream_frame

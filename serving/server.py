@@ -201,7 +201,8 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
     try:
         with _terminate_as_exit():
             if model_repository is not None:
-                launcher = TritonLauncher(model_repository, log_verbose=log_verbose)
+                launcher = TritonLauncher(model_repository, log_verbose=log_verbose,
+                                          explicit_model_control=options.enable_admin)
                 models = launcher.start(timeout=triton_timeout)
                 if not models:
                     raise TritonLaunchError(f"the model repository {launcher.model_repository} holds no "
@@ -253,6 +254,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file", type=Path,
                    help="require 'authorization: Bearer <token>' with the token in this file "
                         "(health and reflection stay open)")
+    p.add_argument("--enable-admin", action="store_true",
+                   help="enable the model management RPCs (LoadModel, UnloadModel, ReloadModel, "
+                        "ListRepository; behind --auth-token-file when given); the embedded Triton then "
+                        "runs with explicit model control, every model loaded at start")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     p.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         options = ServerOptions.from_files(
             auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port,
+            enable_admin=args.enable_admin,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except (OSError, ValueError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -22,7 +23,8 @@ from serving.errors import RequestError
 log = logging.getLogger(__name__)
 
 Remaining = Callable[[], "float | None"]  # seconds left before the caller's deadline (None: none)
-RunFrame = Callable[[vitserve_pb2.FeaturesRequest, Remaining], Awaitable[vitserve_pb2.FeaturesResponse]]
+# (request, time left, arrival time on time.perf_counter's clock) -> the frame's features
+RunFrame = Callable[[vitserve_pb2.FeaturesRequest, Remaining, float], Awaitable[vitserve_pb2.FeaturesResponse]]
 OnOutcome = Callable[[vitserve_pb2.StreamFeaturesRequest, str], None]  # (frame, "ran"|"skipped"|"error")
 
 
@@ -42,6 +44,7 @@ async def stream_features(
             on_outcome(frame, what)
 
     pending: collections.deque[vitserve_pb2.StreamFeaturesRequest] = collections.deque()
+    arrivals: collections.deque[float] = collections.deque()  # perf_counter() when each frame arrived
     arrived = asyncio.Event()
     finished = False
 
@@ -49,6 +52,7 @@ async def stream_features(
         nonlocal finished
         try:
             async for frame in request_iterator:
+                arrivals.append(time.perf_counter())
                 pending.append(frame)
                 arrived.set()
         except Exception as e:  # the client went away mid-stream; the stream ends with it
@@ -66,13 +70,13 @@ async def stream_features(
                 arrived.clear()  # no await since the check above: no frame can slip in between
                 await arrived.wait()
                 continue
-            frame = pending.popleft()
+            frame, arrived_at = pending.popleft(), arrivals.popleft()
             if is_stale(frame, len(pending)):
                 outcome(frame, "skipped")
                 yield vitserve_pb2.StreamFeaturesResponse(frame_id=frame.frame_id, skipped=True)
                 continue
             try:
-                features = await run(frame.request, context.time_remaining)
+                features = await run(frame.request, context.time_remaining, arrived_at)
             except RequestError as e:
                 outcome(frame, "error")
                 yield vitserve_pb2.StreamFeaturesResponse(

@@ -161,12 +161,15 @@ class TritonLauncher:
         log_verbose: int = 0,
         log_path: str | Path | None = None,
         stop_grace: float = 15.0,
+        explicit_model_control: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self._fixed_ports = (grpc_port, http_port, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = self._pick_ports()
         self.log_verbose = log_verbose
         self.stop_grace = stop_grace
+        # Explicit: every model is loaded at start (--load-model=*), and clients may load/unload.
+        self.explicit_model_control = explicit_model_control
         self.log_path = Path(log_path) if log_path else (
             Path(tempfile.mkdtemp(prefix="vitserve-triton-")) / "tritonserver.log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -203,7 +206,8 @@ class TritonLauncher:
             # A model that fails to load stops the server: start() reports it instead of serving less.
             "--exit-on-error=true",
             "--strict-readiness=true",
-            "--model-control-mode=none",
+            *(["--model-control-mode=explicit", "--load-model=*"] if self.explicit_model_control
+              else ["--model-control-mode=none"]),
             f"--exit-timeout-secs={max(1, int(self.stop_grace) - 2)}",
             f"--log-verbose={self.log_verbose}",
         ]

@@ -81,7 +81,7 @@ def test_features_result_carries_metadata(fake_service):
         res = client.features(np.zeros((3, 28, 28, 1), np.uint8), include_cls=True)
         assert res.features.shape == (3, 2, 3, 4) and res.cls.shape == (3, 4)
         assert (res.grid, res.patch_size, res.num_prefix_tokens) == ((2, 3), 4, 1)
-        assert res.model == {"name": "fake", "version": "1", "weights_sha256": "f" * 64}
+        assert res.model == {"name": "fake", "version": "1", "weights_sha256": "f" * 64, "lane": ""}
         assert res.preprocessing["resize_mode"] == "bilinear" and res.timing["total_ms"] == 2.0
         tokens = client.features(np.zeros((28, 28), np.uint8), layout="tokens")
         assert tokens.features.shape == (1, 6, 4) and tokens.cls is None
