@@ -43,6 +43,9 @@ class TrainConfig:
     min_lr: float = 0.0
     clip_grad: float | None = None  # max gradient norm (DINO: 3.0); None = no clipping
     weight_decay: float = 0.05
+    # Cosine weight-decay schedule from weight_decay to weight_decay_end (DINO: 0.04 -> 0.4) over the
+    # run, on the decayed parameter group only; None keeps weight_decay constant (MAE, SimCLR, MoCo).
+    weight_decay_end: float | None = None
     warmup: float = 0.05  # fraction of the run spent in linear warm-up
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
@@ -71,12 +74,29 @@ class TrainConfig:
     teacher_temp_start: float = 0.04
     teacher_temp_warmup: float = 0.0  # fraction of the run for the linear teacher-temperature warm-up
     center_momentum: float = 0.9
+    # DINO zeroes the gradient of the head's last (prototype) layer for the first epoch(s). In epochs
+    # on the lr schedule's progress axis: with max_minutes the run's progress is its budget fraction,
+    # so the layer is frozen for the first freeze_last_layer / epochs of the budget.
+    freeze_last_layer: float = 0.0
     momentum: float = 0.996  # base teacher / key-encoder EMA momentum
     momentum_cosine: bool = True  # raise the momentum to 1 along a cosine (DINO, MoCo v3)
     temperature: float = 0.5  # SimCLR / MoCo softmax temperature
     proj_dim: int = 128
     queue_size: int = 4096
     moco_v3: bool = False
+    # MoCo v3 (§4.2): keep the random patch projection frozen, which stabilises ViT training.
+    moco_v3_freeze_patch_embed: bool = False
+    # Initialise the encoder (not decoder/heads) from a run directory, an encoder/checkpoint file
+    # (.pt, .pth, .safetensors) or timm:<name[.tag]> (timm's pretrained weights, where reachable).
+    init_from: str | None = None
+    # Online k-NN (DINO's weighted 20-NN, training.knn) on knn_val images held out of pre-training,
+    # against a bank of knn_bank pre-training images with their labels; every knn_every epochs
+    # (progress axis, as freeze_last_layer) and/or every knn_every_steps steps; 0 = off.
+    knn_val: int = 0
+    knn_bank: int = 10000
+    knn_every: float = 0.0
+    knn_every_steps: int = 0
+    knn_k: int = 20
     log_every: int = 20
     out_dir: str | None = None  # the run directory (default: runs/<method>-<timestamp>)
 
@@ -106,6 +126,16 @@ class TrainConfig:
              "temperatures must be > 0"),
             (self.queue_size > 0, f"queue_size must be > 0, got {self.queue_size}"),
             (self.log_every > 0, f"log_every must be > 0, got {self.log_every}"),
+            (self.weight_decay_end is None or self.weight_decay_end >= 0,
+             f"weight_decay_end must be >= 0, got {self.weight_decay_end}"),
+            (self.freeze_last_layer >= 0, f"freeze_last_layer must be >= 0 epochs, got {self.freeze_last_layer}"),
+            (self.knn_val >= 0 and self.knn_bank > 0 and self.knn_k > 0,
+             "knn_val must be >= 0, knn_bank and knn_k > 0"),
+            (self.knn_every >= 0 and self.knn_every_steps >= 0, "knn_every and knn_every_steps must be >= 0"),
+            (not (self.knn_every or self.knn_every_steps) or self.knn_val > 0,
+             "online k-NN (knn_every / knn_every_steps) needs held-out images: set knn_val (e.g. 5000)"),
+            (not self.moco_v3_freeze_patch_embed or self.moco_v3,
+             "moco_v3_freeze_patch_embed is a MoCo v3 option; set moco_v3=true"),
         ]
         for ok, message in checks:
             if not ok:
@@ -135,8 +165,8 @@ class TrainConfig:
 #   90 s MAE reference run (not tuned per method).
 # - momentum: DINO 0.996 -> 1 cosine as the paper. MoCo v2's 0.999 gives the key encoder a
 #   ~700-step half-life, longer than a short run, so 0.99 (MoCo v3's value), raised by the cosine.
-# - DINO's weight-decay cosine 0.04 -> 0.4 is not implemented (constant 0.04), nor is freezing the
-#   head's last layer in epoch 1: a 90 s run is well under one epoch, it would freeze it throughout.
+# - DINO's weight-decay cosine 0.04 -> 0.4 and freezing the head's last layer for epoch 1, as the
+#   paper; under a time budget "epoch 1" is 1/epochs of the budget (see freeze_last_layer).
 # - temperatures: SimCLR 0.5 (its CIFAR setting for small batches), MoCo 0.2 (v2 and v3), DINO
 #   student 0.1, teacher 0.04 (no warm-up needed at 0.04, the paper's default).
 # - queue: 65536 in MoCo; 4096 here so the queued keys are at most ~64 steps (batch 64) stale.
@@ -144,8 +174,9 @@ class TrainConfig:
 #   ~50 (DINO, 6 crops + teacher) to ~160 (MoCo v2) img/s with the default ViT, MAE at ~380.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "mae": {},
-    "dino": {"batch_size": 64, "base_lr": 5e-4, "weight_decay": 0.04, "betas": (0.9, 0.999),
-             "momentum": 0.996, "momentum_cosine": True, "clip_grad": 3.0},
+    "dino": {"batch_size": 64, "base_lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
+             "betas": (0.9, 0.999), "momentum": 0.996, "momentum_cosine": True, "clip_grad": 3.0,
+             "freeze_last_layer": 1.0},
     "simclr": {"batch_size": 64, "base_lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999),
                "temperature": 0.5},
     "moco": {"batch_size": 64, "base_lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999),

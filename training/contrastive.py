@@ -17,7 +17,7 @@ from torch import nn
 
 from training.backbone import EncoderSpec, cls_features
 from training.losses.info_nce import info_nce
-from training.distributed import gather_with_grad
+from training.distributed import gather_no_grad, gather_with_grad, rank_world
 from training.losses.moco import moco_loss, moco_v3_loss
 from training.schedules import ema_update
 
@@ -97,8 +97,14 @@ class MoCo(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, spec: EncoderSpec, queue_size: int = 4096, proj_dim: int = 128,
-                 hidden_dim: int = 512, temperature: float = 0.2, v3: bool = False) -> None:
+                 hidden_dim: int = 512, temperature: float = 0.2, v3: bool = False,
+                 freeze_patch_embed: bool = False) -> None:
         super().__init__()
+        if freeze_patch_embed:
+            # MoCo v3 §4.2: a random, frozen patch projection removes the training instability
+            # (loss dips) of ViTs; the key encoder is copied below, so it gets the same frozen one.
+            for p in encoder.patch_embed.parameters():
+                p.requires_grad_(False)
         self.encoder, self.spec, self.temperature, self.v3 = encoder, spec, temperature, v3
         # v2: 2-layer MLP head; v3: 3-layer projector with a final BN and a 2-layer predictor.
         self.projector = mlp(spec.embed_dim, hidden_dim, proj_dim, n_layers=3 if v3 else 2, last_bn=v3)
@@ -122,7 +128,10 @@ class MoCo(nn.Module):
         if self.v3:
             q1, q2 = self._query(torch.cat([x1, x2])).chunk(2)
             k1, k2 = self._key(torch.cat([x1, x2])).chunk(2)
-            loss = moco_v3_loss(q1, q2, k1, k2, self.temperature)
+            # Under torchrun the negatives are every rank's keys; the positives sit at rank * n.
+            rank, _ = rank_world()
+            loss = moco_v3_loss(q1, q2, gather_no_grad(k1), gather_no_grad(k2), self.temperature,
+                                offset=rank * len(q1))
         else:  # v2 (as the reference): query from view 1, key from view 2
             q1, k2 = self._query(x1), self._key(x2)
             loss = moco_loss(q1, k2, self.queue.keys.clone(), self.temperature)
@@ -130,8 +139,9 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def after_step(self, out: dict[str, torch.Tensor], momentum: float = 0.99, **_: float) -> None:
-        """After the optimiser step: EMA the key branch and (v2) enqueue this batch's keys."""
+        """After the optimiser step: EMA the key branch and (v2) enqueue the keys of the global
+        batch (every rank's, in rank order, under torchrun), so all ranks hold one queue."""
         ema_update(self.key_encoder, self.encoder, momentum)
         ema_update(self.key_projector, self.projector, momentum)
         if self.queue is not None:
-            self.queue.enqueue(out["keys"])
+            self.queue.enqueue(gather_no_grad(out["keys"]))

@@ -107,6 +107,11 @@ class DINO(nn.Module):
         entropy = torch.tensor(teacher_entropy(t_out, self.center, teacher_temp))
         return {"loss": loss, "teacher_out": t_out, "teacher_entropy": entropy}
 
+    def last_layer_params(self) -> list[nn.Parameter]:
+        """The head's prototype layer, whose gradient DINO cancels for the first epoch(s)
+        (``utils.cancel_gradients_last_layer``): the paper finds it stabilises the start of training."""
+        return [self.head.last_weight]
+
     @property
     def export_encoder(self) -> nn.Module:
         """The encoder a run directory stores: the teacher, which DINO evaluates and releases

@@ -12,9 +12,12 @@ the all-gather's backward sums the gradients that land on a rank's own rows (``w
 the global gradient) and DDP divides by ``world``, so each rank steps with exactly the gradient a
 single process would compute on the whole batch.
 
-Not data-parallel-exact yet: MoCo's queue takes each rank's own keys and its loss uses local
-queries and keys (a valid DDP run, not the single-process step); DINO's centre is averaged over
-ranks but no two-rank DINO step is tested.
+MoCo: v2 enqueues the keys of the *global* batch (:func:`gather_no_grad`, MoCo's
+``concat_all_gather``) and its loss is per query against its own key and the shared queue, so the
+mean over ranks is the single-process loss; v3 contrasts each rank's queries with the gathered keys
+of every rank (labels offset by the rank, as the reference). Two-rank tests check that one step of
+SimCLR, DINO, MoCo v2 (queue included) and MoCo v3 equals the single-process step on the same
+global batch (tests/training/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():  # deprecated in favour of _functional_collectives (private)
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x [n, ...]`` concatenated in rank order ``[world * n, ...]``, without gradient
+    (MoCo's ``concat_all_gather``: keys for the queue and v3's negatives)."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from training.config import ConfigError, TrainConfig
 from training.contrastive import MoCo, SimCLR
 from training.dino import DINO
 from training.mae import MaskedAutoencoder
-from training.schedules import cosine_schedule, warmup_schedule
+from training.pretrained import init_encoder
+from training.schedules import cosine_schedule, warmup_schedule, weight_decay_schedule
 
 Views = list[torch.Tensor]
 
@@ -44,7 +45,8 @@ def _build_simclr(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn
 
 def _build_moco(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn.Module:
     return MoCo(encoder, spec, queue_size=cfg.queue_size, proj_dim=cfg.proj_dim,
-                hidden_dim=cfg.head_hidden_dim, temperature=cfg.temperature, v3=cfg.moco_v3)
+                hidden_dim=cfg.head_hidden_dim, temperature=cfg.temperature, v3=cfg.moco_v3,
+                freeze_patch_embed=cfg.moco_v3_freeze_patch_embed)
 
 
 def _flip_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec, gen: torch.Generator) -> Views:
@@ -93,13 +95,25 @@ def schedules_at(cfg: TrainConfig, progress: float, total: float) -> dict[str, f
     return {"momentum": momentum, "teacher_temp": temp}
 
 
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, EncoderSpec]:
-    """The method module and encoder spec a config describes (random weights, timm's mean/std)."""
+def weight_decay_at(cfg: TrainConfig, progress: float, total: float) -> float:
+    """Weight decay of the decayed parameter group: constant, or DINO's cosine from
+    ``weight_decay`` to ``weight_decay_end`` when that is set."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    return weight_decay_schedule(progress, total, cfg.weight_decay, cfg.weight_decay_end)
+
+
+def build_model(cfg: TrainConfig, init: bool = True) -> tuple[nn.Module, EncoderSpec]:
+    """The method module and encoder spec a config describes (timm's mean/std). The encoder starts
+    from ``cfg.init_from`` when set and ``init`` (a resume passes False: its checkpoint has the
+    weights), before the method copies it into a teacher / key encoder; random otherwise."""
     if cfg.method not in METHOD_REGISTRY:
         raise ConfigError(f"method {cfg.method!r} is not available; choose one of {sorted(METHOD_REGISTRY)}")
     if cfg.method == "dino" and cfg.local_crop_size % int(cfg.overrides.get("patch_size", 16)) and cfg.n_local_crops:
         raise ConfigError(f"local_crop_size={cfg.local_crop_size} must be a multiple of the patch size")
     encoder, spec = create_encoder(cfg.model_name, cfg.overrides)
+    if init and cfg.init_from:
+        init_encoder(encoder, cfg.init_from, cfg.model_name, cfg.overrides)
     model = METHOD_REGISTRY[cfg.method].build(cfg, encoder, spec)
     for m in model.modules():
         if hasattr(m, "fused_attn"):  # timm Attention; not part of the state_dict

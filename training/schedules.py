@@ -26,6 +26,11 @@ def momentum_schedule(step: float, total: float, base: float) -> float:
     return cosine_schedule(step, total, base, 1.0)
 
 
+def weight_decay_schedule(step: float, total: float, start: float = 0.04, end: float = 0.4) -> float:
+    """DINO's weight decay: half-cosine from ``start`` (0.04) at step 0 to ``end`` (0.4) at ``total``."""
+    return cosine_schedule(step, total, start, end)
+
+
 def warmup_schedule(step: float, warmup_steps: float, start: float, end: float) -> float:
     """Linear from ``start`` to ``end`` over ``warmup_steps``, then ``end`` (DINO's teacher temperature)."""
     if warmup_steps <= 0 or step >= warmup_steps:

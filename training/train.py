@@ -36,7 +36,8 @@ from training.config import (  # noqa: F401  (TrainConfig and friends are part o
 )
 from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from training import distributed as dist_mod
-from training.methods import METHOD_REGISTRY, build_model, schedules_at  # noqa: F401
+from training.methods import METHOD_REGISTRY, build_model, schedules_at, weight_decay_at  # noqa: F401
+from training.online_knn import OnlineKNN, split_validation
 from training.run_dir import CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, write_json
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def lr_at(step: float, total: float, warmup: float, base: float, min_lr: float =
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only; biases, norms and tokens are exempt (as MAE)."""
+    """AdamW groups: decay on weight matrices only; biases, norms and tokens are exempt (as MAE).
+    The decayed group comes first (the weight-decay schedule sets ``param_groups[0]``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -71,22 +73,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def load_pretraining_images(cfg: TrainConfig, spec: EncoderSpec) -> tuple[torch.Tensor, EncoderSpec]:
-    """uint8 training images ``[N, H, W, C]`` and the spec with the data's mean/std filled in."""
+def load_pretraining_data(cfg: TrainConfig, spec: EncoderSpec
+                          ) -> tuple[data_mod.LabelledImages, data_mod.LabelledImages, EncoderSpec]:
+    """``(train, val, spec)``: the pre-training images, the ``knn_val`` images held out of them for
+    the online k-NN (empty when 0) and the spec with the data's mean/std filled in. The hold-out is
+    drawn from the whole training split first, then ``limit_train`` subsets the rest; Fashion-MNIST's
+    test split is never touched."""
     if cfg.data == FASHION_MNIST:
         if spec.img_size != (28, 28) or spec.in_chans != 1:
             raise ConfigError(
                 f"Fashion-MNIST is 28x28 grey but the encoder takes {spec.img_size} x "
                 f"{spec.in_chans} channels; set model.img_size=28 model.in_chans=1")
-        images = data_mod.load_fashion_mnist("train", cfg.data_dir).subset(cfg.limit_train, cfg.seed).images
+        full = data_mod.load_fashion_mnist("train", cfg.data_dir)
+    else:
+        full = data_mod.load_image_folder(cfg.data, spec.img_size, spec.in_chans)
+    train_part, val = split_validation(full, cfg.knn_val, cfg.seed + 1)
+    train_part = train_part.subset(cfg.limit_train, cfg.seed)
+    if cfg.data == FASHION_MNIST:
         mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
     else:
-        images = data_mod.load_image_folder(cfg.data, spec.img_size, spec.in_chans).subset(
-            cfg.limit_train, cfg.seed).images
-        mean, std = channel_mean_std(images)
-    if len(images) < cfg.batch_size:
-        raise ConfigError(f"{len(images)} training images are fewer than batch_size={cfg.batch_size}")
-    return torch.from_numpy(np.ascontiguousarray(images)), dataclasses.replace(spec, mean=mean, std=std)
+        mean, std = channel_mean_std(train_part.images)
+    if len(train_part) < cfg.batch_size:
+        raise ConfigError(f"{len(train_part)} training images are fewer than batch_size={cfg.batch_size}")
+    return train_part, val, dataclasses.replace(spec, mean=mean, std=std)
+
+
+def load_pretraining_images(cfg: TrainConfig, spec: EncoderSpec) -> tuple[torch.Tensor, EncoderSpec]:
+    """uint8 training images ``[N, H, W, C]`` and the spec with the data's mean/std filled in."""
+    train_part, _, spec = load_pretraining_data(cfg, spec)
+    return torch.from_numpy(np.ascontiguousarray(train_part.images)), spec
 
 
 def channel_mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -146,10 +161,12 @@ class _MetricsWindow:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor | list[torch.Tensor],
                lr: float, bf16: bool, schedules: dict[str, float] | None = None,
-               clip_grad: float | None = None) -> tuple[float, dict[str, float]]:
+               clip_grad: float | None = None, frozen: list[nn.Parameter] | tuple = ()
+               ) -> tuple[float, dict[str, float]]:
     """One optimiser step on ``views`` (a batch ``[N, C, H, W]`` or a list of views of it) at
-    learning rate ``lr`` (gradient norm clipped to ``clip_grad`` if set), then the method's
-    ``after_step`` (EMA, centre, queue) with ``schedules``.
+    learning rate ``lr`` (gradient norm clipped to ``clip_grad`` if set; the gradients of ``frozen``
+    then dropped, so AdamW leaves them alone, as DINO's ``cancel_gradients_last_layer``), then the
+    method's ``after_step`` (EMA, centre, queue) with ``schedules``.
 
     Returns the fp32 loss and the scalar loss parts / collapse signals of the method's output. A
     non-finite loss is returned without stepping, so the caller can stop on it.
@@ -168,6 +185,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor
         loss.backward()
         if clip_grad:
             nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
+        for p in frozen:
+            p.grad = None
         opt.step()
         after_step = getattr(dist_mod.unwrap(model), "after_step", None)
         if after_step is not None:
@@ -215,8 +234,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                           "write elsewhere with --out, or replace it with --overwrite")
     ckpt = load_checkpoint(run_dir) if resume else None
-    model, spec = build_model(cfg)
-    images, spec = load_pretraining_images(cfg, spec)
+    model, spec = build_model(cfg, init=ckpt is None)  # init_from only for a fresh run
+    train_data, val_data, spec = load_pretraining_data(cfg, spec)
+    images = torch.from_numpy(np.ascontiguousarray(train_data.images))
+    knn = (OnlineKNN.from_split(train_data, val_data, cfg.knn_bank, cfg.seed, cfg.knn_k)
+           if cfg.knn_val and (cfg.knn_every or cfg.knn_every_steps) and main_rank else None)
     model.spec = spec  # now with the data's mean/std
     model.train()
     if ckpt is not None:
@@ -229,6 +251,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         opt.load_state_dict(ckpt["optimizer"])
         step, start_epoch, start_batch, saved_perm = ckpt["step"], ckpt["epoch"], ckpt["batch"], ckpt["perm"]
         restore_rng(ckpt["rng"], data_gen)
+    decay_group = opt.param_groups[0]  # after load_state_dict, which replaces the group dicts
+    last_layer = list(getattr(core, "last_layer_params", lambda: [])())
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume and (run_dir / CHECKPOINT_FILENAME).exists():
@@ -253,6 +277,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                  cfg.batch_size // world, cfg.batch_size)
 
     epoch, batch_pos, perm, stop, out_of_time = start_epoch, start_batch, saved_perm, False, False
+    knn_period = cfg.knn_every * steps_per_epoch if cfg.knn_every else math.inf
+    next_knn = (math.floor(step / knn_period) + 1) * knn_period if cfg.knn_every else math.inf
     budget_clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
     budget_start = budget_clock()
     start = time.perf_counter()
@@ -275,21 +301,36 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                 if world > 1:  # same seed on every rank: the same global views, each rank its shard
                     views = [dist_mod.shard(v) for v in views]
                 sched = {k: v for k, v in schedules_at(cfg, progress, total).items() if k in method.schedules}
-                loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched, cfg.clip_grad)
+                if cfg.weight_decay_end is not None:  # DINO's cosine, on the decayed group only
+                    decay_group["weight_decay"] = weight_decay_at(cfg, progress, total)
+                frozen = last_layer if progress < cfg.freeze_last_layer * steps_per_epoch else ()
+                loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched, cfg.clip_grad, frozen)
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss is {loss} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
                         "Lower base_lr, raise warmup, or set bf16=false.")
                 step += 1
                 batch_pos = i + 1
-                window.add(loss, len(batch), parts)
+                window.add(loss, len(batch), parts)  # the global batch: img/s counts every rank's images
                 bar.update(1)
                 elapsed = time.perf_counter() - start
                 spent = budget_clock() - budget_start
                 out_of_time = bool(dist_mod.from_rank0(float(budget_s is not None and spent >= budget_s)))
                 stop = out_of_time or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
-                if step % cfg.log_every == 0 or stop or step == total:
-                    record = window.flush(step, epoch, lr, elapsed, sched)
+                extra = dict(sched)
+                if cfg.weight_decay_end is not None:
+                    extra["weight_decay"] = decay_group["weight_decay"]
+                # k-NN every knn_every epochs on the progress axis (a budgeted run: at fractions of
+                # its budget), every knn_every_steps steps, and at the end.
+                done = max(step, spent / budget_s * total) if budget_s else step
+                knn_due = knn is not None and (stop or step == total or done >= next_knn
+                                               or bool(cfg.knn_every_steps and step % cfg.knn_every_steps == 0))
+                if knn_due:
+                    extra["knn_val_top1"] = knn.top1(getattr(core, "export_encoder", core.encoder), spec)
+                    if done >= next_knn:
+                        next_knn = (math.floor(done / knn_period) + 1) * knn_period
+                if step % cfg.log_every == 0 or stop or step == total or "knn_val_top1" in extra:
+                    record = window.flush(step, epoch, lr, elapsed, extra)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from training.distributed import all_reduce_mean
+from training.losses.precision import at_least_fp32
 
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)``, detached; same shape as ``t``."""
-    return F.softmax((teacher_out.detach().float() - center.float()) / teacher_temp, dim=-1)
+    return F.softmax((at_least_fp32(teacher_out.detach()) - center) / teacher_temp, dim=-1)
 
 
 def dino_loss(
@@ -29,7 +30,7 @@ def dino_loss(
 
     ``student_out [V, N, K]`` holds the logits of all V crops (the G global crops first),
     ``teacher_out [G, N, K]`` the teacher logits of the global crops, ``center [K]`` (or ``[1, K]``).
-    The teacher side is stop-gradient. Computed in float32.
+    The teacher side is stop-gradient. Computed in float32 (float64 inputs stay float64).
     """
     if student_out.ndim != 3 or teacher_out.ndim != 3:
         raise ValueError("dino_loss takes student_out [V, N, K] and teacher_out [G, N, K]")
@@ -38,7 +39,7 @@ def dino_loss(
         raise ValueError(f"shapes do not pair up: student {tuple(student_out.shape)}, "
                          f"teacher {tuple(teacher_out.shape)}")
     p_t = teacher_probs(teacher_out, center.reshape(1, 1, -1), teacher_temp)  # [G, N, K]
-    log_p_s = F.log_softmax(student_out.float() / student_temp, dim=-1)  # [V, N, K]
+    log_p_s = F.log_softmax(at_least_fp32(student_out) / student_temp, dim=-1)  # [V, N, K]
     ce = -(p_t.unsqueeze(1) * log_p_s.unsqueeze(0)).sum(-1).mean(-1)  # [G, V]: mean over images
     pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)  # teacher crop i vs student crop i: skip
     return ce[pairs].mean()
@@ -47,7 +48,7 @@ def dino_loss(
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
     """New centre ``m * c + (1 - m) * mean(teacher logits over all crops and images)``, shape of ``c``."""
-    batch_center = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1]).mean(0)
+    batch_center = at_least_fp32(teacher_out.detach()).reshape(-1, teacher_out.shape[-1]).mean(0)
     batch_center = all_reduce_mean(batch_center)  # under torchrun: the mean over every rank's batch
     return center * momentum + batch_center.reshape(center.shape) * (1 - momentum)
 
