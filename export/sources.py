@@ -85,7 +85,9 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     try:
         incompatible = load_checkpoint(model, str(path), strict=False, filter_fn=filter_fn)
     except RuntimeError as e:  # shape mismatches: the checkpoint is for another architecture/size
-        raise ExportUsageError(f"checkpoint {path} does not fit {type(model).__name__}: {e}") from e
+        detail = " ".join(str(e).split())  # torch lists mismatches on tab-indented lines
+        raise ExportUsageError(f"checkpoint {path} does not fit {type(model).__name__} (wrong --timm name or "
+                               f"overrides?): {detail}") from e
     except Exception as e:  # unreadable/corrupt file: safetensors, pickle and zip raise many types
         raise ExportUsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
