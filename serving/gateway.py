@@ -48,6 +48,7 @@ _POOLING = vitserve_pb2.EmbedRequest.Pooling
 _POOLING_SOURCE = {_POOLING.CLS: "cls", _POOLING.MEAN_PATCH: "mean_patch",
                    _POOLING.CLS_AND_MEAN_PATCH: "cls+mean_patch"}
 _LANE_NAMES = {vitserve_pb2.THROUGHPUT: "throughput", vitserve_pb2.LATENCY: "latency"}
+UNLOAD_WAIT_S = 60.0  # how long UnloadModel waits for Triton to finish unloading before answering
 ADMIN_DISABLED = ("model management is off on this server; start it with `vitserve serve --enable-admin` "
                   "(Triton then runs with explicit model control)")
 
@@ -433,8 +434,12 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             log.warning("admin %s of %s failed: %s", action, name, message)
             await self._refresh_quietly()
             raise RequestError(code, f"triton could not {action} {name!r}: {message}") from e
-        await self._refresh_quietly()
         state = (await self._repository_entry(name)).get("state", "")
+        deadline = time.monotonic() + UNLOAD_WAIT_S
+        while state in ("UNLOADING", "LOADING") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # Triton unloads in the background once in-flight calls finish
+            state = (await self._repository_entry(name)).get("state", "")
+        await self._refresh_quietly()
         log.info("admin: %s %s done in %.0f ms (state %s)", action, name, 1e3 * (time.perf_counter() - t0), state)
         response = vitserve_pb2.ModelControlResponse(
             model=name, state=state, elapsed_ms=1e3 * (time.perf_counter() - t0),

@@ -205,7 +205,10 @@ class TritonLauncher:
             "--allow-gpu-metrics=false",
             # A model that fails to load stops the server: start() reports it instead of serving less.
             "--exit-on-error=true",
-            "--strict-readiness=true",
+            # Strict readiness makes the whole server unready while any model is not, which under
+            # explicit model control includes one unloaded on purpose: readiness is then the server's
+            # own, and the models' states are read from the repository index.
+            f"--strict-readiness={'false' if self.explicit_model_control else 'true'}",
             *(["--model-control-mode=explicit", "--load-model=*"] if self.explicit_model_control
               else ["--model-control-mode=none"]),
             f"--exit-timeout-secs={max(1, int(self.stop_grace) - 2)}",
