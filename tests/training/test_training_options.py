@@ -4,6 +4,7 @@ split, and bf16 autocast for every method."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -186,6 +187,10 @@ def test_online_knn_on_held_out_split_is_logged(tmp_path, image_folder):
     assert [r["step"] for r in records] == list(range(1, 7))  # 48 images: 3 steps per epoch
     scored = {r["step"]: r["knn_val_top1"] for r in records if "knn_val_top1" in r}
     assert sorted(scored) == [2, 4, 6] and all(0.0 <= a <= 1.0 for a in scored.values())
+    # monitoring draws no random numbers: the same split unmonitored trains identically
+    quiet = train(dataclasses.replace(cfg, knn_every_steps=0, out_dir=str(tmp_path / "quiet")))
+    quiet_losses = [json.loads(line)["loss"] for line in (quiet / "metrics.jsonl").read_text().splitlines()]
+    assert quiet_losses == [r["loss"] for r in records]
     with pytest.raises(ConfigError, match="set knn_val"):
         TrainConfig(knn_every=1.0)
 
