@@ -154,3 +154,37 @@ def test_reflection_lists_the_service(gateway):
 def test_manifest_round_trips_as_json(client):
     (info,) = client.list_models()
     json.dumps(info.manifest)  # plain JSON types only
+
+
+def test_center_crop_and_letterbox_through_the_service(client, images, reference):
+    """A wide frame whose centre is a test image: center_crop gives that image's exact embedding."""
+    rng = np.random.default_rng(1)
+    wide = np.concatenate([rng.integers(0, 256, (28, 14, 1), dtype=np.uint8), images[2],
+                           rng.integers(0, 256, (28, 14, 1), dtype=np.uint8)], axis=1)
+    res = client.embed_result(wide, resize_op="center_crop")
+    np.testing.assert_allclose(res.embeddings, reference[0][2:3], rtol=0, atol=MAX_ABS_ERR)
+    pre = res.preprocessing
+    assert pre["resize_op"] == "CENTER_CROP" and pre["resized"] == 1
+    assert pre["images"][0]["source_box"] == {"x0": 14.0, "y0": 0.0, "x1": 42.0, "y1": 0.0 + 28}
+    assert (pre["images"][0]["original_width"], pre["images"][0]["op"]) == (56, "CENTER_CROP")
+    stretched = client.embed_result(wide)  # the model's default (no manifest entry): resize
+    assert stretched.preprocessing["resize_op"] == "RESIZE"
+    assert not np.allclose(stretched.embeddings, res.embeddings, atol=1e-3)
+    boxed = client.features(wide, resize_op="letterbox")
+    rec = boxed.preprocessing["images"][0]
+    assert rec["op"] == "LETTERBOX" and rec["target_box"] == {"x0": 0.0, "y0": 7.0, "x1": 28.0, "y1": 21.0}
+    assert set(res.timing) == {"decode_ms", "queue_ms", "inference_ms", "total_ms"}
+    assert res.timing["total_ms"] >= res.timing["inference_ms"] > 0 and res.timing["queue_ms"] >= 0
+    assert len(res.model["weights_sha256"]) == 64
+
+
+def test_webp_input(client, images, reference):
+    from PIL import features
+    if not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    webp = io.BytesIO()
+    Image.fromarray(images[3, ..., 0]).save(webp, format="WEBP", lossless=True)
+    res = client.embed_result(webp.getvalue())
+    np.testing.assert_allclose(res.embeddings, reference[0][3:4], rtol=0, atol=MAX_ABS_ERR)
+    # WebP has no grey mode: the file decodes as RGB (R=G=B) and is converted back, losslessly.
+    assert res.preprocessing["images"][0]["conversion"] == "RGB->L"
