@@ -104,6 +104,8 @@ class TritonPythonModel:
         threads = int(_parameter(model_config, THREADS_PARAMETER, "0"))
         self.session = make_session(os.path.join(here, "model.onnx"), threads, providers)
         self.item_shape = item_shape(self.session)
+        # cls, patch_tokens and whatever outputs were chosen at export (layers, registers, mean_patch)
+        self.output_names = [o.name for o in self.session.get_outputs()]
         pb_utils.Logger.log_info(
             f"vitserve model {args.get('model_name')}: ORT {ort.__version__} on "
             f"{self.session.get_providers()[0]}, intra-op threads {threads or 'default'}, "
@@ -124,7 +126,7 @@ class TritonPythonModel:
                 arrays.append(images)
         if arrays:
             try:
-                results = run_batched(self.session, arrays)
+                results = run_batched(self.session, arrays, output_names=self.output_names)
             except Exception as e:  # ORT failure: every request of this batch gets the message
                 message = f"ONNX Runtime failed on a batch of {sum(map(len, arrays))} images: {e}"
                 for i in good:
