@@ -165,13 +165,27 @@ def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str,
         "weights_sha256": sha256_file(weights) if weights.is_file() else None}
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--layers -1,-2`` -> ``--layers=-1,-2``: argparse takes ``-1,-2`` for an option otherwise."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--layers", "--resolutions") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``vitserve export (RUN_DIR | --timm NAME ...) --repository DIR ...``: 0 ok, 2 user error, 1 failed check."""
     from export.repository import export_entries, read_manifest, validate_model_name
     from export.variants import parse_variants
 
     try:
-        a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        a = _parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as e:  # argparse already printed the usage message
         return int(e.code or 0)
     if a.tensorrt:

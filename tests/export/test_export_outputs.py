@@ -155,9 +155,11 @@ def test_cli_no_final_norm_alone_adds_the_unnormed_last_block(tmp_path, make_run
     assert list(out) == ["cls", "patch_tokens", "patch_tokens_l-1", "mean_patch"]
     assert out["patch_tokens_l-1"]["final_norm"] is False and out["patch_tokens"]["final_norm"] is True
     assert main([str(run), "--repository", str(repo), "--name", "x", "--layers", "-1,x"]) == 2
-    assert "--layers" in capsys.readouterr().err
+    assert "--layers takes comma-separated block indices" in capsys.readouterr().err
+    assert main([str(run), "--repository", str(repo), "--name", "l2", "--layers", "-2,-1"]) == 0
+    assert list(read_manifest(repo / "l2")["outputs"])[2:] == ["patch_tokens_l-2", "patch_tokens_l-1"]
     assert main([str(run), "--repository", str(repo), "--name", "x", "--registers"]) == 2
     assert "no register tokens" in capsys.readouterr().err
-    assert sorted(p.name for p in repo.iterdir()) == ["m"]
+    assert sorted(p.name for p in repo.iterdir()) == ["l2", "m"]
     assert json.loads(parse_pbtxt((repo / "m/config.pbtxt").read_text())
                       .parameters["vitserve_manifest"].string_value)["outputs"] == out
