@@ -36,6 +36,12 @@ def save_full_model(name, overrides, path, seed=0):
     """A timm model WITH its classifier head(s), saved as a real checkpoint would be; returns it."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **overrides).eval()
+    with torch.no_grad():  # trained-like magnitudes: LayerScale starts at 1e-5, tokens at ~0.02
+        for key, param in model.named_parameters():
+            if key.endswith(".gamma"):
+                param.fill_(0.5)
+            elif key in ("cls_token", "reg_token", "dist_token"):
+                param.normal_()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if str(path).endswith(".safetensors"):
         save_file(state, str(path))
