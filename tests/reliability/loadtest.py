@@ -87,10 +87,12 @@ class Service:
 
     def triton_pid(self) -> int | None:
         """The tritonserver child of the gateway process."""
-        try:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        except OSError:
-            return None
+        children = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):  # a restart is spawned by another thread
+            try:
+                children += (task / "children").read_text().split()
+            except OSError:
+                continue
         for pid in children:
             try:
                 if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
@@ -167,11 +169,13 @@ class LoadReport:
     rss_max_mb: float = 0.0
     rss_end_mb: float = 0.0
     failures: list[str] = field(default_factory=list)
+    allowed: list[str] = field(default_factory=lambda: sorted(EXPECTED_REFUSALS))
 
     @property
     def unaccounted(self) -> int:
-        """Calls that ended neither correct nor with an expected refusal."""
-        return sum(n for code, n in self.by_code.items() if code not in EXPECTED_REFUSALS | {"OK"}) + self.wrong
+        """Calls (and stream frames) that ended neither correct nor with an accounted-for refusal."""
+        ok = set(self.allowed) | {"OK"} | {f"frame:{c}" for c in self.allowed}
+        return sum(n for code, n in self.by_code.items() if code not in ok) + self.wrong
 
     def summary(self) -> str:
         return (f"{self.calls} calls ({self.frames} stream frames) by {self.clients} clients in "
@@ -185,11 +189,14 @@ class Load:
     """The clients, their bookkeeping and the checks of every answer."""
 
     def __init__(self, target: str, images: np.ndarray, cls: np.ndarray, tokens: np.ndarray, grid: tuple[int, int],
-                 atol: float = 1e-4, deadline_s: float = 10.0, max_batch: int = 8, seed: int = 0) -> None:
+                 atol: float = 1e-4, deadline_s: float = 10.0, max_batch: int = 8, seed: int = 0,
+                 allowed: frozenset[str] | set[str] = frozenset(EXPECTED_REFUSALS)) -> None:
         self.target, self.images, self.cls, self.tokens, self.grid = target, images, cls, tokens, grid
         self.pngs = [png(im) for im in images]
         self.atol, self.deadline_s, self.max_batch = atol, deadline_s, max_batch
         self.seed = seed
+        self.allowed = set(allowed)  # codes that count as an explicit, accounted-for refusal
+        self.timeline: list[tuple[float, float, str, str]] = []  # (start, end, rpc, code), monotonic
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="stream")
         self.codes: collections.Counter[str] = collections.Counter()
         self.rpcs: collections.Counter[str] = collections.Counter()
@@ -244,22 +251,22 @@ class Load:
             sync_stub = vitserve_pb2_grpc.VisionEncoderStub(sync_channel)
             while time.monotonic() < until:
                 rpc = rng.choice(["Embed", "Features", "StreamFeatures"])
-                t0 = time.perf_counter()
+                t0, start = time.perf_counter(), time.monotonic()
                 try:
-                    if rpc == "StreamFeatures":
-                        images = await self.streamfeatures(sync_stub, rng)
+                    if rpc == "StreamFeatures":  # a stream's code: its first failed frame's, else OK
+                        images, code = await self.streamfeatures(sync_stub, rng)
                     else:
-                        images = await getattr(self, rpc.lower())(stub, rng)
-                    code = "OK"
+                        images, code = await getattr(self, rpc.lower())(stub, rng), "OK"
                 except grpc.RpcError as e:
                     code, images = e.code().name, 0
-                    if code not in EXPECTED_REFUSALS:
+                    if code not in self.allowed:
                         self.failures.append(f"{rpc}: {code}: {e.details()}")
                     else:
                         await asyncio.sleep(rng.uniform(0.02, 0.1))  # back off, as a client should
                 except _WrongAnswer:
                     code, images = "OK", 0  # answered, but wrongly: counted in self.wrong
                 self._record(rpc, code, t0, images)
+                self.timeline.append((start, time.monotonic(), rpc, code))
             sync_channel.close()
 
     async def embed(self, stub: vitserve_pb2_grpc.VisionEncoderStub, rng: random.Random) -> int:
@@ -280,7 +287,8 @@ class Load:
             raise _WrongAnswer
         return len(idx)
 
-    async def streamfeatures(self, sync_stub: vitserve_pb2_grpc.VisionEncoderStub, rng: random.Random) -> int:
+    async def streamfeatures(self, sync_stub: vitserve_pb2_grpc.VisionEncoderStub,
+                             rng: random.Random) -> tuple[int, str]:
         """A stream of 2-5 frames on the *sync* API in a thread: grpc.aio's client reports a stream the
         server refuses before reading it (RESOURCE_EXHAUSTED, UNAUTHENTICATED) as INTERNAL "Internal
         error from Core" when a request write races the server's status (grpc/grpc#36066)."""
@@ -295,18 +303,19 @@ class Load:
             self.failures.append(f"StreamFeatures: frames {[f[0] for f in frames]} answered as "
                                  f"{[r.frame_id for r in responses]}")
             raise _WrongAnswer
-        images = 0
+        images, first_error = 0, None
         for (_, idx, _), r in zip(frames, responses):
             if r.error_code:
                 code = grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == r.error_code)).name
-                if code not in EXPECTED_REFUSALS:
+                if code not in self.allowed:
                     self.failures.append(f"StreamFeatures frame: {code}: {r.error_message}")
                 self.codes[f"frame:{code}"] += 1
+                first_error = first_error or code
                 continue
             if not self._check_features(r.features, idx, grid=False):
                 raise _WrongAnswer
             images += len(idx)
-        return images
+        return images, first_error or "OK"
 
 
 class _WrongAnswer(Exception):
@@ -342,7 +351,7 @@ async def run_load_async(load: Load, clients: int, duration_s: float, gateway_pi
         p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)), max_ms=float(lat.max()),
         calls_per_s=calls / elapsed, images_per_s=load.images_done / elapsed,
         rss_start_mb=samples[0] if samples else 0.0, rss_max_mb=max(samples, default=0.0),
-        rss_end_mb=samples[-1] if samples else 0.0, failures=load.failures[:20])
+        rss_end_mb=samples[-1] if samples else 0.0, failures=load.failures[:20], allowed=sorted(load.allowed))
 
 
 def run_load(load: Load, clients: int, duration_s: float, gateway_pid: int | None = None) -> LoadReport:
