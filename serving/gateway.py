@@ -119,6 +119,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self.max_images = max_images
         self.max_pixels = max_pixels
         self.enable_admin = enable_admin
+        self.in_flight_limit: Any = None  # serving.interceptors.InFlightLimit, set by create_server
         self.models: dict[str, ServedModel] = {}
         self._client: tritonaio.InferenceServerClient | None = None
         self._last_refresh = 0.0
@@ -230,6 +231,9 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     def variants_of(self, name: str) -> list[str]:
         """Served precision variants whose manifest names ``name`` as their base model."""
         return sorted(m.name for m in self.models.values() if m.base_model == name)
+
+    def calls_in_flight(self) -> int:
+        return int(getattr(self.in_flight_limit, "in_flight", 0))
 
     def model_label(self, name: str) -> str:
         """The model a request names, as metrics label it (empty: the only one served, if one)."""

@@ -74,7 +74,9 @@ def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[
         chain.append(MetricsInterceptor(options.metrics, gateway.model_label))
     if options.auth_token is not None:
         chain.append(BearerTokenAuth(options.auth_token))
-    chain.append(InFlightLimit(options.max_in_flight))
+    limit = InFlightLimit(options.max_in_flight)
+    gateway.in_flight_limit = limit  # the drain on shutdown reports how many calls it waits for
+    chain.append(limit)
     return chain
 
 

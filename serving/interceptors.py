@@ -125,9 +125,16 @@ class InFlightLimit(GuardInterceptor):
             raise ValueError(f"the in-flight limit must be at least 1, got {limit}")
         self.limit = limit
         self.in_flight = 0
+        # Set when the server starts shutting down: new calls are refused UNAVAILABLE (retryable
+        # elsewhere) while those in flight finish.
+        self.draining = False
 
     @contextlib.asynccontextmanager
     async def guard(self, call: Call) -> AsyncIterator[None]:
+        if self.draining:
+            await call.context.abort(grpc.StatusCode.UNAVAILABLE,
+                                     "the server is shutting down and takes no new calls; retry against "
+                                     "another replica or once it is back")
         if self.in_flight >= self.limit:
             await call.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                      f"{self.in_flight} requests are in flight, the limit is {self.limit}; "

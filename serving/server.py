@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
 STOP_GRACE_S = 5.0
+DRAIN_LINGER_S = 0.25
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 600.0
 DEFAULT_RESTART_BACKOFF_S = 1.0
@@ -65,8 +67,23 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
         finally:
             watcher.cancel()
             await set_serving(health_servicer, False)
-            log.info("stopping the gateway (grace %.0fs)", grace)
-            await server.stop(grace)
+            # Drain: new calls are refused UNAVAILABLE at once (by the in-flight guard, so no call
+            # that reaches the server is left unanswered); calls in flight get `grace` seconds to
+            # finish before the server stops and cancels what is left. Triton stays up until then.
+            t0 = time.monotonic()
+            if gateway.in_flight_limit is not None:
+                gateway.in_flight_limit.draining = True
+            log.info("stopping the gateway: draining %d call(s) in flight, refusing new ones (grace %.0fs)",
+                     gateway.calls_in_flight(), grace)
+            while gateway.calls_in_flight() > 0 and time.monotonic() - t0 < grace:
+                await asyncio.sleep(0.02)
+            # Keep answering refusals a moment longer: gRPC cancels (CANCELLED, not retryable) calls
+            # that reach it while it shuts down, and a client that just got its answer may be sending
+            # its next call now.
+            await asyncio.sleep(min(DRAIN_LINGER_S, max(0.0, grace - (time.monotonic() - t0))))
+            await server.stop(max(0.0, grace - (time.monotonic() - t0)))
+            log.info("gateway stopped after %.2fs; %d call(s) were still in flight",
+                     time.monotonic() - t0, gateway.calls_in_flight())
     finally:
         if options.metrics is not None:
             options.metrics.close()
@@ -144,7 +161,7 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLauncher | None,
-                       connect_timeout: float, options: ServerOptions) -> int:
+                       connect_timeout: float, options: ServerOptions, grace: float = STOP_GRACE_S) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -173,7 +190,7 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
     watcher = asyncio.create_task(watch_process())
     try:
         await run_gateway(triton_url, stop, host=host, port=port, on_ready=ready,
-                          connect_timeout=connect_timeout, options=options)
+                          connect_timeout=connect_timeout, options=options, grace=grace)
     finally:
         watcher.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -186,7 +203,7 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
           triton_timeout: float = 300.0, log_verbose: int = 0, options: ServerOptions | None = None,
           triton_max_restarts: int = DEFAULT_MAX_RESTARTS,
           triton_restart_window: float = DEFAULT_RESTART_WINDOW_S,
-          triton_restart_backoff: float = DEFAULT_RESTART_BACKOFF_S) -> int:
+          triton_restart_backoff: float = DEFAULT_RESTART_BACKOFF_S, shutdown_grace: float = STOP_GRACE_S) -> int:
     """Run Triton (unless ``triton_url`` names a running one) and the gateway until SIGINT/SIGTERM.
 
     An embedded Triton that dies is restarted on the same ports, with backoff starting at
@@ -219,7 +236,8 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
                         backoff_max=max(30.0, triton_restart_backoff), ready_timeout=triton_timeout,
                         on_event=metrics.observe_triton_event if metrics is not None else None)
         assert triton_url is not None
-        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout, options))
+        return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout, options,
+                                        shutdown_grace))
     finally:
         if launcher is not None:
             launcher.stop()
@@ -254,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file", type=Path,
                    help="require 'authorization: Bearer <token>' with the token in this file "
                         "(health and reflection stay open)")
+    p.add_argument("--shutdown-grace", type=float, default=STOP_GRACE_S,
+                   help=f"on SIGINT/SIGTERM, seconds calls in flight get to finish while new ones are "
+                        f"refused (default {STOP_GRACE_S:.0f})")
     p.add_argument("--enable-admin", action="store_true",
                    help="enable the model management RPCs (LoadModel, UnloadModel, ReloadModel, "
                         "ListRepository; behind --auth-token-file when given); the embedded Triton then "
@@ -277,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_in_flight < 1 or args.max_message_mb <= 0:
         print("vitserve serve: --max-in-flight must be >= 1 and --max-message-mb > 0", file=sys.stderr)
         return 2
+    if args.shutdown_grace < 0:
+        print("vitserve serve: --shutdown-grace must be >= 0", file=sys.stderr)
+        return 2
     if args.triton_max_restarts < 0 or args.triton_restart_window <= 0 or args.triton_restart_backoff < 0:
         print("vitserve serve: --triton-max-restarts must be >= 0, --triton-restart-window > 0 and "
               "--triton-restart-backoff >= 0", file=sys.stderr)
@@ -296,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                      triton_timeout=args.triton_timeout, log_verbose=args.log_verbose, options=options,
                      triton_max_restarts=args.triton_max_restarts,
                      triton_restart_window=args.triton_restart_window,
-                     triton_restart_backoff=args.triton_restart_backoff)
+                     triton_restart_backoff=args.triton_restart_backoff, shutdown_grace=args.shutdown_grace)
     except (TritonLaunchError, GatewayError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)
         return 1

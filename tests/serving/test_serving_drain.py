@@ -1,0 +1,100 @@
+"""Graceful shutdown of ``vitserve serve``: SIGTERM with calls in flight.
+
+Calls in flight when the signal arrives finish OK, calls after it are refused UNAVAILABLE (none is
+cancelled), Triton is stopped only after the drain, and the process exits 0.
+"""
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.client import VitServeClient, VitServeError
+from serving.triton_launcher import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), ")
+DRAINING = re.compile(r"draining (\d+) call\(s\) in flight")
+STOPPED = re.compile(r"gateway stopped after [\d.]+s; (\d+) call\(s\) were still in flight")
+
+pytestmark = pytest.mark.slow
+
+
+def in_flight(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return float(re.search(r"^vitserve_requests_in_flight ([\d.]+)$", text, re.M).group(1))
+
+
+class Caller(threading.Thread):
+    """Embed calls back to back until one fails; records (finish time, code) of each."""
+
+    def __init__(self, target: str, images: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.target, self.images = target, images
+        self.results: list[tuple[float, grpc.StatusCode]] = []
+
+    def run(self) -> None:
+        with VitServeClient(self.target, timeout=120) as client:
+            while True:
+                try:
+                    emb = client.embed(self.images)
+                    assert emb.shape[0] == len(self.images)
+                    self.results.append((time.monotonic(), grpc.StatusCode.OK))
+                except VitServeError as e:
+                    self.results.append((time.monotonic(), e.code))
+                    return
+
+
+def test_sigterm_drains_calls_in_flight_and_exits_0(exported):
+    metrics_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--model-repository", str(exported.repository),
+         "--port", "0", "--metrics-port", str(metrics_port), "--shutdown-grace", "60"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        match = READY.match(line.strip())
+        assert match, f"unexpected first line {line!r}; stderr:\n{''.join(stderr)}"
+        images = np.random.default_rng(0).integers(0, 256, (128, 28, 28, 1), dtype=np.uint8)
+        callers = [Caller(match.group(1), images) for _ in range(4)]
+        for c in callers:
+            c.start()
+        t0 = time.monotonic()
+        while in_flight(metrics_port) < 1:  # back-to-back callers: almost always some are in flight
+            assert time.monotonic() - t0 < 60, "no call was ever in flight"
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for c in callers:
+            c.join(120)
+            assert not c.is_alive()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    drain.join(5)
+    log = "".join(stderr)
+    draining = DRAINING.search(log)
+    assert draining and int(draining.group(1)) >= 1, log[-3000:]
+    assert STOPPED.search(log) and STOPPED.search(log).group(1) == "0", log[-3000:]  # none cut off
+    assert log.index("gateway stopped") < log.index("stopping tritonserver")  # Triton outlives the drain
+    finished_after = [code for c in callers for t, code in c.results if t > signalled and code == grpc.StatusCode.OK]
+    assert finished_after, "no call in flight at SIGTERM completed"
+    for c in callers:
+        codes = [code for _, code in c.results]
+        # Each caller: OK answers, then one refusal once the gateway stopped taking calls.
+        assert codes[-1] == grpc.StatusCode.UNAVAILABLE, codes
+        assert all(code == grpc.StatusCode.OK for code in codes[:-1]), codes
