@@ -126,11 +126,14 @@ def export_options(a: argparse.Namespace) -> dict[str, Any]:
         layers = (-1,)
     selection = OutputSelection(layers=layers, final_norm=not a.no_final_norm, registers=a.registers,
                                 mean_patch=a.mean_pooled)
+    if a.target == "production" and a.backend == "python":
+        raise ExportUsageError("--target production uses the onnxruntime backend; drop --backend python")
     backend = a.backend or ("onnxruntime" if a.target == "production" else "python")
+    target = "production" if backend == "onnxruntime" else "embedded"  # --backend onnxruntime alone too
     kind = a.instance_kind or ("GPU" if a.target == "production" else "CPU")
     accelerators: tuple[GpuAccelerator, ...] = ()
     if a.trt_accelerator != "none":
-        if a.target != "production":
+        if target != "production":
             raise ExportUsageError("--trt-accelerator is for --target production")
         accelerators = (GpuAccelerator("tensorrt", (("precision_mode", a.trt_accelerator.upper()),
                                                     ("max_workspace_size_bytes", str(1 << 30)))),)
@@ -139,7 +142,7 @@ def export_options(a: argparse.Namespace) -> dict[str, Any]:
             "resolutions": parse_resolutions(a.resolutions) if a.resolutions else None,
             "lanes": a.lanes, "max_queue_delay_us": a.max_queue_delay_us,
             "version_policy": parse_version_policy(a.version_policy), "gpu_accelerators": accelerators,
-            "target": a.target}
+            "target": target}
 
 
 def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str, Any]]:

@@ -154,4 +154,6 @@ def test_cli_tensorrt_and_accelerator_misuse(tmp_path, make_run_dir, capsys):
     assert main([str(run), "--repository", str(repo), "--target", "production", "--instance-kind", "CPU",
                  "--trt-accelerator", "fp16"]) == 2
     assert "KIND_GPU" in capsys.readouterr().err
+    assert main([str(run), "--repository", str(repo), "--target", "production", "--backend", "python"]) == 2
+    assert "drop --backend python" in capsys.readouterr().err
     assert not repo.exists() or list(repo.iterdir()) == []
