@@ -73,6 +73,9 @@ class FeaturesResult:
     preprocessing: dict[str, Any]
     timing: dict[str, float]
     source: str = ""
+    # Every patch-token output asked for (``outputs=``), by name, in the request's layout.
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
+    registers: np.ndarray | None = None  # [N, R, D] with include_registers
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,9 @@ def features_result(response: vitserve_pb2.FeaturesResponse) -> FeaturesResult:
         model=_message_dict(response.model),
         preprocessing=_message_dict(response.preprocessing),
         timing=_message_dict(response.timing),
-        source=response.source)
+        source=response.source,
+        layers={layer.name: tensor_to_numpy(layer.features) for layer in response.layers},
+        registers=tensor_to_numpy(response.registers) if response.HasField("registers") else None)
 
 
 @dataclass(frozen=True)
@@ -283,11 +288,15 @@ def embed_request(images: Images, model: str, l2_normalize: bool, dtype: str,
 
 
 def features_request(images: Images, model: str, layout: str, include_cls: bool,
-                     dtype: str, lane: str = "", resize_op: str = "") -> vitserve_pb2.FeaturesRequest:
+                     dtype: str, lane: str = "", resize_op: str = "", outputs: Sequence[str] = (),
+                     include_registers: bool = False) -> vitserve_pb2.FeaturesRequest:
+    if isinstance(outputs, str):
+        outputs = [outputs]
     return vitserve_pb2.FeaturesRequest(model=model, images=to_proto_images(images),
                                         layout=_layout(layout), include_cls=include_cls,
                                         dtype=_dtype(dtype), lane=_enum(LANES, lane, "lane"),
-                                        resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"))
+                                        resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"),
+                                        outputs=list(outputs), include_registers=include_registers)
 
 
 def stream_request(frame: Frame, model: str, layout: str, include_cls: bool, dtype: str,
@@ -377,9 +386,14 @@ class VitServeClient:
             raise _error(e) from None
 
     def features(self, images: Images, model: str = "", layout: str = "grid", include_cls: bool = False,
-                 dtype: str = "float32", lane: str = "", resize_op: str = "") -> FeaturesResult:
-        """Patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens), optionally CLS ``[N, D]``."""
-        request = features_request(images, model, layout, include_cls, dtype, lane, resize_op)
+                 dtype: str = "float32", lane: str = "", resize_op: str = "", outputs: Sequence[str] = (),
+                 include_registers: bool = False) -> FeaturesResult:
+        """Patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens), optionally CLS ``[N, D]``.
+
+        ``outputs`` names the patch-token outputs to return (e.g. ``["patch_tokens_l-2"]`` for a model
+        exported with ``--layers -2``; default the last block's); each is in ``result.layers``."""
+        request = features_request(images, model, layout, include_cls, dtype, lane, resize_op, outputs,
+                                   include_registers)
         return features_result(self._call(self._stub.Features, request))
 
     def list_models(self) -> list[ModelDescription]:
@@ -468,8 +482,10 @@ class AsyncVitServeClient:
 
     async def features(self, images: Images, model: str = "", layout: str = "grid",
                        include_cls: bool = False, dtype: str = "float32", lane: str = "",
-                       resize_op: str = "") -> FeaturesResult:
-        request = features_request(images, model, layout, include_cls, dtype, lane, resize_op)
+                       resize_op: str = "", outputs: Sequence[str] = (),
+                       include_registers: bool = False) -> FeaturesResult:
+        request = features_request(images, model, layout, include_cls, dtype, lane, resize_op, outputs,
+                                   include_registers)
         return features_result(await self._call(self._stub.Features, request))
 
     async def list_models(self) -> list[ModelDescription]:

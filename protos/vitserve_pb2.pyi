@@ -195,7 +195,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ..., pooling: _Optional[_Union[EmbedRequest.Pooling, str]] = ..., l2_normalized: _Optional[bool] = ...) -> None: ...
 
 class FeaturesRequest(_message.Message):
-    __slots__ = ("model", "images", "layout", "dtype", "include_cls", "lane", "resize_op")
+    __slots__ = ("model", "images", "layout", "dtype", "include_cls", "lane", "resize_op", "outputs", "include_registers")
     class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         LAYOUT_UNSPECIFIED: _ClassVar[FeaturesRequest.Layout]
@@ -211,6 +211,8 @@ class FeaturesRequest(_message.Message):
     INCLUDE_CLS_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     RESIZE_OP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REGISTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layout: FeaturesRequest.Layout
@@ -218,10 +220,26 @@ class FeaturesRequest(_message.Message):
     include_cls: bool
     lane: Lane
     resize_op: ResizeOp
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_cls: _Optional[bool] = ..., lane: _Optional[_Union[Lane, str]] = ..., resize_op: _Optional[_Union[ResizeOp, str]] = ...) -> None: ...
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    include_registers: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_cls: _Optional[bool] = ..., lane: _Optional[_Union[Lane, str]] = ..., resize_op: _Optional[_Union[ResizeOp, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., include_registers: _Optional[bool] = ...) -> None: ...
+
+class LayerFeatures(_message.Message):
+    __slots__ = ("name", "block", "final_norm", "description", "features")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    FINAL_NORM_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    block: int
+    final_norm: bool
+    description: str
+    features: Tensor
+    def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., final_norm: _Optional[bool] = ..., description: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FeaturesResponse(_message.Message):
-    __slots__ = ("features", "cls", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "layout", "model", "preprocessing", "timing", "source")
+    __slots__ = ("features", "cls", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "layout", "model", "preprocessing", "timing", "source", "layers", "registers")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     CLS_FIELD_NUMBER: _ClassVar[int]
     GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +251,8 @@ class FeaturesResponse(_message.Message):
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    REGISTERS_FIELD_NUMBER: _ClassVar[int]
     features: Tensor
     cls: Tensor
     grid_height: int
@@ -244,14 +264,16 @@ class FeaturesResponse(_message.Message):
     preprocessing: Preprocessing
     timing: Timing
     source: str
-    def __init__(self, features: _Optional[_Union[Tensor, _Mapping]] = ..., cls: _Optional[_Union[Tensor, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[LayerFeatures]
+    registers: Tensor
+    def __init__(self, features: _Optional[_Union[Tensor, _Mapping]] = ..., cls: _Optional[_Union[Tensor, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerFeatures, _Mapping]]] = ..., registers: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "ready", "input_height", "input_width", "input_channels", "embed_dim", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "encoder_spec_json", "manifest_json", "probe_scores", "max_batch_size", "outputs", "precision", "base_model", "variants", "lane", "lanes", "preferred_batch_sizes", "max_queue_delay_us", "default_resize_op", "crop_pct")
+    __slots__ = ("model", "ready", "input_height", "input_width", "input_channels", "embed_dim", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "encoder_spec_json", "manifest_json", "probe_scores", "max_batch_size", "outputs", "precision", "base_model", "variants", "lane", "lanes", "preferred_batch_sizes", "max_queue_delay_us", "default_resize_op", "crop_pct", "buckets")
     class ProbeScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +312,7 @@ class ModelInfo(_message.Message):
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RESIZE_OP_FIELD_NUMBER: _ClassVar[int]
     CROP_PCT_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     ready: bool
     input_height: int
@@ -314,7 +337,22 @@ class ModelInfo(_message.Message):
     max_queue_delay_us: int
     default_resize_op: ResizeOp
     crop_pct: float
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ready: _Optional[bool] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_channels: _Optional[int] = ..., embed_dim: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., encoder_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ..., probe_scores: _Optional[_Mapping[str, float]] = ..., max_batch_size: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., base_model: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., lane: _Optional[str] = ..., lanes: _Optional[_Mapping[str, str]] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., default_resize_op: _Optional[_Union[ResizeOp, str]] = ..., crop_pct: _Optional[float] = ...) -> None: ...
+    buckets: _containers.RepeatedCompositeFieldContainer[ResolutionBucket]
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ready: _Optional[bool] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_channels: _Optional[int] = ..., embed_dim: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., encoder_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ..., probe_scores: _Optional[_Mapping[str, float]] = ..., max_batch_size: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., base_model: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., lane: _Optional[str] = ..., lanes: _Optional[_Mapping[str, str]] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., default_resize_op: _Optional[_Union[ResizeOp, str]] = ..., crop_pct: _Optional[float] = ..., buckets: _Optional[_Iterable[_Union[ResolutionBucket, _Mapping]]] = ...) -> None: ...
+
+class ResolutionBucket(_message.Message):
+    __slots__ = ("height", "width", "grid_height", "grid_width", "model")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    grid_height: int
+    grid_width: int
+    model: str
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)

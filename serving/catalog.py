@@ -78,6 +78,29 @@ class ServedModel:
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     @property
+    def buckets(self) -> list[vitserve_pb2.ResolutionBucket]:
+        """The manifest's resolution buckets (``[{"size", "grid", "model"}]``); malformed entries skipped."""
+        out = []
+        for b in self.manifest.get("buckets") or []:
+            try:
+                (h, w), (gh, gw) = b["size"], b["grid"]
+                out.append(vitserve_pb2.ResolutionBucket(height=int(h), width=int(w), grid_height=int(gh),
+                                                         grid_width=int(gw), model=str(b["model"])))
+            except (KeyError, TypeError, ValueError):
+                log.warning("model %r: ignoring malformed manifest bucket %r", self.name, b)
+        return out
+
+    def output_entry(self, name: str) -> dict[str, Any]:
+        """The manifest's description of output ``name`` (``{}`` if it has none)."""
+        entry = (self.manifest.get("outputs") or {}).get(name) or {}
+        return entry if isinstance(entry, dict) else {}
+
+    @property
+    def token_outputs(self) -> list[str]:
+        """Outputs shaped like ``patch_tokens`` (``[h*w, D]`` per image): the layers Features can return."""
+        return [o for o in self.outputs if o == PATCH_OUTPUT or o.startswith(PATCH_OUTPUT + "_l")]
+
+    @property
     def variant(self) -> dict[str, Any]:
         v = self.manifest.get("variant") or {}
         return v if isinstance(v, dict) else {}
@@ -108,7 +131,7 @@ class ServedModel:
             precision=self.precision, base_model=self.base_model, variants=sorted(variants or []),
             lane=self.lane, lanes=self.lanes, preferred_batch_sizes=list(self.preferred_batch_sizes),
             max_queue_delay_us=self.max_queue_delay_us, default_resize_op=self.preprocess.resize_op,
-            crop_pct=self.preprocess.crop_pct)
+            crop_pct=self.preprocess.crop_pct, buckets=self.buckets)
 
 
 def _dims(tensors: list[dict[str, Any]], name: str, model: str) -> list[int]:

@@ -43,6 +43,7 @@ _TRITON_CHANNEL_ARGS = [
     ("grpc.keepalive_permit_without_calls", False), ("grpc.http2.max_pings_without_data", 2),
     ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000)]
+REGISTERS_OUTPUT = "registers"
 _PATCH_SOURCE = "patch tokens of the last block after the final norm"
 _POOLING = vitserve_pb2.EmbedRequest.Pooling
 _POOLING_SOURCE = {_POOLING.CLS: "cls", _POOLING.MEAN_PATCH: "mean_patch",
@@ -305,6 +306,22 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         return vitserve_pb2.Timing(queue_ms=1e3 * (t0 - arrived), decode_ms=1e3 * (t1 - t0),
                                    inference_ms=1e3 * (t2 - t1), total_ms=1e3 * (time.perf_counter() - arrived))
 
+    @staticmethod
+    def _layer_outputs(model: ServedModel, request: vitserve_pb2.FeaturesRequest) -> list[str]:
+        """The patch-token outputs a Features request asks for (INVALID_ARGUMENT if not exported)."""
+        wanted = list(dict.fromkeys(request.outputs)) or [PATCH_OUTPUT]
+        available = model.token_outputs
+        unknown = [o for o in wanted if o not in available]
+        if unknown:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model {model.name!r} exports no patch-token output {', '.join(map(repr, unknown))}; "
+                               f"it has {', '.join(available)} (export with --layers to add layers)")
+        if request.include_registers and REGISTERS_OUTPUT not in model.outputs:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model {model.name!r} exports no register tokens (export it with --registers; "
+                               f"it has {model.num_prefix_tokens} prefix token(s))")
+        return wanted
+
     async def embed(self, request: vitserve_pb2.EmbedRequest, remaining: Remaining,
                     arrived: float | None = None) -> vitserve_pb2.EmbedResponse:
         t0 = time.perf_counter()
@@ -332,21 +349,37 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         model = await self.resolve_lane(request.model, request.lane, stream=stream)
         batch = await self._decode(request.images, model, request.resize_op)
         t1 = time.perf_counter()
-        names = [PATCH_OUTPUT, CLS_OUTPUT] if request.include_cls else [PATCH_OUTPUT]
+        layers = self._layer_outputs(model, request)
+        names = list(layers)
+        if request.include_cls:
+            names.append(CLS_OUTPUT)
+        if request.include_registers:
+            names.append(REGISTERS_OUTPUT)
         out = await self._infer(model, batch.pixels, names, remaining)
         t2 = time.perf_counter()
-        tokens = out[PATCH_OUTPUT]  # [N, h*w, D]
         layout = request.layout or vitserve_pb2.FeaturesRequest.GRID
-        if layout == vitserve_pb2.FeaturesRequest.GRID:
-            tokens = tokens.reshape(len(tokens), model.grid[0], model.grid[1], model.embed_dim)
-        described = model.manifest.get("outputs", {}).get(PATCH_OUTPUT, {}).get("description")
+        tensors = []
+        for name in layers:
+            tokens = out[name]  # [N, h*w, D]
+            if layout == vitserve_pb2.FeaturesRequest.GRID:
+                tokens = tokens.reshape(len(tokens), model.grid[0], model.grid[1], model.embed_dim)
+            tensors.append(to_tensor(tokens, request.dtype))
+        first = model.output_entry(layers[0]).get("description")
         response = vitserve_pb2.FeaturesResponse(
-            features=to_tensor(tokens, request.dtype), grid_height=model.grid[0],
+            features=tensors[0], grid_height=model.grid[0],
             grid_width=model.grid[1], patch_size=model.patch_size,
             num_prefix_tokens=model.num_prefix_tokens, layout=layout, model=model.ref(),
-            preprocessing=self._preprocessing(model, batch), source=described or _PATCH_SOURCE)
+            preprocessing=self._preprocessing(model, batch),
+            source=first or (_PATCH_SOURCE if layers[0] == PATCH_OUTPUT else layers[0]))
+        for name, tensor in zip(layers, tensors):
+            entry = model.output_entry(name)
+            response.layers.add(name=name, block=int(entry.get("block", -1)),
+                                final_norm=bool(entry.get("final_norm", name == PATCH_OUTPUT)),
+                                description=str(entry.get("description", "")), features=tensor)
         if request.include_cls:
             response.cls.CopyFrom(to_tensor(out[CLS_OUTPUT], request.dtype))
+        if request.include_registers:
+            response.registers.CopyFrom(to_tensor(out[REGISTERS_OUTPUT], request.dtype))
         response.timing.CopyFrom(self._timing(arrived, t0, t1, t2))
         return response
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from protos import vitserve_pb2
 from serving.catalog import CatalogError, model_from_config
 
 
@@ -60,3 +61,37 @@ def test_missing_tensor_is_refused():
     cfg["output"] = cfg["output"][:1]
     with pytest.raises(CatalogError, match="no tensor 'patch_tokens'"):
         model_from_config(cfg)
+
+
+def test_model_info_lists_probes_variants_lanes_buckets_and_batching():
+    manifest = {**MANIFEST,
+                "probes": {"format_version": 1, "scores": {"knn_cls_top1": 0.7, "dense_miou": 0.2, "note": "x"}},
+                "lane": "latency", "lanes": {"throughput": "m_tp", "latency": "m"},
+                "buckets": [{"size": [28, 28], "grid": [7, 7], "model": "m"},
+                            {"size": [56, 56], "grid": [14, 14], "model": "m_r56"}, {"size": "bad"}],
+                "variant": {"precision": "int8", "base_model": "m_base"},
+                "preprocessing": {"resize_op": "letterbox"}}
+    cfg = config(manifest)
+    cfg["dynamic_batching"] = {"preferred_batch_size": [1, 2], "max_queue_delay_microseconds": "0"}
+    m = model_from_config(cfg, "1")
+    info = m.info(ready=True, variants=["m_fp16"])
+    assert dict(info.probe_scores) == pytest.approx({"knn_cls_top1": 0.7, "dense_miou": 0.2})  # numbers only
+    assert (info.lane, dict(info.lanes), info.model.lane) == ("latency", {"throughput": "m_tp", "latency": "m"},
+                                                             "latency")
+    assert [(b.height, b.grid_width, b.model) for b in info.buckets] == [(28, 7, "m"), (56, 14, "m_r56")]
+    assert (info.precision, info.base_model, list(info.variants)) == ("int8", "m_base", ["m_fp16"])
+    assert (list(info.preferred_batch_sizes), info.max_queue_delay_us, info.max_batch_size) == ([1, 2], 0, 8)
+    assert list(info.outputs) == ["cls", "patch_tokens"] and m.token_outputs == ["patch_tokens"]
+    assert info.default_resize_op == vitserve_pb2.LETTERBOX
+
+
+def test_model_without_probes_or_lanes():
+    info = model_from_config(config({**MANIFEST, "probes": {}}), "1").info(ready=True)
+    assert dict(info.probe_scores) == {} and info.lane == "" and dict(info.lanes) == {}
+    assert info.precision == "fp32" and list(info.buckets) == []
+    assert info.default_resize_op == vitserve_pb2.RESIZE
+
+
+def test_bad_preprocessing_entry_is_refused():
+    with pytest.raises(CatalogError, match="preprocessing.resize_op 'zoom'"):
+        model_from_config(config({**MANIFEST, "preprocessing": {"resize_op": "zoom"}}))

@@ -1,7 +1,9 @@
-"""Model management, GetModel and lanes through a real Triton (explicit model control) and gateway.
+"""Model management, GetModel, lanes and chosen layers through a real Triton (explicit model
+control) and gateway.
 
-The repository holds ``laned`` and ``laned_latency`` (one export with lanes and probe scores, through
-the real exporter) and ``plain`` (the session's exported model: no lanes, no probes).
+The repository holds ``laned`` and ``laned_latency`` (one export with lanes, probe scores and the
+penultimate block's patch tokens, through the real exporter) and ``plain`` (the session's exported
+model: no lanes, no probes, default outputs).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def repository(exported, tmp_path_factory) -> Path:
     config = repo / "plain" / "config.pbtxt"
     config.write_text(config.read_text().replace(f'name: "{exported.name}"', 'name: "plain"'))
     probes = {"format_version": 1, "scores": SCORES, "run": "test"}
+    from export.outputs import OutputSelection
+
     export_repository.export_entries(exported.model, exported.spec, repo, "laned", max_batch_size=8,
-                                     lanes=True, probes=probes)
+                                     lanes=True, probes=probes, selection=OutputSelection(layers=(-2,)))
     return repo
 
 
@@ -176,3 +180,30 @@ def test_lanes_route_requests(admin, torch_reference):
     finally:
         admin.load_model("laned_latency")
     assert admin.embed_result(x, model="laned", lane="latency").model["name"] == "laned_latency"
+
+
+def test_features_from_chosen_layers(admin, exported, torch_reference):
+    import torch
+
+    from training.data import to_float_nchw
+
+    x = images(2)
+    spec = exported.spec
+    with torch.no_grad():
+        penultimate = exported.model.forward_intermediates(
+            to_float_nchw(x, spec.mean, spec.std), indices=[spec.depth - 2], norm=True, output_fmt="NLC",
+            intermediates_only=True)[0].numpy()
+    _, last = torch_reference(x)
+    res = admin.features(x, model="laned", layout="tokens", outputs=["patch_tokens_l-2", "patch_tokens"])
+    assert list(res.layers) == ["patch_tokens_l-2", "patch_tokens"]
+    np.testing.assert_allclose(res.layers["patch_tokens_l-2"], penultimate, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(res.layers["patch_tokens"], last, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(res.features, res.layers["patch_tokens_l-2"])  # the first asked for
+    assert f"after block {spec.depth - 2}" in res.source
+    assert "patch_tokens_l-2" in admin.get_model("laned").outputs
+
+    code, details = code_of(lambda: admin.features(x, model="plain", outputs=["patch_tokens_l-2"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model 'plain' exports no patch-token output 'patch_tokens_l-2'; it has patch_tokens" in details
+    code, details = code_of(lambda: admin.features(x, model="plain", include_registers=True))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "exports no register tokens" in details
