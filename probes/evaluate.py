@@ -1,0 +1,204 @@
+"""Run the probes on one feature source and record the scores (``RUN_DIR/probes.json``).
+
+``load_probe_data`` draws the images and the scene set once; ``probe_source`` extracts features from
+a source and runs the k-NN, linear and dense probes on them; ``probes_record`` is the on-disk record
+(format below), ``write_probes_json`` writes it atomically next to a run::
+
+    {"format_version": 1,
+     "scores": {"knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1",
+                "dense_patch_acc", "dense_miou"},      # percentages 0-100, only the probes that ran
+     "protocol": {...}, "data": "fashion-mnist", "source": "...", "created": "<ISO UTC>"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from probes.dense import dense_probe, scene_patch_features
+from probes.linear import LinearProtocol, linear_probe
+from probes.scenes import SceneSpec, Scenes, make_scenes
+from probes.sources import DEFAULT_BATCH, FeatureSource, extract_global
+from training.knn import knn_accuracy
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PROBES_FILENAME = "probes.json"
+PROBES = ("knn", "linear", "dense")
+KNN_K = 20
+KNN_T = 0.07
+DATA_NAME = "fashion-mnist"
+DEFAULT_TRAIN_SCENES = 2000
+DEFAULT_TEST_SCENES = 1000
+TRAIN_SCENE_SEED, TEST_SCENE_SEED = 0, 1
+SUBSET_SEED = 0
+HEADLINE = "cls"  # the global feature the summary leads with (what Embed returns by default)
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """Images ``[N, 28, 28, 1]`` uint8 and labels of both splits, and the scene sets (None without dense)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    train_scenes: Scenes | None
+    test_scenes: Scenes | None
+    scene_spec: SceneSpec
+
+    def protocol(self) -> dict[str, Any]:
+        return {"n_train": int(len(self.train_images)), "n_test": int(len(self.test_images)),
+                "subset_seed": SUBSET_SEED,
+                "scenes": None if self.train_scenes is None else {
+                    **self.scene_spec.to_dict(), "n_train_scenes": len(self.train_scenes),
+                    "n_test_scenes": len(self.test_scenes), "train_seed": TRAIN_SCENE_SEED,
+                    "test_seed": TEST_SCENE_SEED, "train_items_from": "train split",
+                    "test_items_from": "test split",
+                    "encoding": "each canvas encoded as tiles of tile_size px, tiles' patch grids "
+                                "reassembled into the canvas grid"}}
+
+
+def load_probe_data(limit_train: int | None = None, limit_test: int | None = None,
+                    train_scenes: int | None = None, test_scenes: int | None = None,
+                    scene_spec: SceneSpec = SceneSpec(), dense: bool = True,
+                    data_dir: str | Path | None = None) -> ProbeData:
+    """Fashion-MNIST (``limit_*``: seeded random subsets) and the scene sets drawn from those images.
+
+    Scene counts default to 2000 train / 1000 test, capped at a quarter of the (limited) image count so
+    that a subset run encodes about as many tiles for dense as images for the global probes.
+    Raises ``training.data.DataError`` when the data set is missing.
+    """
+    from training.data import load_fashion_mnist
+
+    train = load_fashion_mnist("train", data_dir).subset(limit_train, SUBSET_SEED)
+    test = load_fashion_mnist("test", data_dir).subset(limit_test, SUBSET_SEED)
+    tr_scenes = te_scenes = None
+    if dense:
+        n_tr = train_scenes if train_scenes is not None else min(DEFAULT_TRAIN_SCENES, max(1, len(train) // 4))
+        n_te = test_scenes if test_scenes is not None else min(DEFAULT_TEST_SCENES, max(1, len(test) // 4))
+        tr_scenes = make_scenes(train.images, train.labels, n_tr, scene_spec, TRAIN_SCENE_SEED)
+        te_scenes = make_scenes(test.images, test.labels, n_te, scene_spec, TEST_SCENE_SEED)
+    return ProbeData(train.images, train.labels, test.images, test.labels, tr_scenes, te_scenes, scene_spec)
+
+
+@dataclass
+class ProbeReport:
+    """Scores (percent), details (chosen L2s, per-class IoU, ...) and timings (seconds) of one source."""
+
+    source: str
+    scores: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parse_probes(text: str | Sequence[str]) -> list[str]:
+    """``"knn,linear"`` -> ``["knn", "linear"]``; ValueError naming an unknown probe."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [n for n in names if n not in PROBES]
+    if unknown or not names:
+        raise ValueError(f"unknown probe(s) {unknown or names}; choose from {', '.join(PROBES)}")
+    return [p for p in PROBES if p in names]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (``None``/0: leave torch's setting), then restore.
+
+    On a loaded machine one thread is much faster than two (a 60k x 192 linear probe took 33 s
+    wall with 1 thread and 242 s with 2 beside other jobs on this 2-core CPU: threads that wait for
+    each other at every operation lose to the scheduler).
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str] = PROBES,
+                 protocol: LinearProtocol = LinearProtocol(), batch: int = DEFAULT_BATCH,
+                 threads: int | None = None) -> ProbeReport:
+    """Extract features from ``source`` and run ``probes`` on them (with ``threads`` torch threads)."""
+    with torch_threads(threads):
+        return _probe_source(source, data, probes, protocol, batch)
+
+
+def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],
+                  protocol: LinearProtocol, batch: int) -> ProbeReport:
+    report = ProbeReport(source.name)
+    tag = source.name.split(":")[0]
+    if "knn" in probes or "linear" in probes:
+        t0 = time.perf_counter()
+        train = extract_global(source, data.train_images, batch, f"{tag} train features")
+        test = extract_global(source, data.test_images, batch, f"{tag} test features")
+        report.timings["global_features_s"] = time.perf_counter() - t0
+        for pooling, tr, te in (("cls", train[0], test[0]), ("mean", train[1], test[1])):
+            if "knn" in probes:
+                t0 = time.perf_counter()
+                acc = knn_accuracy(tr, data.train_labels, te, data.test_labels, KNN_K, KNN_T)
+                report.scores[f"knn_{pooling}_top1"] = 100.0 * acc
+                report.timings[f"knn_{pooling}_s"] = time.perf_counter() - t0
+            if "linear" in probes:
+                t0 = time.perf_counter()
+                res = linear_probe(tr, data.train_labels, te, data.test_labels, protocol)
+                report.scores[f"linear_{pooling}_top1"] = 100.0 * res.accuracy
+                report.details[f"linear_{pooling}"] = res.summary()
+                report.timings[f"linear_{pooling}_s"] = time.perf_counter() - t0
+            log.info("%s %s: %s", source.name, pooling,
+                     ", ".join(f"{k}={v:.2f}" for k, v in report.scores.items() if f"_{pooling}_" in k))
+    if "dense" in probes:
+        if data.train_scenes is None or data.test_scenes is None:
+            raise ValueError("the dense probe needs scene sets: load_probe_data(dense=True)")
+        t0 = time.perf_counter()
+        ftr = scene_patch_features(source, data.train_scenes, batch, f"{tag} train scenes")
+        fte = scene_patch_features(source, data.test_scenes, batch, f"{tag} test scenes")
+        report.timings["dense_features_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = dense_probe(ftr, data.train_scenes.patch_labels, fte, data.test_scenes.patch_labels, protocol)
+        report.timings["dense_probe_s"] = time.perf_counter() - t0
+        report.scores["dense_patch_acc"] = 100.0 * res.patch_accuracy
+        report.scores["dense_miou"] = 100.0 * res.miou
+        report.details["dense"] = {"l2": res.l2, "val_accuracy": {f"{k:g}": v for k, v in res.val_accuracy.items()},
+                                   "iou_per_class": [None if np.isnan(v) else float(v) for v in res.iou]}
+        log.info("%s dense: patch acc %.2f, mIoU %.2f", source.name, report.scores["dense_patch_acc"],
+                 report.scores["dense_miou"])
+    return report
+
+
+def protocol_record(data: ProbeData, probes: Sequence[str], protocol: LinearProtocol) -> dict[str, Any]:
+    """The ``protocol`` entry of ``probes.json``: every setting that shapes the scores."""
+    return {"probes": list(probes), "knn": {"k": KNN_K, "temperature": KNN_T, "similarity": "cosine",
+                                            "votes": "exp(sim / T) weighted"},
+            "linear": protocol.to_dict(), "dense_classifier": "the linear protocol on per-patch tokens",
+            "global_features": {"cls": "CLS token (final norm)", "mean": "mean of patch tokens (final norm)",
+                                "headline": HEADLINE},
+            **data.protocol()}
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def probes_record(report: ProbeReport, protocol: dict[str, Any]) -> dict[str, Any]:
+    """The ``probes.json`` object of one source (module docstring)."""
+    return {"format_version": FORMAT_VERSION, "scores": {k: float(v) for k, v in report.scores.items()},
+            "protocol": protocol, "data": DATA_NAME, "source": report.source, "created": utc_now()}
+
+
+def write_probes_json(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` to ``RUN_DIR/probes.json`` atomically (``training.run_dir.write_json``)."""
+    from training.run_dir import write_json
+
+    return write_json(Path(run_dir) / PROBES_FILENAME, record)

@@ -1,0 +1,65 @@
+"""``vitserve probe``: a small end-to-end run that writes probes.json, and precise errors."""
+
+import json
+
+import pytest
+
+from probes.cli import main
+
+SMALL = ["--limit-train", "300", "--limit-test", "100", "--train-scenes", "20", "--test-scenes", "10",
+         "--threads", "1", "--l2-grid", "1e-2,1e-4", "--max-iter", "50"]
+
+
+def test_probe_run_writes_probes_json_and_results(small_run, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["--run", str(small_run), "--baselines", "--write-run", "--out", str(out), *SMALL]) == 0
+    record = json.loads((small_run / "probes.json").read_text())
+    assert record["format_version"] == 1 and record["data"] == "fashion-mnist"
+    assert set(record["scores"]) == {"knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1",
+                                     "dense_patch_acc", "dense_miou"}
+    assert all(0 <= v <= 100 for v in record["scores"].values())
+    p = record["protocol"]
+    assert (p["knn"]["k"], p["knn"]["temperature"], p["n_train"], p["n_test"]) == (20, 0.07, 300, 100)
+    assert p["scenes"]["n_train_scenes"] == 20 and p["scenes"]["grid"] == 14
+    assert record["source"].startswith("torch:") and record["created"].endswith("Z")
+    results = json.loads(out.read_text())
+    assert [r["source"].split(":")[0] for r in results["records"]] == ["torch", "raw-pixels", "random-init"]
+    assert "raw-pixels" in capsys.readouterr().out
+
+
+def test_probe_subset_of_probes(small_run, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--run", str(small_run), "--probes", "knn", "--out", str(out), *SMALL]) == 0
+    assert set(json.loads(out.read_text())["records"][0]["scores"]) == {"knn_cls_top1", "knn_mean_top1"}
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--run", "/nonexistent/run"], 2, "run directory /nonexistent/run does not exist"),
+    (["--onnx", "/nonexistent/model.onnx"], 2, "does not exist"),
+    (["--service", "127.0.0.1:9"], 2, "--service needs --model"),
+    (["--run", "RUN", "--probes", "knn,segmentation"], 2, "unknown probe"),
+    (["--onnx", "X", "--write-run"], 2, "--write-run needs --run"),
+    (["--run", "RUN", "--limit-train", "0"], 2, "--limit-train must be >= 1"),
+    (["--run", "RUN", "--l2-grid", "a,b"], 2, "--l2-grid must be comma-separated numbers"),
+])
+def test_usage_errors(argv, code, message, small_run, small_export, capsys):
+    argv = [str(small_run) if a == "RUN" else str(small_export) if a == "X" else a for a in argv]
+    assert main(argv) == code
+    assert message in capsys.readouterr().err
+
+
+def test_incomplete_run_dir_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["--run", str(tmp_path / "run")]) == 2
+    assert "missing encoder_spec.json, encoder.pt" in capsys.readouterr().err
+
+
+def test_missing_data_exits_1(small_run, tmp_path, capsys):
+    assert main(["--run", str(small_run), "--data-dir", str(tmp_path), *SMALL]) == 1
+    assert "Fashion-MNIST not found" in capsys.readouterr().err
+
+
+def test_unreachable_service_exits_1(capsys):
+    assert main(["--service", "127.0.0.1:9", "--model", "m", "--timeout", "2", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1:9" in err and "UNAVAILABLE" in err
