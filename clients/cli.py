@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "features": ("clients.commands", "features_main", "patch features of image files from a running service"),
     "demo": ("clients.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
     "bench": ("clients.bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
+    "probe": ("probes.cli", "main", "k-NN, linear and dense probe quality of a run, ONNX model or service"),
 }
 
 
