@@ -1,4 +1,4 @@
-"""``vitserve embed`` and ``vitserve features``: query a running service with image files.
+"""``vitserve embed``, ``vitserve features`` and ``vitserve admin``: query and manage a running service.
 
 Exit codes: 0 success, 1 the server refused or failed the call (its message is printed), 2 usage
 errors (bad arguments, unreadable files).
@@ -7,32 +7,57 @@ errors (bad arguments, unreadable files).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from clients.client import VitServeClient, VitServeError, channel_credentials
+from clients.client import ModelDescription, VitServeClient, VitServeError, channel_credentials
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _common(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG/WebP/BMP)")
+def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway HOST:PORT (default {DEFAULT_TARGET})")
-    p.add_argument("--model", default="", help="model name (may be omitted when only one is served)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="dtype the server sends back")
-    p.add_argument("--out", type=Path, help="save the array to this .npy file")
     p.add_argument("--timeout", type=float, default=60.0, help="call deadline in seconds")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token the server requires")
     p.add_argument("--tls-ca", type=Path, help="use TLS, trusting this PEM CA (see --tls for system roots)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
     p.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (PEM)")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+
+
+def _common(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG/WebP/BMP)")
+    p.add_argument("--model", default="", help="model name (may be omitted when only one is served)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype the server sends back")
+    p.add_argument("--out", type=Path, help="save the array to this .npy file")
+    p.add_argument("--lane", choices=("throughput", "latency"), default="",
+                   help="run on the model's throughput or latency lane (its manifest must declare it)")
+    p.add_argument("--resize-op", choices=("resize", "center_crop", "letterbox"), default="",
+                   help="how images of another size reach the model's input (default: the model's)")
+    _connection(p)
     return p
+
+
+def _client_options(prog: str, args: argparse.Namespace) -> tuple[str | None, object] | None:
+    """(token, TLS credentials) from the connection flags; prints the problem and returns None."""
+    try:
+        token = args.token_file.read_text().strip() if args.token_file is not None else None
+        tls = None
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+            tls = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except OSError as e:
+        print(f"{prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return None
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    return token, tls
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
@@ -49,19 +74,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
     except OSError as e:
         print(f"{parser.prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
-    try:
-        token = args.token_file.read_text().strip() if args.token_file is not None else None
-        tls = None
-        if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
-            tls = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    except OSError as e:
-        print(f"{parser.prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+    connection = _client_options(parser.prog, args)
+    if connection is None:
         return 2
-    except ValueError as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
-        return 2
+    token, tls = connection
     try:
-        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:
+        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:  # type: ignore[arg-type]
             array = call(client, args, data)
     except VitServeError as e:
         print(f"{parser.prog}: server error {e.code.name}: {e.details}", file=sys.stderr)
@@ -84,7 +102,7 @@ def embed_main(argv: list[str] | None = None) -> int:
 
     def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
         emb = client.embed(data, model=args.model, l2_normalize=args.normalize, dtype=args.dtype,
-                           pooling=args.pooling)
+                           pooling=args.pooling, lane=args.lane, resize_op=args.resize_op)
         print(f"embeddings: shape {list(emb.shape)} {emb.dtype}")
         for path, row in zip(args.images, emb):
             print(f"  {path}: norm {float(np.linalg.norm(row.astype(np.float32))):.4f}")
@@ -100,10 +118,14 @@ def features_main(argv: list[str] | None = None) -> int:
                         help="grid [N, h, w, D] (default) or tokens [N, h*w, D]")
     parser.add_argument("--cls", action="store_true",
                         help="also fetch the CLS token (saved next to --out as FILE.cls.npy)")
+    parser.add_argument("--output", action="append",
+                        help="patch-token output to fetch, e.g. patch_tokens_l-2 (repeatable; the first is "
+                             "saved to --out; default patch_tokens)")
 
     def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
         res = client.features(data, model=args.model, layout=args.layout, include_cls=args.cls,
-                              dtype=args.dtype)
+                              dtype=args.dtype, lane=args.lane, resize_op=args.resize_op,
+                              outputs=args.output or ())
         print(f"features: shape {list(res.features.shape)} {res.features.dtype} "
               f"(grid {res.grid[0]}x{res.grid[1]}, patch {res.patch_size}, "
               f"model {res.model['name']} v{res.model['version']})")
@@ -117,3 +139,54 @@ def features_main(argv: list[str] | None = None) -> int:
         return res.features
 
     return _run(parser, argv, call)
+
+
+def _model_summary(m: ModelDescription) -> dict[str, object]:
+    return {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
+            "input": [*m.input_size, m.input_channels], "embed_dim": m.embed_dim, "grid": list(m.grid),
+            "patch_size": m.patch_size, "outputs": list(m.outputs), "max_batch_size": m.max_batch_size,
+            "precision": m.precision, "base_model": m.base_model, "variants": list(m.variants),
+            "lane": m.lane, "lanes": m.lanes, "preferred_batch_sizes": list(m.preferred_batch_sizes),
+            "max_queue_delay_us": m.max_queue_delay_us, "default_resize_op": m.default_resize_op,
+            "probe_scores": m.probe_scores}
+
+
+def admin_main(argv: list[str] | None = None) -> int:
+    """``vitserve admin models|get|repository|load|unload|reload [MODEL]``: inspect and manage the
+    served models (load/unload/reload/repository need `vitserve serve --enable-admin`)."""
+    parser = argparse.ArgumentParser(
+        prog="vitserve admin", description="Inspect the served models; load, unload or reload them "
+        "(the server must run with --enable-admin for load/unload/reload/repository).")
+    parser.add_argument("action", choices=("models", "get", "repository", "load", "unload", "reload"),
+                        help="models: ListModels; get MODEL: GetModel; repository: every model in "
+                             "Triton's repository with its state; load/unload/reload MODEL")
+    parser.add_argument("model", nargs="?", default="", help="model name (get/load/unload/reload)")
+    _connection(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.action in ("load", "unload", "reload") and not args.model:
+        print(f"vitserve admin: {args.action} needs a MODEL name", file=sys.stderr)
+        return 2
+    connection = _client_options(parser.prog, args)
+    if connection is None:
+        return 2
+    token, tls = connection
+    try:
+        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:  # type: ignore[arg-type]
+            if args.action == "models":
+                out: object = [_model_summary(m) for m in client.list_models()]
+            elif args.action == "get":
+                out = _model_summary(client.get_model(args.model))
+            elif args.action == "repository":
+                out = client.list_repository()
+            else:
+                result = getattr(client, f"{args.action}_model")(args.model)
+                out = {"model": result.model, "state": result.state, "elapsed_ms": round(result.elapsed_ms, 1),
+                       "served_models": list(result.served_models)}
+    except VitServeError as e:
+        print(f"vitserve admin: server error {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0

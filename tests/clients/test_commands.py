@@ -70,3 +70,17 @@ def test_tls_flag_errors_exit_2(fake_service, image_files, tmp_path, capsys):
     assert "give both tls_cert and tls_key" in capsys.readouterr().err
     assert embed_main([*image_files, "--target", fake_service[0], "--tls-ca", str(tmp_path / "no.pem")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_lane_resize_op_and_outputs_reach_the_request(fake_service, image_files):
+    from protos import vitserve_pb2
+
+    assert embed_main([image_files[0], "--target", fake_service[0], "--lane", "latency",
+                       "--resize-op", "letterbox"]) == 0
+    request = fake_service[1].requests[-1]
+    assert (request.lane, request.resize_op) == (vitserve_pb2.LATENCY, vitserve_pb2.LETTERBOX)
+    assert features_main([image_files[0], "--target", fake_service[0], "--output", "patch_tokens",
+                          "--resize-op", "center_crop"]) == 0
+    request = fake_service[1].requests[-1]
+    assert list(request.outputs) == ["patch_tokens"] and request.resize_op == vitserve_pb2.CENTER_CROP
+    assert embed_main([image_files[0], "--target", fake_service[0], "--lane", "fast"]) == 2

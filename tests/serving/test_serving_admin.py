@@ -207,3 +207,26 @@ def test_features_from_chosen_layers(admin, exported, torch_reference):
     assert "model 'plain' exports no patch-token output 'patch_tokens_l-2'; it has patch_tokens" in details
     code, details = code_of(lambda: admin.features(x, model="plain", include_registers=True))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "exports no register tokens" in details
+
+
+def test_admin_command(admin, tmp_path, capsys):
+    from clients.commands import admin_main
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    conn = ["--target", admin.target, "--token-file", str(token)]
+    assert admin_main(["get", "laned", *conn]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["probe_scores"] == pytest.approx(SCORES) and got["lanes"]["latency"] == "laned_latency"
+    assert admin_main(["unload", "plain", *conn]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "UNAVAILABLE"
+    assert admin_main(["repository", *conn]) == 0
+    states = {m["name"]: m["state"] for m in json.loads(capsys.readouterr().out)}
+    assert states == {"laned": "READY", "laned_latency": "READY", "plain": "UNAVAILABLE"}
+    assert admin_main(["load", "plain", *conn]) == 0
+    assert "plain" in json.loads(capsys.readouterr().out)["served_models"]
+    assert admin_main(["reload", "nope", *conn]) == 1
+    assert "server error NOT_FOUND: no model 'nope'" in capsys.readouterr().err
+    assert admin_main(["unload", *conn]) == 2
+    assert admin_main(["models", "--target", admin.target]) == 1  # no token
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
