@@ -39,6 +39,10 @@ class Case:
     layout: int = 0
     pooling: int = 0
     suffix: bytes = b""  # bytes appended to the serialised request (unknown fields)
+    lane: int = 0
+    resize_op: int = 0
+    outputs: tuple[str, ...] = ()  # Features only
+    include_registers: bool = False  # Features only
     pixels: np.ndarray | None = field(default=None, repr=False)  # expected model input when OK
 
 
@@ -121,41 +125,66 @@ def raw(data: bytes, height: int, width: int, channels: int) -> vitserve_pb2.Ima
     return vitserve_pb2.Image(raw=vitserve_pb2.RawFrame(data=data, height=height, width=width, channels=channels))
 
 
-def oracle(kind: str, images: list[vitserve_pb2.Image], geometry: InputGeometry, max_pixels: int,
-           pattern: str | None = None) -> Case:
+class Decoder:
+    """The gateway's decoding path run in-process: request images -> the model's uint8 batch.
+
+    It is what the gateway calls (``serving.preprocess.prepare_batch`` with the model's manifest
+    preprocessing, falling back to ``serving.images.prepare_batch``), so an oracle built on it says
+    which mutated files must decode and to which pixels.
+    """
+
+    def __init__(self, geometry: InputGeometry, max_pixels: int, manifest: dict | None = None) -> None:
+        self.geometry, self.max_pixels = geometry, max_pixels
+        try:
+            from serving import preprocess
+        except ImportError:
+            preprocess = None
+        if preprocess is not None:
+            spec = preprocess.PreprocessSpec.from_manifest(manifest or {}, geometry.channels)
+            self._decode = lambda images, op: preprocess.prepare_batch(
+                images, geometry, spec, preprocess.resolve_op(op, spec), max_pixels)
+        else:
+            self._decode = lambda images, op: prepare_batch(images, geometry, max_pixels)
+
+    def __call__(self, images: list[vitserve_pb2.Image], resize_op: int = 0) -> np.ndarray:
+        return self._decode(images, resize_op).pixels
+
+
+def oracle(kind: str, images: list[vitserve_pb2.Image], decoder: Decoder, pattern: str | None = None,
+           resize_op: int = 0) -> Case:
     """The gateway's own decoder decides OK (with the expected pixels) vs INVALID_ARGUMENT (its message)."""
     try:
-        pixels = prepare_batch(images, geometry, max_pixels).pixels
+        pixels = decoder(images, resize_op)
     except ImageError as e:
         # The message must name the image and the problem; ``pattern`` narrows the problem.
-        return Case(kind, images, frozenset({INVALID}), pattern or rf"^{re.escape(str(e))}$")
-    return Case(kind, images, frozenset({OK}), pixels=pixels)
+        return Case(kind, images, frozenset({INVALID}), pattern or rf"^{re.escape(str(e))}$", resize_op=resize_op)
+    return Case(kind, images, frozenset({OK}), pixels=pixels, resize_op=resize_op)
 
 
 @st.composite
-def image_cases(draw: st.DrawFn, geometry: InputGeometry, max_pixels: int) -> Case:
+def image_cases(draw: st.DrawFn, decoder: Decoder) -> Case:
     """Valid files of every mode, then truncated, bit-flipped, wrong-magic, resized-header and garbage."""
     kind, data = draw(valid_file())
     mutation = draw(st.sampled_from(["none", "truncate", "flip", "magic", "declared-size", "garbage",
                                      "empty", "prefix"]))
     label = f"{mutation}:{kind}"
-    if mutation == "none":
-        case = oracle(label, [encoded(data)], geometry, max_pixels)
+    if mutation == "none":  # every resize op the API offers, on an image of any size
+        case = oracle(label, [encoded(data)], decoder, resize_op=draw(st.integers(0, 3)))
         assert case.codes == {OK}, f"a valid {kind} image must decode: {case.pattern}"
         return case
     if mutation == "truncate":
         cut = draw(st.integers(0, len(data) - 1))
-        return oracle(label, [encoded(data[:cut])], geometry, max_pixels,
+        return oracle(label, [encoded(data[:cut])], decoder,
                       r"^image 0: (empty image|cannot decode)" if cut < len(data) // 2 else None)
     if mutation == "flip":
         buf = bytearray(data)
         for at in draw(st.lists(st.integers(0, len(data) - 1), min_size=1, max_size=8)):
             buf[at] ^= draw(st.integers(1, 255))
-        return oracle(label, [encoded(bytes(buf))], geometry, max_pixels)
+        return oracle(label, [encoded(bytes(buf))], decoder)
     if mutation == "magic":
         head = draw(st.binary(min_size=4, max_size=4).filter(
             lambda b: not (b.startswith((b"BM", b"\xff\xd8", b"\x89P", b"RI")))))
-        return oracle(label, [encoded(head + data[4:])], geometry, max_pixels,
+        return oracle(label, [encoded(head + data[4:])], decoder,
                       r"^image 0: cannot decode \(not a PNG/JPEG/WebP/BMP file\)")
     if mutation == "declared-size":
         side = st.one_of(st.integers(0, 64), st.integers(1000, 2**17), st.just(0))
@@ -165,25 +194,25 @@ def image_cases(draw: st.DrawFn, geometry: InputGeometry, max_pixels: int) -> Ca
             rewritten = set_declared_size(png_bytes(np.zeros((2, 2, 1), np.uint8), 0), width, height)
         assert rewritten is not None
         changed, width, height = rewritten
-        if width * height > max_pixels:
+        if width * height > decoder.max_pixels:
             pattern = r"^image 0: .*pixels.*(over the limit|decompression bomb)"
         elif width == 0 or height == 0:
             pattern = r"^image 0: (empty image|cannot decode)"
         else:
             pattern = None
-        return oracle(label, [encoded(changed)], geometry, max_pixels, pattern)
+        return oracle(label, [encoded(changed)], decoder, pattern)
     if mutation == "garbage":
         junk = draw(st.binary(min_size=1, max_size=2048))
-        return oracle(label, [encoded(junk)], geometry, max_pixels, r"^image 0: (cannot decode|empty image)")
+        return oracle(label, [encoded(junk)], decoder, r"^image 0: (cannot decode|empty image)")
     if mutation == "prefix":  # a valid file with bytes in front of it is not an image any more
         junk = draw(st.binary(min_size=1, max_size=64).filter(lambda b: not b.startswith(
             (b"B", b"\xff", b"\x89", b"R"))))
-        return oracle(label, [encoded(junk + data)], geometry, max_pixels, r"^image 0: cannot decode")
+        return oracle(label, [encoded(junk + data)], decoder, r"^image 0: cannot decode")
     return Case("empty-bytes", [encoded(b"")], frozenset({INVALID}), r"^image 0: empty image bytes")
 
 
 @st.composite
-def raw_cases(draw: st.DrawFn, geometry: InputGeometry, max_pixels: int) -> Case:
+def raw_cases(draw: st.DrawFn, decoder: Decoder) -> Case:
     """Raw frames with any shape, channel count and byte length."""
     h = draw(st.one_of(st.integers(0, 64), st.integers(2**10, 2**32 - 1)))
     w = draw(st.one_of(st.integers(0, 64), st.integers(2**10, 2**32 - 1)))
@@ -198,13 +227,13 @@ def raw_cases(draw: st.DrawFn, geometry: InputGeometry, max_pixels: int) -> Case
         pattern = rf"^image 0: raw frame has {c} channels"
     elif h == 0 or w == 0:
         pattern = rf"^image 0: empty image \({w}x{h}\)"
-    elif h * w > max_pixels:
+    elif h * w > decoder.max_pixels:
         pattern = r"^image 0: .* pixels is over the limit"
     elif length != need:
         pattern = rf"^image 0: raw frame data is {length} bytes but {h}x{w}x{c} needs {need}$"
     else:
         pattern = None
-    case = oracle("raw", [raw(data, h, w, c)], geometry, max_pixels, pattern)
+    case = oracle("raw", [raw(data, h, w, c)], decoder, pattern)
     assert (case.codes == {OK}) == (pattern is None), (case, pattern)
     return case
 
@@ -214,7 +243,7 @@ def valid_raw(images: np.ndarray) -> list[vitserve_pb2.Image]:
 
 
 @st.composite
-def batch_cases(draw: st.DrawFn, geometry: InputGeometry, max_pixels: int, max_images: int,
+def batch_cases(draw: st.DrawFn, decoder: Decoder, max_images: int,
                 max_message_bytes: int, good: np.ndarray) -> Case:
     """Empty, over-long and oversized batches, and one bad image among good ones."""
     what = draw(st.sampled_from(["empty", "too-many", "oversized", "bad-one", "no-source", "mixed"]))
@@ -238,9 +267,9 @@ def batch_cases(draw: st.DrawFn, geometry: InputGeometry, max_pixels: int, max_i
     if what == "mixed":  # valid encoded files of every mode mixed with raw frames: all must decode
         for i in draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True)):
             images[i] = encoded(draw(valid_file())[1])
-        return oracle("batch:mixed", images, geometry, max_pixels)
+        return oracle("batch:mixed", images, decoder)
     images[bad_at] = encoded(draw(st.binary(min_size=1, max_size=64)))
-    return oracle("batch:bad-one", images, geometry, max_pixels, rf"^image {bad_at}: cannot decode")
+    return oracle("batch:bad-one", images, decoder, rf"^image {bad_at}: cannot decode")
 
 
 @st.composite
@@ -248,7 +277,7 @@ def option_cases(draw: st.DrawFn, model_name: str, good: np.ndarray) -> Case:
     """Unknown models (path-like names included), out-of-range enum values, unknown fields."""
     images = valid_raw(good[:2])
     what = draw(st.sampled_from(["model", "path-model", "dtype", "layout", "pooling", "unknown-field",
-                                 "fp16"]))
+                                 "fp16", "lane", "resize-op", "outputs", "registers"]))
     out_of_range = st.one_of(st.integers(-2**31, -1), st.integers(4, 2**31 - 1))
     if what in ("model", "path-model"):
         if what == "model":
@@ -269,6 +298,23 @@ def option_cases(draw: st.DrawFn, model_name: str, good: np.ndarray) -> Case:
     if what == "pooling":
         return Case("enum:pooling", images, frozenset({INVALID}), r"^unknown pooling -?\d+",
                     pooling=draw(out_of_range))
+    if what == "lane":
+        lane = draw(st.one_of(out_of_range, st.sampled_from([1, 2])))
+        if lane in (1, 2):  # a lane this model does not declare
+            return Case("lane:undeclared", images, frozenset({INVALID}), r"declares no (throughput|latency) lane",
+                        lane=lane)
+        return Case("enum:lane", images, frozenset({INVALID}), r"^unknown lane -?\d+", lane=lane)
+    if what == "resize-op":
+        return Case("enum:resize_op", images, frozenset({INVALID}), r"unknown resize_op -?\d+",
+                    resize_op=draw(out_of_range))
+    if what == "outputs":  # layers the model was not exported with
+        names = draw(st.lists(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+                              .filter(lambda t: t != "patch_tokens"), min_size=1, max_size=3))
+        return Case("outputs:unknown", images, frozenset({INVALID}), r"exports no patch-token output",
+                    outputs=tuple(names), layout=1)
+    if what == "registers":
+        return Case("registers", images, frozenset({INVALID}), r"exports no register tokens",
+                    include_registers=True, layout=1)
     if what == "fp16":
         return Case("dtype:fp16", images, frozenset({OK}), dtype=vitserve_pb2.FLOAT16, pixels=good[:2])
     # A field number this API does not define (a newer client's option): proto3 keeps and ignores it.

@@ -5,7 +5,7 @@ written). After every kill the model repository holds only whole models: each mo
 its config.pbtxt, manifest.json and every file the manifest lists, with the SHA-256 it records. The
 kills alternate between a first export and a ``--force`` replacement of an existing model; a later
 export succeeds, and Triton loads the repository. ``VITSERVE_EXPORT_KILLS`` sets the number of kills
-(default 3), ``VITSERVE_KILL_SEED`` the seed.
+(default 2), ``VITSERVE_KILL_SEED`` the seed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from export.repository import sha256_file
 from tests.export.conftest import write_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-KILLS = int(os.environ.get("VITSERVE_EXPORT_KILLS", "3"))
+KILLS = int(os.environ.get("VITSERVE_EXPORT_KILLS", "2"))
 SEED = int(os.environ.get("VITSERVE_KILL_SEED", str(int(time.time()) % 100000)))
 STAGING_PREFIX = ".vitserve-staging-"
 

@@ -82,7 +82,7 @@ def test_triton_killed_under_load_recovers(rel_exported, reference_pool):
     with Service(rel_exported.repository, max_in_flight=16) as service, HealthWatch(service.target) as health:
         load = Load(service.target, pool, cls, tokens, (7, 7), deadline_s=30.0,
                     allowed=EXPECTED_REFUSALS | {"UNAVAILABLE"})
-        thread, result = _load_in_background(load, 8, 45.0, service.pid)
+        thread, result = _load_in_background(load, 8, 30.0, service.pid)
         time.sleep(6.0)
         triton = service.triton_pid()
         assert triton is not None
@@ -124,7 +124,7 @@ def test_sigterm_with_calls_in_flight_drains(rel_exported, reference_pool):
         triton = service.triton_pid()
         load = Load(service.target, pool, cls, tokens, (7, 7), deadline_s=30.0,
                     allowed=EXPECTED_REFUSALS | {"UNAVAILABLE", "CANCELLED"})
-        thread, result = _load_in_background(load, 8, 20.0, service.pid)
+        thread, result = _load_in_background(load, 8, 12.0, service.pid)
         time.sleep(6.0)
         t_term = time.monotonic()
         service.proc.send_signal(signal.SIGTERM)

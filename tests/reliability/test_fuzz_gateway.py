@@ -5,7 +5,7 @@ deadline. It must get its status code and a message naming the problem (or, when
 equal to the in-process PyTorch encoder's); after every case a valid probe request must still return
 the reference features, and at the end Triton and the gateway must still be running.
 
-CI runs ``VITSERVE_FUZZ_EXAMPLES`` (default 150) derandomised examples; set it higher for a long,
+CI runs ``VITSERVE_FUZZ_EXAMPLES`` (default 120) derandomised examples; set it higher for a long,
 random run. The number of cases run, by kind, is printed (``-s``) and written to
 ``$VITSERVE_FUZZ_REPORT`` (JSON) when that is set.
 """
@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.images import InputGeometry
 from tests.reliability.conftest import ATOL, MAX_IMAGES, MAX_MESSAGE_BYTES, MAX_PIXELS
-from tests.reliability.fuzz_cases import (EXHAUSTED, OK, Case, batch_cases, image_cases, option_cases,
+from tests.reliability.fuzz_cases import (EXHAUSTED, OK, Case, Decoder, batch_cases, image_cases, option_cases,
                                           raw_cases, valid_raw)
 
-EXAMPLES = int(os.environ.get("VITSERVE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("VITSERVE_FUZZ_EXAMPLES", "120"))
 CALL_TIMEOUT = 20.0  # a hang shows up as DEADLINE_EXCEEDED, which no case expects
 SERVICE = "/vitserve.v1.VisionEncoder/"
 
@@ -43,10 +43,11 @@ def _unary(channel: grpc.Channel, rpc: str) -> grpc.UnaryUnaryMultiCallable:
 def _request(case: Case, rpc: str) -> vitserve_pb2.EmbedRequest | vitserve_pb2.FeaturesRequest:
     if rpc == "Embed":
         return vitserve_pb2.EmbedRequest(model=case.model, images=case.images, dtype=case.dtype,
-                                         pooling=case.pooling)
+                                         pooling=case.pooling, lane=case.lane, resize_op=case.resize_op)
     return vitserve_pb2.FeaturesRequest(model=case.model, images=case.images, dtype=case.dtype,
                                         layout=case.layout or vitserve_pb2.FeaturesRequest.TOKENS,
-                                        include_cls=True)
+                                        include_cls=True, lane=case.lane, resize_op=case.resize_op,
+                                        outputs=case.outputs, include_registers=case.include_registers)
 
 
 def _decode(tensor: vitserve_pb2.Tensor) -> np.ndarray:
@@ -57,7 +58,7 @@ def _decode(tensor: vitserve_pb2.Tensor) -> np.ndarray:
 class Fuzzer:
     """Sends cases to one gateway and checks the outcomes against the in-process reference."""
 
-    def __init__(self, target: str, reference, probe_images: np.ndarray, geometry: InputGeometry) -> None:
+    def __init__(self, target: str, reference, probe_images: np.ndarray, decoder: Decoder) -> None:
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
@@ -65,7 +66,7 @@ class Fuzzer:
         self.reference = reference
         self.probe_images = probe_images
         self.probe_cls, self.probe_tokens = reference(probe_images)
-        self.geometry = geometry
+        self.decoder = decoder
         self.counts: collections.Counter[str] = collections.Counter()
         self.codes: collections.Counter[str] = collections.Counter()
 
@@ -137,17 +138,19 @@ class Fuzzer:
 
 
 @pytest.fixture(scope="module")
-def fuzzer(rel_gateway, reference, sample_images):
-    f = Fuzzer(rel_gateway.target, reference, sample_images[:4], InputGeometry(28, 28, 1))
+def fuzzer(rel_gateway, rel_exported, reference, sample_images):
+    manifest = json.loads((rel_exported.repository / rel_exported.name / "manifest.json").read_text())
+    decoder = Decoder(InputGeometry(28, 28, 1), MAX_PIXELS, manifest)
+    f = Fuzzer(rel_gateway.target, reference, sample_images[:4], decoder)
     yield f
     f.channel.close()
 
 
 def test_fuzz_gateway(fuzzer, rel_gateway, rel_triton, rel_exported, sample_images):
-    geometry = fuzzer.geometry
+    decoder = fuzzer.decoder
     cases = st.one_of(
-        image_cases(geometry, MAX_PIXELS), image_cases(geometry, MAX_PIXELS), raw_cases(geometry, MAX_PIXELS),
-        batch_cases(geometry, MAX_PIXELS, MAX_IMAGES, MAX_MESSAGE_BYTES, sample_images),
+        image_cases(decoder), image_cases(decoder), raw_cases(decoder),
+        batch_cases(decoder, MAX_IMAGES, MAX_MESSAGE_BYTES, sample_images),
         option_cases(rel_exported.name, sample_images))
     random_run = "VITSERVE_FUZZ_EXAMPLES" in os.environ
 
@@ -206,3 +209,11 @@ def test_unparseable_stream_frame_is_reported(rel_gateway, sample_images):
         with pytest.raises(grpc.RpcError) as e:
             list(call(iter([good, b"\xff\xff", good]), timeout=CALL_TIMEOUT))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("rpc", ["LoadModel", "UnloadModel", "ReloadModel"])
+def test_admin_rpcs_are_off_by_default(fuzzer, rel_exported, rpc):
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(fuzzer.stub, rpc)(vitserve_pb2.ModelControlRequest(model=rel_exported.name), timeout=CALL_TIMEOUT)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--enable-admin" in e.value.details()
+    fuzzer.probe()  # the model is still served

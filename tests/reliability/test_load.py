@@ -1,6 +1,6 @@
 """A short bounded load test of ``vitserve serve`` (subprocess: gateway + its own Triton).
 
-Concurrent clients mix Embed, Features and StreamFeatures for ``VITSERVE_LOAD_SECONDS`` (default 20);
+Concurrent clients mix Embed, Features and StreamFeatures for ``VITSERVE_LOAD_SECONDS`` (default 12);
 every call must end correct (equal to in-process ONNX Runtime features within 1e-4) or with an
 explicit RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, and the gateway's memory must stay bounded. The
 longer run for docs/RELIABILITY.md is ``python tests/reliability/loadtest.py --duration 120``.
@@ -14,7 +14,7 @@ import pytest
 
 from tests.reliability.loadtest import Load, Service, fashion_mnist_pool, onnx_reference, run_load
 
-SECONDS = float(os.environ.get("VITSERVE_LOAD_SECONDS", "20"))
+SECONDS = float(os.environ.get("VITSERVE_LOAD_SECONDS", "12"))
 CLIENTS = int(os.environ.get("VITSERVE_LOAD_CLIENTS", "16"))
 
 
