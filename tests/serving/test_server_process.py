@@ -36,7 +36,7 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.server", "--model-repository", str(exported.repository),
          "--port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
-         "--max-in-flight", "4", "--max-message-mb", "8"],
+         "--max-in-flight", "4", "--max-message-mb", "8", "--enable-admin"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
     drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
@@ -48,6 +48,10 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
         assert match.group(3) == exported.name
         with VitServeClient(match.group(1), token="process-token") as client:
             emb = client.embed(fmnist_test_images[:2])
+            # --enable-admin: Triton runs with explicit model control, so models can be unloaded.
+            assert client.unload_model(exported.name).state == "UNAVAILABLE"
+            assert client.list_repository()[0]["reason"] == "unloaded"
+            assert client.load_model(exported.name).state == "READY"
         assert emb.shape == (2, exported.spec.embed_dim) and np.isfinite(emb).all()
         with VitServeClient(match.group(1)) as client, pytest.raises(VitServeError) as e:
             client.embed(fmnist_test_images[:2])
