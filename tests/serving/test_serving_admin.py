@@ -127,6 +127,15 @@ def test_unload_load_reload_round_trip(admin, repository, torch_reference):
     assert admin.get_model("plain").probe_scores == {"knn_cls_top1": 0.5}
     np.testing.assert_allclose(admin.embed(x, model="plain"), want, rtol=1e-4, atol=1e-4)
 
+    # A new version directory is served after a reload (Triton's default policy: the latest version).
+    assert admin.get_model("plain").version == "1"
+    shutil.copytree(repository / "plain" / "1", repository / "plain" / "2")
+    out = admin.reload_model("plain")
+    assert out.state == "READY" and out.info.version == "2"
+    res = admin.embed_result(x, model="plain")
+    assert res.model["version"] == "2"
+    np.testing.assert_allclose(res.embeddings, want, rtol=1e-4, atol=1e-4)
+
 
 def test_unknown_model_is_not_found(admin):
     for call in (admin.load_model, admin.unload_model, admin.reload_model):
