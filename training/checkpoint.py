@@ -54,7 +54,13 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CHECKPOINT_FILENAME
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} does not exist (was the run started?)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG tuples
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG tuples
+    except Exception as e:  # a torn or foreign file: torch/pickle/zip raise many kinds
+        raise ConfigError(f"cannot resume: {path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                          "it may be truncated or corrupt. Restart the run with --overwrite") from e
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"cannot resume: {path} holds a {type(ckpt).__name__}, not a vitserve checkpoint")
     missing = {"model", "optimizer", "step", "epoch", "batch", "rng", "config"} - set(ckpt)
     if missing:
         raise ConfigError(f"cannot resume from {path}: it lacks {sorted(missing)} (written by an older version?)")

@@ -242,13 +242,22 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     model.spec = spec  # now with the data's mean/std
     model.train()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # the run's config.json no longer describes the checkpoint's model
+            raise ConfigError(f"cannot resume from {run_dir / CHECKPOINT_FILENAME}: its weights do not fit the "
+                              f"model that {run_dir / CONFIG_FILENAME} describes (was the config edited?): "
+                              f"{e}") from e
     core = model
     model = dist_mod.wrap_ddp(model)  # replaces BatchNorm modules, so the optimiser comes after
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     step, start_epoch, start_batch, saved_perm = 0, 0, 0, None
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"cannot resume from {run_dir / CHECKPOINT_FILENAME}: its optimiser state does "
+                              f"not fit this model's parameters: {e}") from e
         step, start_epoch, start_batch, saved_perm = ckpt["step"], ckpt["epoch"], ckpt["batch"], ckpt["perm"]
         restore_rng(ckpt["rng"], data_gen)
     decay_group = opt.param_groups[0]  # after load_state_dict, which replaces the group dicts

@@ -114,9 +114,6 @@ def _trained(tmp_path: Path, folder: Path) -> Path:
     return run
 
 
-@pytest.mark.xfail(strict=True, reason="a torn checkpoint.pt on --resume escapes training.checkpoint."
-                   "load_checkpoint as a raw torch/pickle exception (a traceback, not 'vitserve train: "
-                   "error: ...' with exit 2); training helper")
 def test_train_resume_from_corrupt_checkpoint(tmp_path, folder, capsys):
     run = _trained(tmp_path, folder)
     ckpt = run / "checkpoint.pt"
@@ -125,9 +122,6 @@ def test_train_resume_from_corrupt_checkpoint(tmp_path, folder, capsys):
     train_fails(["--resume", str(run)], capsys, 2, "checkpoint.pt")
 
 
-@pytest.mark.xfail(strict=True, reason="--resume with a checkpoint of another architecture than the run's "
-                   "config.json raises a raw RuntimeError from load_state_dict (traceback) instead of a "
-                   "message naming the mismatch; training helper")
 def test_train_resume_from_incompatible_checkpoint(tmp_path, folder, capsys):
     run = _trained(tmp_path, folder)
     config = json.loads((run / "config.json").read_text())
