@@ -209,14 +209,15 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         """
         model = await self.resolve(name)
         if lane == vitserve_pb2.LANE_UNSPECIFIED:
-            if not (stream and "latency" in model.lanes):
-                return model
-            lane = vitserve_pb2.LATENCY
+            # A stream prefers the latency lane, but falls back to the model itself when that
+            # lane's model is not loaded (the caller did not ask for a lane).
+            target = model.lanes.get("latency", model.name) if stream else model.name
+            return self.models.get(target, model)
         lane_name = _LANE_NAMES[lane]
         target = model.lanes.get(lane_name)
         if target is None:
             declared = ", ".join(f"{k}: {v}" for k, v in sorted(model.lanes.items())) or "none"
-            hint = (" (export it with a latency lane to get one)" if lane_name == "latency" else "")
+            hint = " (`vitserve export --lanes` writes both lanes)"
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"model {model.name!r} declares no {lane_name} lane (its lanes: {declared}){hint}; "
                                f"leave `lane` unset to use the model itself")

@@ -186,6 +186,9 @@ def test_lanes_route_requests(admin, torch_reference):
     try:
         code, details = code_of(lambda: admin.embed(x, model="laned", lane="latency"))
         assert code == grpc.StatusCode.UNAVAILABLE and "'laned_latency', which is not loaded" in details
+        # A stream that asked for no lane falls back to the model itself.
+        names = {r.features.model["name"] for r in admin.stream_features(frames, model="laned", timeout=60)}
+        assert names == {"laned"}
     finally:
         admin.load_model("laned_latency")
     assert admin.embed_result(x, model="laned", lane="latency").model["name"] == "laned_latency"
