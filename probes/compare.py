@@ -1,0 +1,309 @@
+"""Compare trained runs (and the baselines) on every probe: a markdown table, JSON and a PNG scatter.
+
+    python -m probes.compare runs/compare/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1
+
+probes each run directory's encoder in process on the full Fashion-MNIST split (60k train / 10k test;
+``--limit-*`` for subsets), plus raw pixels and a randomly initialised encoder of the same
+architecture, on one scene set (default 2000 train / 1000 test scenes). It reads each run's training
+throughput and budget from ``config.json`` and ``metrics.jsonl``, writes ``OUT.json``, ``OUT.md`` and
+``OUT.png``, and (unless ``--no-write-runs``) each run's ``probes.json``. ``--render OUT.json``
+re-renders the table and plot from a saved JSON without probing again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, HEADLINE, load_probe_data, probe_source,
+                             probes_record, protocol_record, utc_now, write_probes_json)
+from probes.linear import LinearProtocol
+from probes.sources import RawPixelSource, SourceError, TorchEncoderSource, random_init_source
+
+log = logging.getLogger(__name__)
+
+CONTRASTIVE = ("simclr", "moco")
+# The lecture's property table (../shared/lecture), as orderings our probes can test.
+LECTURE_TABLE = """| Property | Contrastive (SimCLR/MoCo) | MAE (Reconstruction) | Self-distillation (DINOv2) |
+|---|---|---|---|
+| Global semantics | Strong | Moderate | Strong |
+| Spatial precision | Weak (invariant to crops) | Strong | Strong (emergent boundaries) |
+| Linear probe accuracy | High | Moderate | High |
+| Dense prediction (detection) | Moderate | High | High |
+| Training efficiency | Requires massive memory queue | Highly efficient (only processes 25% of patches) | Moderate |"""
+
+
+def training_info(run_dir: str | Path) -> dict[str, Any]:
+    """Method, budget and throughput of a run from its ``config.json`` and ``metrics.jsonl``.
+
+    ``img_per_s`` is images seen over the last logged ``elapsed_s`` (wall clock, so it includes any
+    contention on a shared machine); ``img_per_budget_s`` divides by the budget (``max_minutes`` on
+    the run's ``budget_clock``) instead, when the run stopped on it.
+    """
+    run_dir = Path(run_dir)
+    info: dict[str, Any] = {"run_dir": str(run_dir)}
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s: no readable config.json (%s)", run_dir, e)
+        cfg = {}
+    info.update(method=cfg.get("method", run_dir.name), batch_size=cfg.get("batch_size"),
+                max_minutes=cfg.get("max_minutes"), budget_clock=cfg.get("budget_clock", "wall"),
+                epochs=cfg.get("epochs"), bf16=cfg.get("bf16"), num_threads=cfg.get("num_threads"))
+    records = []
+    try:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a killed run
+    except OSError as e:
+        log.warning("%s: no readable metrics.jsonl (%s)", run_dir, e)
+    if records and info["batch_size"]:
+        last = records[-1]
+        images = int(last["step"]) * int(info["batch_size"])
+        info.update(steps=int(last["step"]), images_seen=images, wall_s=float(last["elapsed_s"]),
+                    final_loss=float(last["loss"]),
+                    img_per_s=images / max(float(last["elapsed_s"]), 1e-9))
+        if info["max_minutes"]:
+            info["img_per_budget_s"] = images / (60.0 * float(info["max_minutes"]))
+    return info
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The comparison as markdown: measured table, targets, and the lecture's claims checked."""
+    rows = result["rows"]
+    p = result["protocol"]
+    lines = [
+        "| encoder | method | steps | images seen | img/s (wall) | k-NN CLS | k-NN mean | linear CLS | "
+        "linear mean | dense patch acc | dense mIoU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s, t = r["scores"], r.get("training", {})
+        lines.append(
+            f"| {r['label']} | {t.get('method', r['kind'])} | {_fmt(t.get('steps'))} | {_fmt(t.get('images_seen'))} | "
+            f"{_fmt(t.get('img_per_s'), 0)} | "
+            + " | ".join(_fmt(None if s.get(k) is None else float(s[k]), 2) for k in ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1",
+                                                     "linear_mean_top1", "dense_patch_acc", "dense_miou"))
+            + " |")
+    scenes = p.get("scenes") or {}
+    out = ["# Probe comparison", "",
+           f"Fashion-MNIST, {p['n_train']} train / {p['n_test']} test images; dense probe on "
+           f"{scenes.get('n_train_scenes')} train / {scenes.get('n_test_scenes')} test scenes of "
+           f"{scenes.get('canvas_size')} px ({scenes.get('grid')}x{scenes.get('grid')} patches, 11 classes). "
+           f"All scores are top-1 / accuracy / IoU in percent; the headline global feature is "
+           f"{HEADLINE.upper()} (`Embed`'s default), the mean-pooled patch tokens are shown beside it.", "",
+           *lines, "",
+           f"k-NN: cosine, k={p['knn']['k']}, T={p['knn']['temperature']}. Linear and dense: "
+           f"{p['linear']['method']}; L2 grid {p['linear']['l2_grid']}, {p['linear']['max_iter']} iterations. "
+           f"Created {result['created']}; probing took {result['elapsed_s']:.0f} s.", ""]
+    out += ["## Targets (issue 4)", "", *[f"- {c}" for c in check_targets(rows)], "",
+            "## The lecture's property table, and what we measured", "", LECTURE_TABLE, "",
+            "Orderings the table implies, tested on our numbers (best of CLS / mean pooling per method):", "",
+            *[f"- {c}" for c in check_claims(rows)], ""]
+    return "\n".join(out)
+
+
+def _best(scores: dict[str, float], probe: str) -> float | None:
+    vals = [scores[k] for k in (f"{probe}_cls_top1", f"{probe}_mean_top1") if k in scores]
+    return max(vals) if vals else None
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, each with a yes/no and the numbers."""
+    runs = [r for r in rows if r["kind"] == "run"]
+    by_kind = {r["kind"]: r for r in rows}
+    out = []
+    rand, raw = by_kind.get("random-init"), by_kind.get("raw-pixels")
+    if rand and runs:
+        misses = [f"{r['label']} {k} {r['scores'][k]:.2f} <= {rand['scores'][k]:.2f}"
+                  for r in runs for k in r["scores"] if k in rand["scores"] and not r["scores"][k] > rand["scores"][k]]
+        out.append("every method beats the random-init encoder on every probe: "
+                   + ("**yes**" if not misses else "**no** (" + "; ".join(misses) + ")"))
+    if raw and runs and "knn_cls_top1" in raw["scores"]:
+        best = max(runs, key=lambda r: _best(r["scores"], "knn") or -1)
+        v = _best(best["scores"], "knn")
+        if v is not None:
+            out.append(f"the best method beats raw-pixel k-NN ({raw['scores']['knn_cls_top1']:.2f}): "
+                       f"{'**yes**' if v > raw['scores']['knn_cls_top1'] else '**no**'} ({best['label']} {v:.2f})")
+    if runs:
+        best = max(runs, key=lambda r: _best(r["scores"], "linear") or -1)
+        v = _best(best["scores"], "linear")
+        if v is not None:
+            out.append(f"the best method reaches >= 88% linear-probe accuracy: {'**yes**' if v >= 88 else '**no**'} "
+                       f"({best['label']} {v:.2f})")
+    return out
+
+
+def check_claims(rows: list[dict[str, Any]]) -> list[str]:
+    """The lecture table's orderings that our runs can test, each marked agree/disagree with numbers."""
+    method = {r["training"].get("method"): r for r in rows if r["kind"] == "run"}
+    contrastive = [m for m in CONTRASTIVE if m in method]
+    out = []
+
+    def compare(claim: str, hi: str, lo: str, get) -> None:
+        a, b = get(method[hi]), get(method[lo])
+        if a is None or b is None:
+            return
+        out.append(f"{claim}: {hi} {a:.2f} vs {lo} {b:.2f} — **{'agrees' if a > b else 'disagrees'}**")
+
+    knn = lambda r: _best(r["scores"], "knn")            # noqa: E731
+    lin = lambda r: _best(r["scores"], "linear")         # noqa: E731
+    dense = lambda r: r["scores"].get("dense_miou")      # noqa: E731
+    speed = lambda r: r["training"].get("img_per_s")     # noqa: E731
+    for c in contrastive:
+        if "mae" in method:
+            compare("global semantics: contrastive strong, MAE moderate (k-NN)", c, "mae", knn)
+            compare("linear probe: contrastive high, MAE moderate", c, "mae", lin)
+            compare("dense prediction: MAE high, contrastive moderate (dense mIoU)", "mae", c, dense)
+        if "dino" in method:
+            compare("spatial precision: DINO strong, contrastive weak (dense mIoU)", "dino", c, dense)
+    if "dino" in method and "mae" in method:
+        compare("global semantics: DINO strong, MAE moderate (k-NN)", "dino", "mae", knn)
+        compare("linear probe: DINO high, MAE moderate", "dino", "mae", lin)
+    if "mae" in method:
+        for other in [m for m in method if m != "mae"]:
+            compare("training efficiency: MAE highly efficient (img/s)", "mae", other, speed)
+    return out or ["(no pair of methods to compare)"]
+
+
+def render_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Scatter of global quality (k-NN, linear; CLS filled, mean hollow) against dense mIoU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, probe, title in ((axes[0], "knn", "k-NN top-1 (k=20, T=0.07)"), (axes[1], "linear", "linear probe top-1")):
+        for i, r in enumerate(result["rows"]):
+            s = r["scores"]
+            x = s.get("dense_miou")
+            if x is None:
+                continue
+            color = "0.5" if r["kind"] != "run" else colors[i % len(colors)]
+            marker = "s" if r["kind"] != "run" else "o"
+            if f"{probe}_cls_top1" in s:
+                ax.scatter([x], [s[f"{probe}_cls_top1"]], color=color, marker=marker, s=60, zorder=3)
+                ax.annotate(r["label"], (x, s[f"{probe}_cls_top1"]), textcoords="offset points", xytext=(6, 4),
+                            fontsize=9)
+            if f"{probe}_mean_top1" in s:
+                ax.scatter([x], [s[f"{probe}_mean_top1"]], facecolors="none", edgecolors=color, marker=marker,
+                           s=60, zorder=3)
+        ax.set_title(title)
+        ax.set_xlabel("dense probe mIoU (%, 11 classes)")
+        ax.set_ylabel("top-1 (%)  filled: CLS, hollow: mean of patches")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Fashion-MNIST probes: global vs spatial quality")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """``OUT.json``, ``OUT.md`` and ``OUT.png`` (``out`` is a path prefix)."""
+    from training.run_dir import atomic_write_bytes, write_json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [write_json(out.with_suffix(".json"), result),
+             atomic_write_bytes(out.with_suffix(".md"), (render_markdown(result) + "\n").encode())]
+    paths.append(render_plot(result, out.with_suffix(".png")))
+    return paths
+
+
+def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None, limit_test: int | None = None,
+                 train_scenes: int | None = DEFAULT_TRAIN_SCENES, test_scenes: int | None = DEFAULT_TEST_SCENES,
+                 baselines: bool = True, threads: int | None = None, write_runs: bool = True,
+                 protocol: LinearProtocol = LinearProtocol(), batch: int = 256) -> dict[str, Any]:
+    """Probe every run (and the baselines) on one data set; the result ``write_outputs`` renders."""
+    sources = [TorchEncoderSource.from_run_dir(r) for r in run_dirs]  # fail early on a bad run dir
+    t_start = time.perf_counter()
+    data = load_probe_data(limit_train, limit_test, train_scenes, test_scenes)
+    probes = ("knn", "linear", "dense")
+    record_protocol = protocol_record(data, probes, protocol)
+    rows = []
+    for run_dir, source in zip(run_dirs, sources):
+        report = probe_source(source, data, probes, protocol, batch, threads)
+        record = probes_record(report, record_protocol)
+        if write_runs:
+            write_probes_json(run_dir, record)
+        rows.append({"label": Path(run_dir).name, "kind": "run", "source": report.source,
+                     "scores": report.scores, "details": report.details, "timings": report.timings,
+                     "training": training_info(run_dir)})
+    if baselines and sources:
+        specs = {json.dumps(s.spec.to_dict(), sort_keys=True): s.spec for s in sources}
+        if len(specs) > 1:
+            log.warning("the runs have %d different architectures; the random-init baseline uses the first's",
+                        len(specs))
+        for kind, source in (("raw-pixels", RawPixelSource.like(sources[0])),
+                             ("random-init", random_init_source(sources[0].spec))):
+            report = probe_source(source, data, probes, protocol, batch, threads)
+            rows.append({"label": kind, "kind": kind, "source": report.source, "scores": report.scores,
+                         "details": report.details, "timings": report.timings, "training": {}})
+    return {"format_version": 1, "protocol": record_protocol, "rows": rows, "created": utc_now(),
+            "elapsed_s": time.perf_counter() - t_start, "threads": threads}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m probes.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    p.add_argument("--out", default="docs/PROBE_COMPARISON", help="output path prefix (.json, .md, .png)")
+    p.add_argument("--render", metavar="JSON", help="re-render OUT.md/OUT.png from a saved comparison JSON")
+    p.add_argument("--limit-train", type=int, metavar="N")
+    p.add_argument("--limit-test", type=int, metavar="N")
+    p.add_argument("--train-scenes", type=int, default=DEFAULT_TRAIN_SCENES, metavar="N")
+    p.add_argument("--test-scenes", type=int, default=DEFAULT_TEST_SCENES, metavar="N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a loaded machine")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-write-runs", action="store_true", help="do not write RUN_DIR/probes.json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.data import DataError
+
+    a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if a.render:
+        result = json.loads(Path(a.render).read_text())
+    else:
+        if not a.run_dirs:
+            print("probes.compare: error: give at least one RUN_DIR (or --render JSON)", file=sys.stderr)
+            return 2
+        missing = [r for r in a.run_dirs if not Path(r).is_dir()]
+        if missing:
+            print(f"probes.compare: error: run directories do not exist: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        try:
+            result = compare_runs(a.run_dirs, a.limit_train, a.limit_test, a.train_scenes, a.test_scenes,
+                                  not a.no_baselines, a.threads, not a.no_write_runs)
+        except SourceError as e:
+            print(f"probes.compare: error: {e}", file=sys.stderr)
+            return 2
+        except DataError as e:
+            print(f"probes.compare: data missing: {e}", file=sys.stderr)
+            return 1
+    for path in write_outputs(result, a.out):
+        print(f"wrote {path}")
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The comparison driver: training info from a run's files, the table, the claim checks and the plot."""
+
+import json
+
+import pytest
+
+from probes.compare import check_claims, check_targets, main, render_markdown, training_info, write_outputs
+
+KEYS = ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1", "dense_patch_acc", "dense_miou")
+
+
+def _row(label, kind, values, method=None, img_per_s=None):
+    return {"label": label, "kind": kind, "scores": dict(zip(KEYS, values)),
+            "training": {"method": method, "img_per_s": img_per_s} if method else {}}
+
+
+ROWS = [_row("mae", "run", (80, 82, 84, 86, 85, 40), "mae", 300.0),
+        _row("simclr", "run", (86, 84, 89, 87, 80, 30), "simclr", 100.0),
+        _row("raw-pixels", "raw-pixels", (85.7, 20, 84, 30, 75, 25)),
+        _row("random-init", "random-init", (75, 76, 80, 81, 78, 35))]
+PROTOCOL = {"n_train": 60000, "n_test": 10000, "knn": {"k": 20, "temperature": 0.07},
+            "linear": {"method": "softmax", "l2_grid": [0.1], "max_iter": 300},
+            "scenes": {"n_train_scenes": 2000, "n_test_scenes": 1000, "canvas_size": 56, "grid": 14}}
+
+
+def test_training_info_reads_throughput_and_budget(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"method": "moco", "batch_size": 64, "max_minutes": 2.0,
+                                                      "budget_clock": "cpu"}))
+    lines = [{"step": 20, "loss": 3.0, "elapsed_s": 10.0}, {"step": 40, "loss": 2.5, "elapsed_s": 32.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"step\": 4")  # torn tail
+    info = training_info(tmp_path)
+    assert (info["method"], info["steps"], info["images_seen"], info["final_loss"]) == ("moco", 40, 2560, 2.5)
+    assert info["img_per_s"] == pytest.approx(80.0) and info["img_per_budget_s"] == pytest.approx(2560 / 120)
+
+
+def test_targets_and_claims_are_judged_from_the_numbers():
+    targets = check_targets(ROWS)
+    # simclr's dense mIoU (30) is below the random-init encoder's (35): the only miss.
+    assert targets[0] == ("every method beats the random-init encoder on every probe: **no** "
+                          "(simclr dense_miou 30.00 <= 35.00)")
+    assert targets[1].endswith("**yes** (simclr 86.00)") and targets[2].endswith("**yes** (simclr 89.00)")
+    claims = "\n".join(check_claims(ROWS))
+    assert "linear probe: contrastive high, MAE moderate: simclr 89.00 vs mae 86.00 — **agrees**" in claims
+    assert "dense prediction: MAE high, contrastive moderate (dense mIoU): mae 40.00 vs simclr 30.00 — **agrees**" in claims
+    assert "training efficiency: MAE highly efficient (img/s): mae 300.00 vs simclr 100.00 — **agrees**" in claims
+
+
+def test_outputs_and_render_round_trip(tmp_path):
+    result = {"protocol": PROTOCOL, "rows": ROWS, "created": "2026-01-01T00:00:00Z", "elapsed_s": 1.0}
+    paths = write_outputs(result, tmp_path / "cmp")
+    assert [p.name for p in paths] == ["cmp.json", "cmp.md", "cmp.png"]
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "cmp.md").read_text()
+    assert "| simclr | simclr |" in md and "| 89.00 |" in md and "Self-distillation" in md
+    assert main(["--render", str(tmp_path / "cmp.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again.md").read_text() == md
+
+
+def test_missing_run_dir_is_refused(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "do not exist" in capsys.readouterr().err
