@@ -1,6 +1,6 @@
 """Compare trained runs (and the baselines) on every probe: a markdown table, JSON and a PNG scatter.
 
-    python -m probes.compare runs/compare/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1
+    python -m probes.compare runs/compare/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1 --jobs 2
 
 probes each run directory's encoder in process on the full Fashion-MNIST split (60k train / 10k test;
 ``--limit-*`` for subsets), plus raw pixels and a randomly initialised encoder of the same
@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, HEADLINE, load_probe_data, probe_source,
-                             probes_record, protocol_record, utc_now, write_probes_json)
+from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, HEADLINE, PROBES, ProbeData, ProbeReport,
+                             load_probe_data, probe_source, probes_record, protocol_record, utc_now,
+                             write_probes_json)
 from probes.linear import LinearProtocol
-from probes.sources import RawPixelSource, SourceError, TorchEncoderSource, random_init_source
+from probes.sources import FeatureSource, RawPixelSource, SourceError, TorchEncoderSource, random_init_source
 
 log = logging.getLogger(__name__)
 
@@ -227,37 +228,61 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> list[Path]:
     return paths
 
 
+def _source(kind: str, run_dir: str | Path) -> FeatureSource:
+    if kind == "run":
+        return TorchEncoderSource.from_run_dir(run_dir)
+    trained = TorchEncoderSource.from_run_dir(run_dir)  # the baselines take the first run's shape
+    return RawPixelSource.like(trained) if kind == "raw-pixels" else random_init_source(trained.spec)
+
+
+def _probe_task(kind: str, run_dir: str, data_args: tuple, protocol: LinearProtocol, batch: int,
+                threads: int | None, data: ProbeData | None = None) -> tuple[ProbeReport, dict[str, Any]]:
+    """One source's report and the protocol record; loads the (deterministic) data when not given, so
+    that it can run in a worker process."""
+    if data is None:
+        data = load_probe_data(*data_args)
+    report = probe_source(_source(kind, run_dir), data, PROBES, protocol, batch, threads)
+    return report, protocol_record(data, PROBES, protocol)
+
+
 def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None, limit_test: int | None = None,
                  train_scenes: int | None = DEFAULT_TRAIN_SCENES, test_scenes: int | None = DEFAULT_TEST_SCENES,
                  baselines: bool = True, threads: int | None = None, write_runs: bool = True,
-                 protocol: LinearProtocol = LinearProtocol(), batch: int = 256) -> dict[str, Any]:
-    """Probe every run (and the baselines) on one data set; the result ``write_outputs`` renders."""
+                 protocol: LinearProtocol = LinearProtocol(), batch: int = 256, jobs: int = 1) -> dict[str, Any]:
+    """Probe every run (and the baselines) on one data set; the result ``write_outputs`` renders.
+
+    ``jobs`` > 1 probes that many sources at once in worker processes (each loads the same data).
+    """
     sources = [TorchEncoderSource.from_run_dir(r) for r in run_dirs]  # fail early on a bad run dir
+    specs = {json.dumps(s.spec.to_dict(), sort_keys=True) for s in sources}
+    if baselines and len(specs) > 1:
+        log.warning("the runs have %d different architectures; the random-init baseline uses the first's", len(specs))
+    del sources
     t_start = time.perf_counter()
-    data = load_probe_data(limit_train, limit_test, train_scenes, test_scenes)
-    probes = ("knn", "linear", "dense")
-    record_protocol = protocol_record(data, probes, protocol)
+    data_args = (limit_train, limit_test, train_scenes, test_scenes)
+    tasks = [("run", str(r)) for r in run_dirs]
+    if baselines and run_dirs:
+        tasks += [("raw-pixels", str(run_dirs[0])), ("random-init", str(run_dirs[0]))]
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_probe_task, k, r, data_args, protocol, batch, threads) for k, r in tasks]
+            results = [f.result() for f in futures]
+    else:
+        data = load_probe_data(*data_args)
+        results = [_probe_task(k, r, data_args, protocol, batch, threads, data) for k, r in tasks]
     rows = []
-    for run_dir, source in zip(run_dirs, sources):
-        report = probe_source(source, data, probes, protocol, batch, threads)
-        record = probes_record(report, record_protocol)
-        if write_runs:
-            write_probes_json(run_dir, record)
-        rows.append({"label": Path(run_dir).name, "kind": "run", "source": report.source,
+    record_protocol = results[0][1] if results else {}
+    for (kind, run_dir), (report, _) in zip(tasks, results):
+        if kind == "run" and write_runs:
+            write_probes_json(run_dir, probes_record(report, record_protocol))
+        rows.append({"label": Path(run_dir).name if kind == "run" else kind, "kind": kind, "source": report.source,
                      "scores": report.scores, "details": report.details, "timings": report.timings,
-                     "training": training_info(run_dir)})
-    if baselines and sources:
-        specs = {json.dumps(s.spec.to_dict(), sort_keys=True): s.spec for s in sources}
-        if len(specs) > 1:
-            log.warning("the runs have %d different architectures; the random-init baseline uses the first's",
-                        len(specs))
-        for kind, source in (("raw-pixels", RawPixelSource.like(sources[0])),
-                             ("random-init", random_init_source(sources[0].spec))):
-            report = probe_source(source, data, probes, protocol, batch, threads)
-            rows.append({"label": kind, "kind": kind, "source": report.source, "scores": report.scores,
-                         "details": report.details, "timings": report.timings, "training": {}})
+                     "training": training_info(run_dir) if kind == "run" else {}})
     return {"format_version": 1, "protocol": record_protocol, "rows": rows, "created": utc_now(),
-            "elapsed_s": time.perf_counter() - t_start, "threads": threads}
+            "elapsed_s": time.perf_counter() - t_start, "threads": threads, "jobs": jobs}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -270,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-scenes", type=int, default=DEFAULT_TRAIN_SCENES, metavar="N")
     p.add_argument("--test-scenes", type=int, default=DEFAULT_TEST_SCENES, metavar="N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a loaded machine")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="sources probed at once in worker processes (with --threads 1: one per free core)")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-write-runs", action="store_true", help="do not write RUN_DIR/probes.json")
     return p
@@ -291,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             result = compare_runs(a.run_dirs, a.limit_train, a.limit_test, a.train_scenes, a.test_scenes,
-                                  not a.no_baselines, a.threads, not a.no_write_runs)
+                                  not a.no_baselines, a.threads, not a.no_write_runs, jobs=max(1, a.jobs))
         except SourceError as e:
             print(f"probes.compare: error: {e}", file=sys.stderr)
             return 2

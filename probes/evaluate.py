@@ -131,8 +131,11 @@ def probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str] =
                  protocol: LinearProtocol = LinearProtocol(), batch: int = DEFAULT_BATCH,
                  threads: int | None = None) -> ProbeReport:
     """Extract features from ``source`` and run ``probes`` on them (with ``threads`` torch threads)."""
+    cpu0 = time.process_time()
     with torch_threads(threads):
-        return _probe_source(source, data, probes, protocol, batch)
+        report = _probe_source(source, data, probes, protocol, batch)
+    report.timings["process_cpu_s"] = time.process_time() - cpu0  # wall times above include contention
+    return report
 
 
 def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],

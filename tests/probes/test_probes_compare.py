@@ -59,3 +59,22 @@ def test_outputs_and_render_round_trip(tmp_path):
 def test_missing_run_dir_is_refused(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "do not exist" in capsys.readouterr().err
+
+
+def test_compare_runs_in_worker_processes_matches_in_process(small_run, tmp_path):
+    import shutil
+
+    from probes.compare import compare_runs
+    from probes.linear import LinearProtocol
+
+    runs = [shutil.copytree(small_run, tmp_path / name) for name in ("a", "b")]
+    kw = dict(limit_train=200, limit_test=100, train_scenes=8, test_scenes=4, threads=1,
+              protocol=LinearProtocol(l2_grid=(1e-2,), max_iter=30), batch=128)
+    serial = compare_runs(runs[:1], write_runs=False, **kw)
+    parallel = compare_runs(runs, jobs=2, **kw)
+    assert [r["label"] for r in parallel["rows"]] == ["a", "b", "raw-pixels", "random-init"]
+    assert [r["label"] for r in serial["rows"]] == ["a", "raw-pixels", "random-init"]
+    for s, p in zip(serial["rows"], [parallel["rows"][i] for i in (0, 2, 3)]):
+        assert s["scores"] == p["scores"]
+    assert parallel["rows"][0]["scores"] == parallel["rows"][1]["scores"]  # the same weights
+    assert json.loads((runs[1] / "probes.json").read_text())["scores"] == parallel["rows"][1]["scores"]
