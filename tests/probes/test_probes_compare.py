@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from probes.compare import check_claims, check_targets, main, render_markdown, training_info, write_outputs
+from probes.compare import check_claims, check_targets, main, training_info, write_outputs
 
 KEYS = ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1", "dense_patch_acc", "dense_miou")
 
