@@ -51,23 +51,30 @@ def export_cmd(run: Path, repository: Path, force: bool) -> list[str]:
             "--name", "m", *(["--force"] if force else [])]
 
 
-def kill_while_staging(cmd: list[str], parent: Path, delay: float, timeout: float = 300) -> bool:
-    """Run ``cmd``; SIGKILL it ``delay`` s after its staging directory appears. False if it finished."""
+def kill_while_staging(cmd: list[str], parent: Path, delay: float, timeout: float = 300) -> tuple[bool, float]:
+    """Run ``cmd``; SIGKILL it ``delay`` s after its staging directory appears.
+
+    Returns ``(killed, seconds from staging to exit)``; not killed if it finished first.
+    """
     before = {p.name for p in parent.iterdir() if p.name.startswith(STAGING_PREFIX)}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
+    staged = time.monotonic()
     while proc.poll() is None and time.monotonic() < deadline:
         if {p.name for p in parent.iterdir() if p.name.startswith(STAGING_PREFIX)} - before:
-            time.sleep(delay)
+            staged = time.monotonic()
+            end = staged + delay
+            while proc.poll() is None and time.monotonic() < end:
+                time.sleep(0.005)
             break
         time.sleep(0.01)
     if proc.poll() is not None:
         out, err = proc.communicate()
         assert proc.returncode == 0, err[-2000:]
-        return False
+        return False, time.monotonic() - staged
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    return True
+    return True, 0.0
 
 
 @pytest.mark.slow
@@ -77,7 +84,8 @@ def test_sigkilled_export_never_leaves_a_half_written_model(tmp_path):
     repository = tmp_path / "repo"
     repository.mkdir()
     kills, finished_first, states = 0, 0, []
-    for i in range(3 * KILLS):
+    window = 4.0  # seconds the staging directory lives; shrunk to what an export that finished took
+    for i in range(5 * KILLS):
         if kills >= KILLS:
             break
         force = (repository / "m").exists()
@@ -86,9 +94,12 @@ def test_sigkilled_export_never_leaves_a_half_written_model(tmp_path):
                                   timeout=600).returncode == 0
             force = True
         before = whole_models(repository)
-        killed = kill_while_staging(export_cmd(run, repository, force), tmp_path, rng.uniform(0.0, 4.0))
+        killed, staged_for = kill_while_staging(export_cmd(run, repository, force), tmp_path,
+                                                rng.uniform(0.0, window))
         kills += killed
         finished_first += not killed
+        if not killed:
+            window = max(0.05, 0.9 * staged_for)
         after = whole_models(repository)
         if killed:  # the old model (or none) is still there, or the new one whole: never a mixture
             states.append("old" if after == before else "new")

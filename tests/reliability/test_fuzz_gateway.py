@@ -193,7 +193,9 @@ def test_unparseable_request_is_invalid_argument(rel_gateway, rpc):
 def test_unparseable_request_does_not_break_the_service(fuzzer):
     with pytest.raises(grpc.RpcError) as e:
         _unary(fuzzer.channel, "Embed")(b"\x0a\x03\xff\xfe\xfd", timeout=CALL_TIMEOUT)
-    assert "Error parsing message" in (e.value.details() or "")
+    # UNKNOWN today (see the xfail above); INVALID_ARGUMENT once fixed. Either way the service goes on.
+    assert e.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "pars" in (e.value.details() or "").lower()
     fuzzer.probe()
 
 
