@@ -19,3 +19,7 @@ class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code, self.message = code, message
+
+
+class UndecodableRequest(Exception):
+    """A request's bytes are not the RPC's protobuf message (raised from a stream's request iterator)."""

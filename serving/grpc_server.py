@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection
 from protos import vitserve_pb2_grpc
 from serving.errors import GatewayError
 from serving.gateway import VisionEncoderGateway
-from serving.interceptors import SERVICE_NAME, BearerTokenAuth, InFlightLimit, MetricsInterceptor, read_token
+from serving.interceptors import (SERVICE_NAME, BearerTokenAuth, InFlightLimit, MetricsInterceptor, RequestDecodeCheck,
+                                  read_token)
 from serving.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def server_tls_credentials(cert_file: str | Path, key_file: str | Path,
 
 
 def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: metrics (sees every outcome), authentication, in-flight limit."""
+    """Outermost first: metrics (sees every outcome), authentication, in-flight limit, request decoding."""
     chain: list[grpc.aio.ServerInterceptor] = []
     if options.metrics is not None:
         chain.append(MetricsInterceptor(options.metrics, gateway.model_label))
@@ -77,6 +78,7 @@ def interceptors(gateway: VisionEncoderGateway, options: ServerOptions) -> list[
     limit = InFlightLimit(options.max_in_flight)
     gateway.in_flight_limit = limit  # the drain on shutdown reports how many calls it waits for
     chain.append(limit)
+    chain.append(RequestDecodeCheck())
     return chain
 
 

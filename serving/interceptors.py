@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 
 from protos import vitserve_pb2
+from serving.errors import UndecodableRequest
 from serving.metrics import GatewayMetrics
 
 SERVICE_NAME = vitserve_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
@@ -67,6 +68,69 @@ def wrap_handler(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetail
         return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
                                                      response_serializer=handler.response_serializer)
     return handler  # the service has no unary-stream or stream-unary RPCs
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that do not parse; the handler refuses it."""
+
+    message: str
+
+
+class RequestDecodeCheck(grpc.aio.ServerInterceptor):
+    """Bytes that are not the RPC's message get INVALID_ARGUMENT naming the problem.
+
+    ``grpc.aio`` answers a request its deserializer cannot parse with UNKNOWN ("Unexpected
+    DecodeError"), and on a stream it ends the call without saying why. This interceptor swaps in
+    a deserializer that returns a marker instead of raising, and the handler refuses the marker:
+    unary calls abort INVALID_ARGUMENT; a stream answers the frames before the bad one and then
+    ends INVALID_ARGUMENT. Put it innermost, so authentication and the in-flight limit still come
+    first.
+    """
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if (handler is None or handler.request_deserializer is None
+                or not details.method.startswith(f"/{SERVICE_NAME}/")):
+            return handler
+        rpc = details.method.rsplit("/", 1)[-1]
+        parse = handler.request_deserializer
+
+        def tolerant(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception as e:  # protobuf's DecodeError, or anything a parser raises on garbage
+                return _Undecodable(f"the {rpc} request ({len(raw)} bytes) is not a valid "
+                                    f"{SERVICE_NAME}.{rpc} message: {e}")
+
+        if handler.unary_unary is not None:
+            unary_inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return await unary_inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=tolerant,
+                                                       response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            stream_inner = handler.stream_stream
+
+            async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, _Undecodable):
+                        raise UndecodableRequest(request.message)
+                    yield request
+
+            async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in stream_inner(checked(requests), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=tolerant,
+                                                         response_serializer=handler.response_serializer)
+        return handler
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import grpc
 
 from protos import vitserve_pb2
-from serving.errors import RequestError
+from serving.errors import RequestError, UndecodableRequest
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,17 @@ async def stream_features(
     arrivals: collections.deque[float] = collections.deque()  # perf_counter() when each frame arrived
     arrived = asyncio.Event()
     finished = False
+    undecodable: UndecodableRequest | None = None
 
     async def read() -> None:
-        nonlocal finished
+        nonlocal finished, undecodable
         try:
             async for frame in request_iterator:
                 arrivals.append(time.perf_counter())
                 pending.append(frame)
                 arrived.set()
+        except UndecodableRequest as e:  # the frames before it are answered, then the stream ends
+            undecodable = e
         except Exception as e:  # the client went away mid-stream; the stream ends with it
             log.debug("stream reader stopped: %s", e)
         finally:
@@ -66,6 +69,8 @@ async def stream_features(
         while True:
             if not pending:
                 if finished:
+                    if undecodable is not None:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(undecodable))
                     return
                 arrived.clear()  # no await since the check above: no frame can slip in between
                 await arrived.wait()

@@ -179,9 +179,6 @@ def test_fuzz_gateway(fuzzer, rel_gateway, rel_triton, rel_exported, sample_imag
 
 # -- what the fuzzer found outside serving/images.py --------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="bytes that are not a protobuf message get UNKNOWN ('Unexpected "
-                   "DecodeError'), not INVALID_ARGUMENT: grpc.aio's deserializer error path; fix in "
-                   "serving/grpc_server.py or interceptors.py (serving helper)")
 @pytest.mark.parametrize("rpc", ["Embed", "Features"])
 def test_unparseable_request_is_invalid_argument(rel_gateway, rpc):
     with grpc.insecure_channel(rel_gateway.target) as channel:
@@ -193,24 +190,25 @@ def test_unparseable_request_is_invalid_argument(rel_gateway, rpc):
 def test_unparseable_request_does_not_break_the_service(fuzzer):
     with pytest.raises(grpc.RpcError) as e:
         _unary(fuzzer.channel, "Embed")(b"\x0a\x03\xff\xfe\xfd", timeout=CALL_TIMEOUT)
-    # UNKNOWN today (see the xfail above); INVALID_ARGUMENT once fixed. Either way the service goes on.
-    assert e.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT)
-    assert "pars" in (e.value.details() or "").lower()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert "not a valid vitserve.v1.VisionEncoder.Embed message" in e.value.details()
     fuzzer.probe()
 
 
-@pytest.mark.xfail(strict=True, reason="an unparseable frame on StreamFeatures ends the stream with OK "
-                   "and no response for it or for later frames (serving/streaming.py's reader swallows "
-                   "the DecodeError); it should end the stream with INVALID_ARGUMENT (serving helper)")
 def test_unparseable_stream_frame_is_reported(rel_gateway, sample_images):
     good = vitserve_pb2.StreamFeaturesRequest(frame_id=1, request=vitserve_pb2.FeaturesRequest(
         images=valid_raw(sample_images[:1]))).SerializeToString()
     with grpc.insecure_channel(rel_gateway.target) as channel:
         call = channel.stream_stream(SERVICE + "StreamFeatures", request_serializer=None,
                                      response_deserializer=vitserve_pb2.StreamFeaturesResponse.FromString)
+        answered = []
         with pytest.raises(grpc.RpcError) as e:
-            list(call(iter([good, b"\xff\xff", good]), timeout=CALL_TIMEOUT))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            for response in call(iter([good, b"\xff\xff", good]), timeout=CALL_TIMEOUT):
+                answered.append(response)
+    assert [r.frame_id for r in answered] == [1]  # the frame before the bad one is answered
+    assert answered[0].HasField("features")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert "StreamFeatures" in e.value.details()
 
 
 @pytest.mark.parametrize("rpc", ["LoadModel", "UnloadModel", "ReloadModel"])
