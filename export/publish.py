@@ -17,6 +17,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,6 +97,37 @@ def publish(staging: Path, target: Path, force: bool) -> None:
     _fsync_dir(target.parent)
 
 
+_STAGING_PID = re.compile(r"\.pid(\d+)\.[^.]*$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_abandoned_staging(parent: Path, repository: Path) -> list[Path]:
+    """Remove staging directories of ``repository`` whose export process is gone (killed mid-write).
+
+    A staging directory's name carries its exporter's pid; one whose process no longer exists can only
+    be the remains of an export that was killed, never a model, so it is deleted. Directories of live
+    exports (and names without a pid, from older versions) are left alone.
+    """
+    removed = []
+    for path in parent.glob(f".vitserve-staging-{repository.resolve().name}-*"):
+        m = _STAGING_PID.search(path.name)
+        if m is None or not path.is_dir() or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by an export (pid %s) that did not finish", path, m.group(1))
+        removed.append(path)
+    return removed
+
+
 def staging_parent(repository: Path) -> Path:
     """Where to build a model for ``repository``: its parent when writable and on the same file system."""
     repository = repository.resolve()
@@ -115,8 +147,10 @@ def staging_parent(repository: Path) -> Path:
 @contextlib.contextmanager
 def staging_directory(repository: Path, name: str) -> Iterator[Path]:
     """A hidden scratch directory beside ``repository``, removed on exit whatever happens."""
-    prefix = f".vitserve-staging-{repository.resolve().name}-{name}-"
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_parent(repository)))
+    parent = staging_parent(repository)
+    sweep_abandoned_staging(parent, repository)
+    prefix = f".vitserve-staging-{repository.resolve().name}-{name}.pid{os.getpid()}."
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(staging, STAGING_MODE)
     try:
         yield staging

@@ -1,3 +1,4 @@
+import os
 import hashlib
 import json
 from pathlib import Path
@@ -197,3 +198,22 @@ def test_work_in_progress_is_staged_outside_the_repository(encoder, repo, fmnist
     monkeypatch.setattr(repository, "check_parity", spy)
     export_encoder(model, spec, repo, "m", parity_images=fmnist_images[:4])
     assert seen == [([], repo.parent)]
+
+
+def test_sweep_removes_only_staging_of_dead_exports(tmp_path):
+    import subprocess
+    import sys
+
+    from export.publish import sweep_abandoned_staging
+
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)  # that process has exited
+    dead = tmp_path / f".vitserve-staging-repo-m.pid{dead_pid}.abc123"
+    live = tmp_path / f".vitserve-staging-repo-m.pid{os.getpid()}.def456"
+    other_repo = tmp_path / f".vitserve-staging-other-m.pid{dead_pid}.ghi789"
+    for d in (dead, live, other_repo):
+        (d / "1").mkdir(parents=True)
+    assert sweep_abandoned_staging(tmp_path, repository) == [dead]
+    assert not dead.exists() and live.exists() and other_repo.exists()

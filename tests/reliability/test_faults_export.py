@@ -117,3 +117,4 @@ def test_sigkilled_export_never_leaves_a_half_written_model(tmp_path):
     print(f"\nexport kills: {KILLS} SIGKILLs mid-write (seed {SEED}); repository afterwards: {states} "
           f"('old': previous model intact, 'new': replacement complete); {finished_first} exports finished "
           f"before their kill; abandoned staging directories beside the repository: {len(leftovers)}")
+    assert leftovers == []  # the final export swept what the killed ones left (their pids are gone)
