@@ -287,6 +287,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the gateway reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -304,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.triton_max_restarts < 0 or args.triton_restart_window <= 0 or args.triton_restart_backoff < 0:
         print("vitserve serve: --triton-max-restarts must be >= 0, --triton-restart-window > 0 and "
               "--triton-restart-backoff >= 0", file=sys.stderr)
+        return 2
+    if args.enable_admin and args.auth_token_file is None and not _is_loopback(args.host):
+        print(f"vitserve serve: --enable-admin on --host {args.host} (reachable from other machines) needs "
+              "--auth-token-file, so that only token holders can load and unload models", file=sys.stderr)
         return 2
     try:
         options = ServerOptions.from_files(

@@ -82,6 +82,15 @@ def test_serve_flag_errors_exit_2(tmp_path, capsys):
     assert "--triton-max-restarts must be >= 0" in err
 
 
+def test_admin_on_a_public_address_needs_a_token(capsys):
+    argv = ["--triton-url", "127.0.0.1:1", "--port", "0", "--enable-admin"]
+    assert server.main([*argv, "--host", "0.0.0.0"]) == 2
+    assert server.main([*argv, "--host", "gateway.example"]) == 2
+    err = capsys.readouterr().err
+    assert "--enable-admin on --host 0.0.0.0" in err and "needs --auth-token-file" in err
+    assert server._is_loopback("127.0.0.1") and server._is_loopback("::1") and server._is_loopback("localhost")
+
+
 
 def test_metrics_port_in_use_is_a_clear_error():
     gateway = VisionEncoderGateway(f"127.0.0.1:{free_port()}")  # knows a model, so no Triton is needed
