@@ -7,8 +7,13 @@ per test module on free loopback ports and are always stopped.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -121,3 +126,45 @@ def client(gateway: object) -> Iterator[object]:
 
     with VitServeClient(gateway.target, timeout=60) as c:
         yield c
+
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_READY = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), triton grpc (127\.0\.0\.1:\d+), "
+                         r"models: (.+)$")
+
+
+@dataclass
+class ServeProcess:
+    """A running ``vitserve serve``: the process, its parsed ready line, and its stderr so far."""
+
+    proc: subprocess.Popen
+    ready: re.Match
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def serve_process(*args: str) -> Iterator[ServeProcess]:
+    """``python -m serving.server ARGS`` up to its ready line; killed on exit if still running.
+
+    stderr is read by a thread throughout (so the process never blocks on a full pipe) and is
+    complete once the ``with`` block has ended.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        match = SERVE_READY.match(line.strip())
+        assert match, f"unexpected first line {line!r}; stderr:\n{''.join(lines)}"
+        yield ServeProcess(proc, match, lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        drain.join(5)

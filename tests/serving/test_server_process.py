@@ -1,12 +1,7 @@
 """``vitserve serve`` as a real subprocess: one ready line, queries work, SIGTERM exits 0."""
 
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 import urllib.request
 
@@ -23,28 +18,17 @@ from serving.grpc_server import ServerOptions
 from serving.images import InputGeometry
 from serving.server import BackgroundGateway
 from serving.triton_launcher import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), triton grpc (127\.0\.0\.1:\d+), "
-                   r"models: (.+)$")
+from tests.serving.conftest import serve_process
 
 
 def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_images, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("process-token\n")
     metrics_port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-repository", str(exported.repository),
-         "--port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
-         "--max-in-flight", "4", "--max-message-mb", "8", "--enable-admin"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
-    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    drain.start()
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        match = READY.match(line.strip())
-        assert match, f"unexpected first line {line!r}; stderr:\n{''.join(stderr)}"
+    with serve_process("--model-repository", str(exported.repository), "--port", "0",
+                       "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
+                       "--max-in-flight", "4", "--max-message-mb", "8", "--enable-admin") as serve:
+        proc, match = serve.proc, serve.ready
         assert match.group(3) == exported.name
         with VitServeClient(match.group(1), token="process-token") as client:
             emb = client.embed(fmnist_test_images[:2])
@@ -62,12 +46,7 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert proc.stdout.read() == ""  # type: ignore[union-attr]  # exactly one line on stdout
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    drain.join(5)
-    assert "stopping tritonserver" in "".join(stderr)
+    assert "stopping tritonserver" in serve.stderr
 
 
 def test_serve_flag_errors_exit_2(tmp_path, capsys):
@@ -109,20 +88,12 @@ def test_metrics_port_in_use_is_a_clear_error():
 
 def test_serve_in_front_of_running_triton_stops_on_sigint(exported, triton, fmnist_test_images):
     """``--triton-url``: no Triton of its own; SIGINT stops the gateway, the external Triton lives on."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--triton-url", triton.grpc_url, "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        match = READY.match(line.strip())
-        assert match and match.group(2) == triton.grpc_url, (line, proc.stderr.read() if proc.poll() else "")
+    with serve_process("--triton-url", triton.grpc_url, "--port", "0") as serve:
+        proc, match = serve.proc, serve.ready
+        assert match.group(2) == triton.grpc_url
         with VitServeClient(match.group(1)) as client:
             emb = client.embed(fmnist_test_images[:3], model=exported.name)
         assert emb.shape == (3, exported.spec.embed_dim)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert triton.poll() is None  # the external Triton was not stopped by the gateway

@@ -6,12 +6,9 @@ cancelled), Triton is stopped only after the drain, and the process exits 0.
 
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,9 +16,8 @@ import pytest
 
 from clients.client import VitServeClient, VitServeError
 from serving.triton_launcher import free_port
+from tests.serving.conftest import serve_process
 
-ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), ")
 DRAINING = re.compile(r"draining (\d+) call\(s\) in flight")
 STOPPED = re.compile(r"gateway stopped after [\d.]+s; (\d+) call\(s\) were still in flight")
 
@@ -56,17 +52,9 @@ class Caller(threading.Thread):
 
 def test_sigterm_drains_calls_in_flight_and_exits_0(exported):
     metrics_port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-repository", str(exported.repository),
-         "--port", "0", "--metrics-port", str(metrics_port), "--shutdown-grace", "60"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
-    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    drain.start()
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        match = READY.match(line.strip())
-        assert match, f"unexpected first line {line!r}; stderr:\n{''.join(stderr)}"
+    with serve_process("--model-repository", str(exported.repository), "--port", "0",
+                       "--metrics-port", str(metrics_port), "--shutdown-grace", "60") as serve:
+        proc, match = serve.proc, serve.ready
         images = np.random.default_rng(0).integers(0, 256, (128, 28, 28, 1), dtype=np.uint8)
         callers = [Caller(match.group(1), images) for _ in range(4)]
         for c in callers:
@@ -81,12 +69,7 @@ def test_sigterm_drains_calls_in_flight_and_exits_0(exported):
             c.join(120)
             assert not c.is_alive()
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    drain.join(5)
-    log = "".join(stderr)
+    log = serve.stderr
     draining = DRAINING.search(log)
     assert draining and int(draining.group(1)) >= 1, log[-3000:]
     assert STOPPED.search(log) and STOPPED.search(log).group(1) == "0", log[-3000:]  # none cut off
