@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,6 +60,21 @@ def _client_options(prog: str, args: argparse.Namespace) -> tuple[str | None, ob
     return token, tls
 
 
+def _with_client(prog: str, args: argparse.Namespace, act: Callable[[VitServeClient], Any]) -> tuple[int, Any]:
+    """``(0, act(client))`` with a client built from the connection flags; ``(2, None)`` when those
+    flags are unusable, ``(1, None)`` when the server answers with an error (printed)."""
+    connection = _client_options(prog, args)
+    if connection is None:
+        return 2, None
+    token, tls = connection
+    try:
+        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:  # type: ignore[arg-type]
+            return 0, act(client)
+    except VitServeError as e:
+        print(f"{prog}: server error {e.code.name}: {e.details}", file=sys.stderr)
+        return 1, None
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
          call: Callable[[VitServeClient, argparse.Namespace, list[bytes]], np.ndarray]) -> int:
     try:
@@ -74,16 +89,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
     except OSError as e:
         print(f"{parser.prog}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
-    connection = _client_options(parser.prog, args)
-    if connection is None:
-        return 2
-    token, tls = connection
-    try:
-        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:  # type: ignore[arg-type]
-            array = call(client, args, data)
-    except VitServeError as e:
-        print(f"{parser.prog}: server error {e.code.name}: {e.details}", file=sys.stderr)
-        return 1
+    code, array = _with_client(parser.prog, args, lambda client: call(client, args, data))
+    if code:
+        return code
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         np.save(args.out, array)
@@ -169,24 +177,19 @@ def admin_main(argv: list[str] | None = None) -> int:
     if args.action in ("load", "unload", "reload") and not args.model:
         print(f"vitserve admin: {args.action} needs a MODEL name", file=sys.stderr)
         return 2
-    connection = _client_options(parser.prog, args)
-    if connection is None:
-        return 2
-    token, tls = connection
-    try:
-        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:  # type: ignore[arg-type]
-            if args.action == "models":
-                out: object = [_model_summary(m) for m in client.list_models()]
-            elif args.action == "get":
-                out = _model_summary(client.get_model(args.model))
-            elif args.action == "repository":
-                out = client.list_repository()
-            else:
-                result = getattr(client, f"{args.action}_model")(args.model)
-                out = {"model": result.model, "state": result.state, "elapsed_ms": round(result.elapsed_ms, 1),
-                       "served_models": list(result.served_models)}
-    except VitServeError as e:
-        print(f"vitserve admin: server error {e.code.name}: {e.details}", file=sys.stderr)
-        return 1
+    def act(client: VitServeClient) -> object:
+        if args.action == "models":
+            return [_model_summary(m) for m in client.list_models()]
+        if args.action == "get":
+            return _model_summary(client.get_model(args.model))
+        if args.action == "repository":
+            return client.list_repository()
+        result = getattr(client, f"{args.action}_model")(args.model)
+        return {"model": result.model, "state": result.state, "elapsed_ms": round(result.elapsed_ms, 1),
+                "served_models": list(result.served_models)}
+
+    code, out = _with_client(parser.prog, args, act)
+    if code:
+        return code
     print(json.dumps(out, indent=2))
     return 0
