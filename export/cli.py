@@ -147,6 +147,7 @@ def export_options(a: argparse.Namespace) -> dict[str, Any]:
 
 def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str, Any]]:
     """Model, spec, default entry name and source keywords (source, weights hash, probes, weights)."""
+    from export.preprocessing import run_preprocessing, timm_preprocessing
     from export.repository import WEIGHTS_FILENAME, default_model_name, load_run_encoder, sha256_file
     from export.sources import load_timm_encoder, read_probes
 
@@ -155,7 +156,8 @@ def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str,
             raise ExportUsageError("pass either RUN_DIR or --timm NAME, not both")
         loaded = load_timm_encoder(a.timm, _overrides(a.override), a.checkpoint, a.pretrained)
         return loaded.model, loaded.spec, default_model_name(a.timm), {
-            "source": loaded.source, "weights_sha256": loaded.weights_sha256, "weights": loaded.weights}
+            "source": loaded.source, "weights_sha256": loaded.weights_sha256, "weights": loaded.weights,
+            "preprocessing": timm_preprocessing(loaded.model, loaded.spec)}
     if a.checkpoint or a.pretrained or a.override:
         raise ExportUsageError("--checkpoint, --pretrained and --override need --timm NAME")
     if not a.run_dir:
@@ -165,6 +167,7 @@ def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str,
     weights = run_dir / WEIGHTS_FILENAME
     return model, spec, default_model_name(run_dir), {
         "source": str(run_dir.resolve()), "probes": read_probes(run_dir),
+        "preprocessing": run_preprocessing(run_dir, spec),
         "weights_sha256": sha256_file(weights) if weights.is_file() else None}
 
 

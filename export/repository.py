@@ -37,6 +37,7 @@ from export.buckets import bucket_names, bucket_table, resize_encoder
 from export.onnx_export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, TORCH_EXPORTER,
                                 ExportUsageError, check_parity, export_onnx)
 from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs, output_dims, validate_selection
+from export.preprocessing import default_preprocessing
 from export.publish import exists_message, fsync_tree, publish, staging_directory
 from export.triton_config import (DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
                                   TritonConfigError, TritonModelConfig, VersionPolicy)
@@ -185,6 +186,16 @@ def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_ba
         parameters=params, version_policy=version_policy, gpu_accelerators=tuple(gpu_accelerators))
 
 
+def check_preprocessing(entry: dict[str, Any], spec: EncoderSpec) -> None:
+    """Refuse a ``preprocessing`` entry the gateway (``serving.preprocess``) would reject."""
+    from serving.preprocess import PreprocessSpec, PreprocessSpecError
+
+    try:
+        PreprocessSpec.from_manifest({"encoder_spec": spec.to_dict(), "preprocessing": entry}, spec.in_chans)
+    except PreprocessSpecError as e:
+        raise ExportUsageError(f"preprocessing entry {entry!r} would be refused by the gateway: {e}") from e
+
+
 def _resized_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 ``[N, H, W, C]`` bilinearly resized to ``size`` (parity images for another bucket)."""
     if tuple(images.shape[1:3]) == tuple(size):
@@ -231,13 +242,15 @@ def export_entries(
     gpu_accelerators: Sequence[GpuAccelerator] = (),
     target: str | None = None,
     weights: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Export ``model`` into ``repository``: one entry per resolution bucket and lane; return their paths.
 
     The first path is ``repository/<name>`` (first resolution, throughput lane). Each bucket is its
     own ONNX graph with its own parity gate; a lane entry holds the same graph as its bucket with
     other batching. ``weights_sha256`` defaults to a hash of the state dict; ``parity_images`` to
-    ``default_parity_images(spec)`` (resized for other buckets). Raises ``ExportUsageError`` for bad
+    ``default_parity_images(spec)`` (resized for other buckets); ``preprocessing`` (the manifest entry
+    the gateway reads, ``export.preprocessing``) to a plain bilinear resize that says so. Raises ``ExportUsageError`` for bad
     arguments or an existing entry (without ``force``), ``ExportError`` when a check fails; in both
     cases nothing is published (all entries are staged and checked before the first one is moved in).
     """
@@ -277,6 +290,8 @@ def export_entries(
             raise ExportUsageError(exists_message(repository / n))
 
     weights_hash = weights_sha256 or state_dict_sha256(model)
+    preprocessing = dict(preprocessing) if preprocessing else default_preprocessing(spec)
+    check_preprocessing(preprocessing, spec)
     staged: list[tuple[Path, Path]] = []
     with contextlib.ExitStack() as stack:
         for i, (bucket_model, bucket_spec) in enumerate(encoders):
@@ -320,6 +335,7 @@ def export_entries(
                     # probe scores were measured at the encoder's own size; other buckets get none
                     "probes": dict(probes or {}) if tuple(bucket_spec.img_size) == tuple(spec.img_size) else {},
                     "source": source or f"in-memory {spec.model_name}",
+                    "preprocessing": preprocessing,
                 }
                 if weights:
                     manifest["weights"] = dict(weights)
@@ -366,6 +382,7 @@ def export_run_entries(run_dir: str | Path, repository: str | Path, name: str | 
                        version: int = 1, force: bool = False, max_batch_size: int = 64,
                        **options: Any) -> list[Path]:
     """``export_run`` returning every entry written (resolution buckets, lanes)."""
+    from export.preprocessing import run_preprocessing
     from export.sources import read_probes
 
     run_dir = Path(run_dir)
@@ -375,6 +392,7 @@ def export_run_entries(run_dir: str | Path, repository: str | Path, name: str | 
     options.setdefault("weights_sha256", sha256_file(weights) if weights.is_file() else None)
     options.setdefault("source", str(run_dir.resolve()))
     options.setdefault("probes", read_probes(run_dir))
+    options.setdefault("preprocessing", run_preprocessing(run_dir, spec))
     return export_entries(model, spec, repository, name, version, force, max_batch_size, **options)
 
 

@@ -13,7 +13,7 @@ from export.repository import (export_encoder, export_run, main, read_manifest, 
 from export.triton_config import parse_pbtxt
 
 CONTRACT_KEYS = {"format_version", "name", "version", "encoder_spec", "architecture", "inputs", "outputs",
-                 "weights_sha256", "files", "parity", "exporter", "probes", "source"}
+                 "weights_sha256", "files", "parity", "exporter", "probes", "source", "preprocessing"}
 
 
 def tree(path: Path) -> dict[str, str]:
