@@ -62,3 +62,15 @@ def test_length_mismatch_is_refused(separable):
     xtr, ytr, xte, yte = separable
     with pytest.raises(ValueError, match="differ in length"):
         linear_probe(xtr, ytr[:-1], xte, yte, FAST)
+
+
+def test_default_grid_reaches_down_to_no_penalty_and_still_picks_on_validation(separable):
+    # The full-split probe chose the weakest of 1e-1..1e-6, so the default grid continues to 1e-8 and 0.
+    grid = LinearProtocol().l2_grid
+    assert min(grid) == 0.0 and 1e-8 in grid and max(grid) == 1e-1
+    xtr, ytr, xte, yte = separable
+    res = linear_probe(xtr, ytr, xte, yte, LinearProtocol(l2_grid=(1e-2, 1e-8, 0.0), max_iter=60))
+    assert set(res.val_accuracy) == {1e-2, 1e-8, 0.0} and res.accuracy >= 0.99
+    best = max(res.val_accuracy.values())
+    assert res.l2 == max(l2 for l2, v in res.val_accuracy.items() if v == best)  # ties: the stronger
+    assert res.summary()["val_accuracy"].keys() == {"0.01", "1e-08", "0"}
