@@ -79,11 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     var = p.add_argument_group("precision variants")
     var.add_argument("--variants", default="", metavar="KINDS",
                      help="comma-separated precision variants written as <name>_<suffix> beside the model: "
-                          "int8-dynamic, int8-static, fp16 (each gated against fp32 PyTorch on Fashion-MNIST; "
-                          "exit 1 when one misses its gate and is not written)")
+                          "int8-dynamic, int8-static, fp16 (every output gated against fp32 PyTorch on "
+                          "Fashion-MNIST; exit 1 when one misses its gate and is not written)")
     var.add_argument("--gate-images", type=int, default=1000, metavar="N",
                      help="variant gate: N Fashion-MNIST test images as k-NN queries, 2N train images as "
                           "the k-NN bank (default 1000)")
+    var.add_argument("--gate-max-abs-err", type=float, default=None, metavar="E",
+                     help="variant gate: also require max abs error <= E on every output (default: recorded only)")
     var.add_argument("--force-variants", action="store_true",
                      help="write variants that miss the quality gate (their manifest says so)")
     return p
@@ -207,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds = parse_variants(a.variants)
         if kinds and a.gate_images < 1:
             raise ExportUsageError(f"--gate-images must be >= 1, got {a.gate_images}")
+        if a.gate_max_abs_err is not None and not a.gate_max_abs_err > 0:
+            raise ExportUsageError(f"--gate-max-abs-err must be > 0, got {a.gate_max_abs_err}")
         options = export_options(a)
         model, spec, default_name, source = _load(a)
         name = validate_model_name(a.name) if a.name is not None else default_name
@@ -241,7 +245,7 @@ def _export_variants_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderS
     from export.variants import VariantGate, export_variants
 
     try:
-        gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images)
+        gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images, max_abs_err=a.gate_max_abs_err)
         results = export_variants(model, spec, model_dir, kinds, a.force_variants, a.force, gate)
     except ExportUsageError as e:
         print(f"vitserve export: error: {e}", file=sys.stderr)
@@ -252,7 +256,9 @@ def _export_variants_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderS
     for r in results:
         cos = " ".join(f"{k}={v:.4f}" for k, v in r.figures["mean_cosine"].items())
         knn = r.figures.get("knn")
-        knn_text = f" knn_drop={knn['drop_points']:+.2f}pt" if knn else ""
+        knn_text = (f" knn_drop={knn['drop_points']:+.2f}pt (95% CI {knn['confidence']['ci_points'][0]:+.2f}.."
+                    f"{knn['confidence']['ci_points'][1]:+.2f}, McNemar p={knn['confidence']['mcnemar_p']:.2g})"
+                    if knn else "")
         where = str(r.path) if r.written else "NOT written"
         print(f"{r.name} ({r.kind}): {where}  cosine {cos}{knn_text}  {r.reason}"
               + ("  (forced)" if r.written and not r.passed else ""),

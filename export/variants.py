@@ -2,9 +2,12 @@
 
 Each variant is built from the fp32 ONNX graph, then judged against the fp32 *PyTorch* model on real
 images (Fashion-MNIST, resized and channel-repeated to the model's input when it is not 28x28x1):
-max abs error and mean cosine similarity of ``cls`` and ``patch_tokens``, and the change of weighted
-k-NN accuracy (DINO protocol, ``training.knn``) with ``cls`` features. A variant that misses the gate
-is not written unless forced. A written variant is a model entry of its own, ``<base>_<suffix>``,
+max abs error and mean cosine similarity of *every* output of the graph (``cls``, ``patch_tokens`` and
+the extras chosen at export: ``patch_tokens_l<i>``, ``registers``, ``mean_patch``), each judged on its
+own, and the change of weighted k-NN accuracy (DINO protocol, ``training.knn``) with ``cls`` features,
+with a paired confidence statement over the query images (``knn_drop_confidence``: bootstrap
+interval and exact McNemar test). A variant where any output misses the gate is not written unless
+forced. A written variant is a model entry of its own, ``<base>_<suffix>``,
 with the same tensors as the base model (uint8 in, fp32 out), so the gateway serves it unchanged;
 its manifest carries a ``variant`` dict (precision, method, gate figures, base model).
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +36,13 @@ from torch import nn
 
 from export import model as triton_model
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportUsageError, _reference
+from export.outputs import DEFAULT_SELECTION, OutputSelection, layer_output_name
 from export.repository import (CONFIG_FILENAME, MANIFEST_FILENAME, MANIFEST_PARAMETER, read_manifest,
                                sha256_file)
 from export.triton_config import parse_pbtxt
 from export.publish import exists_message, fsync_tree, publish, staging_directory
 from training.backbone import EncoderSpec
-from training.knn import knn_accuracy
+from training.knn import knn_predict
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,12 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
 
 @dataclass(frozen=True)
 class VariantGate:
-    """Quality a variant must keep against fp32 PyTorch: cosine of both outputs, k-NN drop in points."""
+    """Quality a variant must keep against fp32 PyTorch: mean cosine of every output, k-NN drop in points,
+    and (when set) the max abs error of every output."""
 
     min_mean_cosine: float = 0.99
     max_knn_drop_points: float = 0.5
+    max_abs_err: float | None = None  # None: recorded, not gated (int8 errors scale with the features)
     n_eval: int = 1000       # test images for errors and cosine (also the k-NN queries; 1 image = 0.1 pt)
     n_knn_train: int = 2000  # train images of the k-NN memory bank; 0 turns the k-NN check off
     n_calibration: int = 64  # train images (disjoint from the k-NN bank) for static calibration
@@ -143,15 +150,70 @@ def build_variant(kind: str, fp32_onnx: str | Path, out_path: str | Path,
     return out_path
 
 
-def _run_onnx(onnx_path: str | Path, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+def _run_onnx(onnx_path: str | Path, images: np.ndarray, batch: int = 64,
+              names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Every output of the graph (or ``names``) for ``images``, in batches of ``batch``."""
     from export.model import make_session
 
     session = make_session(str(onnx_path))
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
+    names = list(names or [o.name for o in session.get_outputs()])
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for i in range(0, len(images), batch):
-        for name, value in zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i:i + batch]})):
+        for name, value in zip(names, session.run(names, {INPUT_NAME: images[i:i + batch]})):
             outs[name].append(value.astype(np.float32))
     return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def selection_from_manifest(manifest: dict[str, Any]) -> OutputSelection:
+    """The ``OutputSelection`` an exported entry was built with, read back from its ``outputs``."""
+    outputs = manifest.get("outputs") or {}
+    prefix = layer_output_name(0)[:-1]  # "patch_tokens_l"
+    layers = tuple(int(n[len(prefix):]) for n in outputs if n.startswith(prefix))
+    extras = [v for n, v in outputs.items() if n not in OUTPUT_NAMES]
+    has_norm = bool((manifest.get("architecture") or {}).get("final_norm", True))
+    final_norm = bool(extras[0].get("final_norm", True)) if extras and has_norm else True
+    return OutputSelection(layers=layers, final_norm=final_norm, registers="registers" in outputs,
+                           mean_patch="mean_patch" in outputs)
+
+
+def _binom_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p-value of ``k`` successes in ``n`` fair-coin trials (McNemar's exact test)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2.0 ** n
+    return float(min(1.0, 2.0 * tail))
+
+
+def knn_drop_confidence(fp32_correct: np.ndarray, variant_correct: np.ndarray, n_boot: int = 2000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Paired statistics of a k-NN accuracy drop over the same query images.
+
+    ``fp32_correct`` / ``variant_correct``: bool per query image. Returns the drop in points, its
+    percentile paired-bootstrap interval (query images resampled with replacement, the k-NN bank held
+    fixed), the discordant counts and McNemar's exact p-value (H0: both classify equally often right).
+    """
+    a = np.asarray(fp32_correct, dtype=bool)
+    b = np.asarray(variant_correct, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"need two equal-length 1-D correctness vectors, got {a.shape} and {b.shape}")
+    diff = a.astype(np.int8) - b.astype(np.int8)  # +1: only fp32 right, -1: only the variant right
+    n = len(diff)
+    rng = np.random.default_rng(seed)
+    drops = np.empty(n_boot)
+    for start in range(0, n_boot, 256):  # bounded memory for large n
+        idx = rng.integers(0, n, size=(min(256, n_boot - start), n))
+        drops[start:start + len(idx)] = 100.0 * diff[idx].mean(axis=1)
+    lo, hi = np.quantile(drops, [(1 - level) / 2, (1 + level) / 2])
+    only_fp32, only_variant = int(np.sum(diff == 1)), int(np.sum(diff == -1))
+    p = _binom_two_sided(only_fp32, only_fp32 + only_variant)
+    drop = 100.0 * float(diff.mean())
+    return {"drop_points": drop, "ci_points": [float(lo), float(hi)], "level": level, "n_boot": n_boot,
+            "method": "paired percentile bootstrap over the query images (k-NN bank fixed), seed "
+                      f"{seed}; McNemar exact test on the discordant images",
+            "only_fp32_correct": only_fp32, "only_variant_correct": only_variant, "mcnemar_p": p,
+            "statement": (f"drop {drop:+.2f} points, {100 * level:.0f}% CI [{lo:+.2f}, {hi:+.2f}] over {n} "
+                          f"query images; {only_fp32} images only fp32 classifies right, {only_variant} only "
+                          f"the variant (McNemar exact p = {p:.3g})")}
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -163,10 +225,14 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``{max_abs_err: {output: e}, mean_cosine: {output: c}}`` of ``got`` against ``reference``."""
+    """``{max_abs_err: {output: e}, mean_cosine: {output: c}}`` of ``got`` against ``reference``, for
+    every output of ``reference`` (``got`` must have them all)."""
+    missing = [k for k in reference if k not in got]
+    if missing:
+        raise ValueError(f"variant graph lacks output(s) {missing} of the reference")
     return {"max_abs_err": {k: float(np.max(np.abs(got[k].astype(np.float64) - reference[k])))
-                            for k in OUTPUT_NAMES},
-            "mean_cosine": {k: mean_cosine(reference[k], got[k]) for k in OUTPUT_NAMES}}
+                            for k in reference},
+            "mean_cosine": {k: mean_cosine(reference[k], got[k]) for k in reference}}
 
 
 @dataclass
@@ -183,12 +249,14 @@ class GateData:
     description: str
 
 
-def gate_data(model: nn.Module, spec: EncoderSpec, gate: VariantGate) -> GateData:
-    """Fashion-MNIST evaluation, k-NN bank and calibration images, with fp32 PyTorch ``cls``/patches."""
+def gate_data(model: nn.Module, spec: EncoderSpec, gate: VariantGate,
+              selection: OutputSelection | None = None) -> GateData:
+    """Fashion-MNIST evaluation, k-NN bank and calibration images, with fp32 PyTorch outputs (every
+    output of ``selection``; the k-NN bank needs only ``cls``)."""
     eval_images, eval_labels = fashion_mnist_for(spec, "test", 0, gate.n_eval)
     knn_images, knn_labels = fashion_mnist_for(spec, "train", 0, gate.n_knn_train)
     calibration, _ = fashion_mnist_for(spec, "train", 60000 - gate.n_calibration, gate.n_calibration)
-    reference = _reference(model, spec, eval_images, 64)
+    reference = _reference(model, spec, eval_images, 64, selection or DEFAULT_SELECTION)
     knn_reference = _reference(model, spec, knn_images, 64)["cls"] if gate.n_knn_train else None
     resized = "" if tuple(spec.img_size) == (28, 28) else f" resized to {spec.img_size[0]}x{spec.img_size[1]}"
     description = (f"fashion-mnist test[:{gate.n_eval}]{resized}; k-NN bank train[:{gate.n_knn_train}]; "
@@ -198,22 +266,41 @@ def gate_data(model: nn.Module, spec: EncoderSpec, gate: VariantGate) -> GateDat
 
 
 def judge(onnx_path: str | Path, data: GateData, gate: VariantGate) -> tuple[dict[str, Any], str | None]:
-    """Gate figures of a variant graph and ``None`` when it passes, else the reason it fails."""
-    got = _run_onnx(onnx_path, data.eval_images)
+    """Gate figures of a variant graph and ``None`` when it passes, else the reason it fails.
+
+    Every output of the reference (all outputs of the exported graph) is judged on its own:
+    ``figures["outputs"][name]`` holds its max abs error, mean cosine and whether it passed.
+    """
+    got = _run_onnx(onnx_path, data.eval_images, names=list(data.reference))
     figures = compare_outputs(data.reference, got)
     figures.update(n_images=int(len(data.eval_images)), data=data.description, gate=asdict(gate))
-    failures = [f"mean cosine of {k} {c:.4f} < {gate.min_mean_cosine}"
-                for k, c in figures["mean_cosine"].items() if not c >= gate.min_mean_cosine]
+    failures: list[str] = []
+    per_output: dict[str, dict[str, Any]] = {}
+    for k in data.reference:
+        c, e = figures["mean_cosine"][k], figures["max_abs_err"][k]
+        missed = []
+        if not c >= gate.min_mean_cosine:
+            missed.append(f"mean cosine of {k} {c:.4f} < {gate.min_mean_cosine}")
+        if gate.max_abs_err is not None and not e <= gate.max_abs_err:
+            missed.append(f"max abs error of {k} {e:.3g} > {gate.max_abs_err:g}")
+        per_output[k] = {"max_abs_err": e, "mean_cosine": c, "passed": not missed}
+        failures += missed
+    figures["outputs"] = per_output
     if data.knn_reference is not None:
-        bank = _run_onnx(onnx_path, data.knn_images)["cls"]
-        fp32 = knn_accuracy(data.knn_reference, data.knn_labels, data.reference["cls"], data.eval_labels)
-        ours = knn_accuracy(bank, data.knn_labels, got["cls"], data.eval_labels)
+        bank = _run_onnx(onnx_path, data.knn_images, names=["cls"])["cls"]
+        classes = int(max(np.max(data.knn_labels), np.max(data.eval_labels)) + 1)
+        fp32_pred = knn_predict(data.knn_reference, data.knn_labels, data.reference["cls"], num_classes=classes)
+        ours_pred = knn_predict(bank, data.knn_labels, got["cls"], num_classes=classes)
+        labels = np.asarray(data.eval_labels)
+        fp32, ours = float(np.mean(fp32_pred == labels)), float(np.mean(ours_pred == labels))
         drop = 100.0 * (fp32 - ours)
         figures["knn"] = {"fp32_accuracy": fp32, "variant_accuracy": ours, "drop_points": drop,
                           "n_train": int(len(bank)), "n_test": int(len(got["cls"])), "k": 20,
-                          "features": "cls"}
+                          "features": "cls",
+                          "confidence": knn_drop_confidence(fp32_pred == labels, ours_pred == labels)}
         if not drop <= gate.max_knn_drop_points + 1e-9:  # 1e-9: float noise of 100 * (a - b)
-            failures.append(f"k-NN accuracy drops {drop:.2f} points > {gate.max_knn_drop_points}")
+            failures.append(f"k-NN accuracy drops {drop:.2f} points > {gate.max_knn_drop_points} "
+                            f"({figures['knn']['confidence']['statement']})")
     return figures, ("; ".join(failures) or None)
 
 
@@ -237,7 +324,7 @@ def _write_entry(repository: Path, name: str, base: Path, onnx_path: Path, varia
         kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "buckets", "bucket")}
         manifest = {**kept, "name": name, "files": files, "variant": variant, "probes": {},
                     "parity": {"max_abs_err": figures["max_abs_err"], "mean_cosine": figures["mean_cosine"],
-                               "n_images": figures["n_images"], "tolerance": None, "data": figures["data"],
+                               "outputs": figures["outputs"], "n_images": figures["n_images"], "tolerance": None, "data": figures["data"],
                                "reference": "fp32 PyTorch"}}
         config = parse_pbtxt((base / CONFIG_FILENAME).read_text())
         config.name = name
@@ -252,11 +339,14 @@ def _write_entry(repository: Path, name: str, base: Path, onnx_path: Path, varia
 
 def export_variants(model: nn.Module, spec: EncoderSpec, base: str | Path, kinds: Sequence[str],
                     force_variants: bool = False, force: bool = False,
-                    gate: VariantGate = VariantGate()) -> list[VariantResult]:
+                    gate: VariantGate = VariantGate(),
+                    selection: OutputSelection | None = None) -> list[VariantResult]:
     """Build, gate and publish the ``kinds`` variants of the exported model at ``base`` beside it.
 
     ``force_variants`` writes a variant that misses the gate (its manifest says so); ``force``
-    replaces existing variant entries. Returns one ``VariantResult`` per kind, in order.
+    replaces existing variant entries. ``selection`` (default: read back from the base manifest's
+    ``outputs``) names the outputs gated: all of the base graph's. Returns one ``VariantResult`` per
+    kind, in order.
     """
     import tempfile
 
@@ -264,7 +354,12 @@ def export_variants(model: nn.Module, spec: EncoderSpec, base: str | Path, kinds
     kinds = parse_variants(kinds)
     base_manifest = read_manifest(base)
     fp32_onnx = base / str(base_manifest["version"]) / "model.onnx"
-    data = gate_data(model, spec, gate)
+    selection = selection or selection_from_manifest(base_manifest)
+    data = gate_data(model, spec, gate, selection)
+    graph_outputs = [o.name for o in onnx.load(str(fp32_onnx), load_external_data=False).graph.output]
+    if list(data.reference) != graph_outputs:
+        raise ExportUsageError(f"{base.name}'s graph returns {graph_outputs} but its manifest describes "
+                               f"{list(data.reference)}; re-export it")
     results: list[VariantResult] = []
     with tempfile.TemporaryDirectory(prefix="vitserve-variants-") as tmp:
         for kind in kinds:

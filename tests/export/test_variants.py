@@ -10,8 +10,10 @@ import torch
 from export.onnx_export import ExportUsageError
 from export.repository import export_encoder, main, read_manifest, sha256_file
 from export.triton_config import parse_pbtxt
-from export.variants import (VariantGate, compare_outputs, export_variants, fashion_mnist_for,
-                             mean_cosine, parse_variants, weight_matmuls)
+from export.outputs import OutputSelection
+from export.variants import (VariantGate, build_variant, compare_outputs, export_variants, fashion_mnist_for,
+                             gate_data, judge, knn_drop_confidence, mean_cosine, parse_variants,
+                             selection_from_manifest, weight_matmuls)
 from training.data import to_float_nchw
 
 # 400 queries make one image 0.25 k-NN points; the default 0.5-point gate (meant for >= 1000 queries)
@@ -144,3 +146,87 @@ def test_cli_unknown_variant_exit_2_before_exporting(tmp_path, make_run_dir, cap
     run = make_run_dir(tmp_path / "run")
     assert main([str(run), "--repository", str(tmp_path / "repo"), "--variants", "int3"]) == 2
     assert "unknown variant" in capsys.readouterr().err and not (tmp_path / "repo").exists()
+
+
+EXTRAS = OutputSelection(layers=(-2,), final_norm=False, mean_patch=True)
+EXTRA_NAMES = ["cls", "patch_tokens", "patch_tokens_l-2", "mean_patch"]
+
+
+@pytest.fixture(scope="module")
+def base_extras(encoder, fmnist_images, tmp_path_factory):
+    model, spec = encoder
+    return export_encoder(model, spec, tmp_path_factory.mktemp("variants_x") / "repo", "fx", selection=EXTRAS)
+
+
+def test_selection_read_back_from_the_manifest(base_extras, base):
+    assert selection_from_manifest(read_manifest(base_extras)) == EXTRAS
+    assert selection_from_manifest(read_manifest(base)) == OutputSelection()
+
+
+def test_every_output_is_gated_and_recorded(encoder, base_extras):
+    model, spec = encoder
+    gate = VariantGate(n_eval=128, n_knn_train=256, n_calibration=16, max_knn_drop_points=100.0)
+    (r,) = export_variants(model, spec, base_extras, ["int8-dynamic"], gate=gate)
+    assert r.passed and r.written, r.reason
+    assert list(r.figures["outputs"]) == EXTRA_NAMES
+    manifest = read_manifest(r.path)
+    assert list(manifest["parity"]["outputs"]) == EXTRA_NAMES
+    assert manifest["variant"]["figures"]["outputs"]["mean_patch"]["passed"] is True
+    # independent check of an extra output: un-normed block-0 patch tokens of the depth-2 model
+    images, _ = fashion_mnist_for(spec, "test", 0, gate.n_eval)
+    with torch.no_grad():
+        inter = model.forward_intermediates(to_float_nchw(images, spec.mean, spec.std), indices=[0],
+                                            norm=False, output_fmt="NLC", intermediates_only=True)[0].numpy()
+    session = ort.InferenceSession(str(r.path / "1/model.onnx"), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(["patch_tokens_l-2"], {"images": images[i:i + 64]})[0]
+                          for i in range(0, len(images), 64)])
+    assert mean_cosine(inter, got) == pytest.approx(r.figures["outputs"]["patch_tokens_l-2"]["mean_cosine"],
+                                                    abs=1e-6)
+    err = float(np.abs(got - inter).max())
+    assert err == pytest.approx(r.figures["max_abs_err"]["patch_tokens_l-2"], rel=1e-3) and err > 1e-4
+    confidence = r.figures["knn"]["confidence"]
+    lo, hi = confidence["ci_points"]
+    assert lo <= r.figures["knn"]["drop_points"] <= hi and "McNemar" in confidence["statement"]
+
+
+def test_an_extra_output_missing_the_gate_refuses_the_variant(encoder, base_extras, tmp_path):
+    model, spec = encoder
+    gate = VariantGate(n_eval=64, n_knn_train=0, n_calibration=16)
+    data = gate_data(model, spec, gate, EXTRAS)
+    path = build_variant("fp16", base_extras / "1/model.onnx", tmp_path / "v.onnx")
+    figures, failure = judge(path, data, gate)
+    assert failure is None and all(o["passed"] for o in figures["outputs"].values())
+    data.reference["mean_patch"] = -data.reference["mean_patch"]  # a variant whose mean_patch is wrong
+    figures, failure = judge(path, data, gate)
+    assert failure == "mean cosine of mean_patch -1.0000 < 0.99"
+    assert [k for k, o in figures["outputs"].items() if not o["passed"]] == ["mean_patch"]
+    strict = VariantGate(n_eval=64, n_knn_train=0, n_calibration=16, max_abs_err=1e-7)
+    data = gate_data(model, spec, strict, EXTRAS)
+    _, failure = judge(path, data, strict)
+    assert failure is not None and all(f"max abs error of {k}" in failure for k in EXTRA_NAMES)
+
+
+def test_knn_drop_confidence():
+    fp32 = np.ones(100, bool)
+    variant = fp32.copy()
+    variant[:10] = False  # 10 images only fp32 gets right
+    c = knn_drop_confidence(fp32, variant)
+    assert c["drop_points"] == pytest.approx(10.0)
+    assert (c["only_fp32_correct"], c["only_variant_correct"]) == (10, 0)
+    assert c["mcnemar_p"] == pytest.approx(2 * 0.5 ** 10)
+    assert 3.0 < c["ci_points"][0] < 10.0 < c["ci_points"][1] < 17.0
+    tie = fp32.copy()
+    tie[:5] = False
+    swapped = fp32.copy()
+    swapped[5:10] = False
+    c = knn_drop_confidence(tie, swapped)
+    assert c["drop_points"] == 0.0 and c["mcnemar_p"] == 1.0 and c["ci_points"][0] < 0 < c["ci_points"][1]
+    with pytest.raises(ValueError):
+        knn_drop_confidence(fp32, fp32[:5])
+
+
+def test_cli_gate_max_abs_err_must_be_positive(tmp_path, make_run_dir, capsys):
+    run = make_run_dir(tmp_path / "run")
+    argv = [str(run), "--repository", str(tmp_path / "repo"), "--variants", "fp16", "--gate-max-abs-err", "0"]
+    assert main(argv) == 2
+    assert "--gate-max-abs-err" in capsys.readouterr().err and not (tmp_path / "repo").exists()
