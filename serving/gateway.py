@@ -126,6 +126,8 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self._last_refresh = 0.0
         self.on_batch: Callable[[str, int], None] | None = None  # (model, images) per Triton call
         self.on_frame: Callable[[str, str], None] | None = None  # (model, "ran"|"skipped"|"error")
+        # Told the models Triton has loaded after each admin load/unload/reload (the launcher's restart set).
+        self.on_models_loaded: Callable[[list[str]], None] | None = None
 
     @property
     def client(self) -> tritonaio.InferenceServerClient:
@@ -489,6 +491,9 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     async def _refresh_quietly(self) -> None:
         try:
             await self.refresh()
+            if self.on_models_loaded is not None:
+                loaded = sorted({str(m["name"]) for m in await self.repository_index() if m.get("state") == "READY"})
+                self.on_models_loaded(loaded)
         except InferenceServerException as e:
             log.warning("could not refresh the model list after a model control call: %s", e)
 

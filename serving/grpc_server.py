@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import vitserve_pb2_grpc
 from serving.errors import GatewayError
-from serving.gateway import VisionEncoderGateway
+from serving.gateway import DEFAULT_MAX_IMAGES, VisionEncoderGateway
+from serving.images import DEFAULT_MAX_PIXELS
 from serving.interceptors import (SERVICE_NAME, BearerTokenAuth, InFlightLimit, MetricsInterceptor, RequestDecodeCheck,
                                   read_token)
 from serving.metrics import GatewayMetrics
@@ -39,6 +42,13 @@ class ServerOptions:
     tls: grpc.ServerCredentials | None = None  # None: plaintext (loopback / behind a proxy)
     # Model management RPCs (LoadModel, UnloadModel, ReloadModel, ListRepository); off: UNIMPLEMENTED.
     enable_admin: bool = False
+    # The embedded Triton's supervisor events, pushed to health at once (None: health polls only).
+    triton_events: "TritonEvents | None" = None
+    # Told which models Triton has loaded after each admin load/unload/reload (the launcher restarts
+    # a Triton that died with that set).
+    on_models_loaded: "Callable[[list[str]], None] | None" = None
+    max_images: int = DEFAULT_MAX_IMAGES  # images per request; more: INVALID_ARGUMENT
+    max_pixels: int = DEFAULT_MAX_PIXELS  # pixels per image, checked before decoding
 
     @classmethod
     def from_files(cls, *, auth_token_file: str | Path | None = None, tls_cert_file: str | Path | None = None,
@@ -88,6 +98,9 @@ def create_server(
     """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
     options = options or ServerOptions()
     gateway.enable_admin = options.enable_admin
+    gateway.max_images, gateway.max_pixels = options.max_images, options.max_pixels
+    if options.on_models_loaded is not None:
+        gateway.on_models_loaded = options.on_models_loaded
     if options.metrics is not None:
         gateway.on_batch = options.metrics.observe_triton_batch
         gateway.on_frame = options.metrics.observe_stream_frame
@@ -117,23 +130,96 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool 
         await health_servicer.set(service, status)
 
 
+class TritonEvents:
+    """The launcher's supervision events, handed from its thread to the health watcher's event loop.
+
+    Pass the instance as ``supervise(on_event=...)`` (or call it from such a callback) and as
+    ``ServerOptions.triton_events``: ``down`` turns health NOT_SERVING at once, ``restarted`` (the
+    server and its models are ready again) SERVING once the gateway has re-read the model list.
+    Events that arrive before the gateway's loop attaches are kept and delivered then.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[str] | None = None
+        self._pending: list[str] = []
+
+    def __call__(self, event: str) -> None:
+        with self._lock:
+            if self._loop is None or self._queue is None:
+                self._pending.append(event)
+                return
+            loop, queue = self._loop, self._queue
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the gateway's loop has closed: nobody left to tell
+            pass
+
+    def attach(self) -> "asyncio.Queue[str]":
+        """Start delivering to the running loop; returns the queue the watcher reads."""
+        with self._lock:
+            self._loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
+            for event in self._pending:
+                self._queue.put_nowait(event)
+            self._pending.clear()
+            return self._queue
+
+    def detach(self) -> None:
+        with self._lock:
+            self._loop = self._queue = None
+
+
+# Supervisor events (serving.triton_launcher.EVENT_*): the server died / gave up, or is back with models.
+_DOWN_EVENTS = ("down", "gave_up")
+_BACK_EVENT = "restarted"
+
+
 async def watch_triton(gateway: VisionEncoderGateway, health_servicer: health.aio.HealthServicer,
-                       interval: float = 2.0) -> None:
+                       interval: float = 2.0, events: TritonEvents | None = None) -> None:
     """Keep the health status in step with Triton's readiness (NOT_SERVING while it is down).
 
-    When Triton is back, the model list is re-read before the status turns SERVING again.
+    Readiness is polled every ``interval`` seconds; with ``events`` (an embedded, supervised Triton)
+    the supervisor's ``down`` turns health NOT_SERVING at once and its ``restarted`` SERVING at
+    once. Between the two, polling cannot turn it SERVING: a restarting server may answer ready
+    before its models are. When Triton is back, the model list is re-read before the status turns
+    SERVING again.
     """
     serving = True
-    while True:
-        await asyncio.sleep(interval)
-        ready = await gateway.is_triton_ready()
-        if ready and not serving:
-            try:
-                await gateway.refresh()
-            except Exception as e:  # noqa: BLE001 - not ready after all; look again next round
-                log.warning("triton is up but its models could not be listed: %s", e)
+    restarting = False  # the supervisor said down and has not said restarted yet
+    queue = events.attach() if events is not None else None
+    try:
+        while True:
+            event = None
+            if queue is None:
+                await asyncio.sleep(interval)
+            else:
+                try:
+                    event = await asyncio.wait_for(queue.get(), interval)
+                except asyncio.TimeoutError:
+                    pass
+            if event in _DOWN_EVENTS:
+                restarting = True
+                ready = False
+            elif event == _BACK_EVENT:
+                restarting = False
+                ready = await gateway.is_triton_ready()
+            elif event is not None:  # e.g. restart_failed: still down, nothing changes
                 continue
-        if ready != serving:
-            serving = ready
-            log.warning("triton at %s is %s", gateway.triton_url, "ready again" if ready else "not ready")
-            await set_serving(health_servicer, ready)
+            else:
+                ready = await gateway.is_triton_ready() and not restarting
+            if ready and not serving:
+                try:
+                    await gateway.refresh()
+                except Exception as e:  # noqa: BLE001 - not ready after all; look again next round
+                    log.warning("triton is up but its models could not be listed: %s", e)
+                    continue
+            if ready != serving:
+                serving = ready
+                how = f"supervisor: {event}" if event is not None else "polled"
+                log.warning("triton at %s is %s (%s)", gateway.triton_url,
+                            "ready again" if ready else "not ready", how)
+                await set_serving(health_servicer, ready)
+    finally:
+        if events is not None:
+            events.detach()

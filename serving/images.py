@@ -8,6 +8,7 @@ INVALID_ARGUMENT.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -142,21 +143,41 @@ def _unidentified(index: int, data: bytes) -> ImageError:
                              f"{data[:8]!r} ({len(data)} bytes)")
 
 
+_PIL_BOMB = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def _allow_in_pil(max_pixels: int) -> None:
+    """Let PIL open what the configured limit allows: its own bomb guard (``Image.MAX_IMAGE_PIXELS``,
+    about 89M pixels, an error past twice that) would otherwise refuse images under a larger
+    ``--max-pixels``. Only ever raised, never lowered; the limit applied is ``_check_pixels``'."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_encoded(index: int, data: bytes, geometry: InputGeometry,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Decode a PNG/JPEG/WebP/BMP file and bring it to the model's geometry."""
+    """Decode a PNG/JPEG/WebP/BMP file and bring it to the model's geometry.
+
+    The declared size is checked against ``max_pixels`` after reading the header and before
+    decoding a single row.
+    """
     if not data:
         raise ImageError(index, "empty image bytes")
+    _allow_in_pil(max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's warning threshold may lie below max_pixels; _check_pixels decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # lazy: header only
             _check_pixels(index, img.width, img.height, max_pixels)
             img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(index, f"refused as a possible decompression bomb ({e}); send a smaller image") from e
+    except Image.DecompressionBombError as e:  # over twice PIL's limit, which is >= max_pixels
+        m = _PIL_BOMB.search(str(e))
+        declared = f"{int(m.group(1))} pixels" if m else "its declared size"
+        raise ImageError(index, f"{declared} is over the limit of {max_pixels} pixels (refused as a possible "
+                                f"decompression bomb); send a smaller image") from e
     except Image.UnidentifiedImageError as e:
         raise _unidentified(index, data) from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt after a valid header

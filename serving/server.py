@@ -24,7 +24,10 @@ from typing import Callable, Iterator
 
 from serving.errors import GatewayError
 from serving.gateway import VisionEncoderGateway
-from serving.grpc_server import DEFAULT_MAX_IN_FLIGHT, ServerOptions, create_server, set_serving, watch_triton
+from serving.gateway import DEFAULT_MAX_IMAGES
+from serving.grpc_server import (DEFAULT_MAX_IN_FLIGHT, ServerOptions, TritonEvents, create_server, set_serving,
+                                 watch_triton)
+from serving.images import DEFAULT_MAX_PIXELS
 from serving.triton_launcher import TritonLaunchError, TritonLauncher
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,8 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
                 raise GatewayError(f"cannot serve metrics on {host}:{options.metrics_port}: {e}") from e
         await server.start()
         await set_serving(health_servicer)
-        watcher = asyncio.create_task(watch_triton(gateway, health_servicer, options.health_interval))
+        watcher = asyncio.create_task(watch_triton(gateway, health_servicer, options.health_interval,
+                                                   options.triton_events))
         try:
             if on_ready:
                 on_ready(bound, sorted(m.name for m in models))
@@ -198,6 +202,28 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
     return exit_code
 
 
+def supervise_embedded(launcher: TritonLauncher, options: ServerOptions, *, max_restarts: int = DEFAULT_MAX_RESTARTS,
+                       restart_window: float = DEFAULT_RESTART_WINDOW_S,
+                       backoff: float = DEFAULT_RESTART_BACKOFF_S, ready_timeout: float = 300.0) -> None:
+    """Start ``launcher``'s supervisor, wired to the gateway that ``options`` will configure.
+
+    Its events reach health at once (``options.triton_events``) and the metrics; with admin on,
+    the gateway reports every load/unload to the launcher so a restart loads what was loaded.
+    """
+    events = options.triton_events = options.triton_events or TritonEvents()
+    metrics = options.metrics
+    if options.enable_admin:
+        options.on_models_loaded = launcher.set_loaded_models
+
+    def on_event(event: str) -> None:
+        if metrics is not None:
+            metrics.observe_triton_event(event)
+        events(event)
+
+    launcher.supervise(max_restarts=max_restarts, restart_window=restart_window, backoff_initial=backoff,
+                       backoff_max=max(30.0, backoff), ready_timeout=ready_timeout, on_event=on_event)
+
+
 def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
           triton_url: str | None = None, host: str = "127.0.0.1", *,
           triton_timeout: float = 300.0, log_verbose: int = 0, options: ServerOptions | None = None,
@@ -230,11 +256,9 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
                 if metrics is not None:
                     metrics.triton_up.set(1)
                 if triton_max_restarts > 0:
-                    launcher.supervise(
-                        max_restarts=triton_max_restarts, restart_window=triton_restart_window,
-                        backoff_initial=triton_restart_backoff,
-                        backoff_max=max(30.0, triton_restart_backoff), ready_timeout=triton_timeout,
-                        on_event=metrics.observe_triton_event if metrics is not None else None)
+                    supervise_embedded(launcher, options, max_restarts=triton_max_restarts,
+                                       restart_window=triton_restart_window, backoff=triton_restart_backoff,
+                                       ready_timeout=triton_timeout)
         assert triton_url is not None
         return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout, options,
                                         shutdown_grace))
@@ -269,6 +293,13 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_MAX_IN_FLIGHT})")
     p.add_argument("--max-message-mb", type=float, default=256.0,
                    help="largest request message accepted, in MiB (default 256)")
+    p.add_argument("--max-images-per-request", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                   help=f"images one Embed/Features request (or stream frame) may carry; more: "
+                        f"INVALID_ARGUMENT (default {DEFAULT_MAX_IMAGES})")
+    p.add_argument("--max-pixels", default=str(DEFAULT_MAX_PIXELS), metavar="N|WxH",
+                   help=f"pixels one image may have (e.g. 16777216 or 4096x4096), checked on the declared "
+                        f"size before decoding (a decompression bomb is refused); default {DEFAULT_MAX_PIXELS} "
+                        f"(8192x8192)")
     p.add_argument("--auth-token-file", type=Path,
                    help="require 'authorization: Bearer <token>' with the token in this file "
                         "(health and reflection stay open)")
@@ -285,6 +316,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path,
                    help="mutual TLS: require client certificates signed by this PEM CA")
     return p
+
+
+def parse_pixels(text: str) -> int:
+    """``--max-pixels``: a count (``16777216``) or a size (``4096x4096``); ``ValueError`` unless >= 1."""
+    value = text.strip().lower()
+    try:
+        if "x" in value:
+            w, h = value.split("x", 1)
+            pixels = int(w) * int(h)
+            if int(w) < 1 or int(h) < 1:
+                raise ValueError
+        else:
+            pixels = int(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a pixel count (e.g. 16777216) or a size (e.g. 4096x4096)") from None
+    if pixels < 1:
+        raise ValueError(f"{text!r} must be at least 1 pixel")
+    return pixels
 
 
 def _is_loopback(host: str) -> bool:
@@ -310,6 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_in_flight < 1 or args.max_message_mb <= 0:
         print("vitserve serve: --max-in-flight must be >= 1 and --max-message-mb > 0", file=sys.stderr)
         return 2
+    if args.max_images_per_request < 1:
+        print(f"vitserve serve: --max-images-per-request must be >= 1, got {args.max_images_per_request}",
+              file=sys.stderr)
+        return 2
+    try:
+        max_pixels = parse_pixels(args.max_pixels)
+    except ValueError as e:
+        print(f"vitserve serve: --max-pixels: {e}", file=sys.stderr)
+        return 2
     if args.shutdown_grace < 0:
         print("vitserve serve: --shutdown-grace must be >= 0", file=sys.stderr)
         return 2
@@ -325,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         options = ServerOptions.from_files(
             auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port,
-            enable_admin=args.enable_admin,
+            enable_admin=args.enable_admin, max_images=args.max_images_per_request, max_pixels=max_pixels,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except (OSError, ValueError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)

@@ -170,6 +170,9 @@ class TritonLauncher:
         self.stop_grace = stop_grace
         # Explicit: every model is loaded at start (--load-model=*), and clients may load/unload.
         self.explicit_model_control = explicit_model_control
+        # Explicit control: the models to load when (re)starting; None: all of the repository. The
+        # gateway reports each admin load/unload here, so a restart brings back what was loaded.
+        self._load_set: tuple[str, ...] | None = None
         self.log_path = Path(log_path) if log_path else (
             Path(tempfile.mkdtemp(prefix="vitserve-triton-")) / "tritonserver.log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -209,11 +212,32 @@ class TritonLauncher:
             # explicit model control includes one unloaded on purpose: readiness is then the server's
             # own, and the models' states are read from the repository index.
             f"--strict-readiness={'false' if self.explicit_model_control else 'true'}",
-            *(["--model-control-mode=explicit", "--load-model=*"] if self.explicit_model_control
-              else ["--model-control-mode=none"]),
+            *(["--model-control-mode=explicit", *(f"--load-model={m}" for m in self._models_to_load())]
+              if self.explicit_model_control else ["--model-control-mode=none"]),
             f"--exit-timeout-secs={max(1, int(self.stop_grace) - 2)}",
             f"--log-verbose={self.log_verbose}",
         ]
+
+    def set_loaded_models(self, names: list[str]) -> None:
+        """Under explicit model control: the models Triton has loaded now (after a load or unload
+        through the admin RPC); a restart after a crash loads exactly these. Thread-safe."""
+        self._load_set = tuple(sorted(set(names)))
+
+    @property
+    def loaded_models(self) -> list[str] | None:
+        """The models a restart loads under explicit model control (None: every model of the repository)."""
+        return None if self._load_set is None else list(self._load_set)
+
+    def _models_to_load(self) -> list[str]:
+        """``--load-model`` values: ``*``, or the loaded set minus models no longer in the repository
+        (with --exit-on-error a missing one would stop the server)."""
+        load_set = self._load_set
+        if load_set is None:
+            return ["*"]
+        missing = [m for m in load_set if not (self.model_repository / m).is_dir()]
+        if missing:
+            log.warning("not reloading %s: no longer in %s", ", ".join(missing), self.model_repository)
+        return [m for m in load_set if m not in missing]
 
     def start(self, timeout: float = 120.0) -> list[str]:
         """Launch and wait until the server and all its models are ready; returns the model names."""
@@ -260,6 +284,7 @@ class TritonLauncher:
         from tritonclient.utils import InferenceServerException
 
         assert self.process is not None
+        wanted = None if self._load_set is None or not self.explicit_model_control else set(self._load_set)
         deadline = time.monotonic() + timeout
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
@@ -270,12 +295,14 @@ class TritonLauncher:
                 try:
                     if client.is_server_live() and client.is_server_ready():
                         index = client.get_model_repository_index(as_json=True).get("models", [])
-                        failed = [m for m in index if m.get("state") == "UNAVAILABLE"]
+                        # Under explicit control after unloads, only the models asked for are loaded.
+                        expected = [m for m in index if wanted is None or m.get("name") in wanted]
+                        failed = [m for m in expected if m.get("state") == "UNAVAILABLE"]
                         if failed:
                             reasons = "; ".join(f"{m['name']}: {m.get('reason', '?')}" for m in failed)
                             raise TritonLaunchError(self._failure_message(f"models failed to load: {reasons}"))
-                        if all(m.get("state") == "READY" for m in index):
-                            return sorted(m["name"] for m in index)
+                        if all(m.get("state") == "READY" for m in expected):
+                            return sorted({m["name"] for m in expected})
                 except InferenceServerException:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
@@ -363,7 +390,7 @@ class TritonLauncher:
         while not self._stopping.is_set():
             proc = self.process
             assert proc is not None
-            while proc.poll() is None and not self._stopping.wait(0.2):
+            while proc.poll() is None and not self._stopping.wait(0.05):
                 pass
             if self._stopping.is_set():
                 return

@@ -128,6 +128,20 @@ def test_decompression_bomb_refused_before_decoding():
         decode_encoded(0, png_declaring(11, 10), GREY28, max_pixels=100)
 
 
+def test_pixel_limit_above_pils_own_is_the_one_applied(monkeypatch):
+    # PIL refuses past 2 x Image.MAX_IMAGE_PIXELS (~179M) on its own; a configured limit above that
+    # must be the one that decides, in both directions, and be the one the message names.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    declared = png_declaring(15000, 12000)  # 180M pixels, a few bytes of data
+    with pytest.raises(ImageError, match="cannot decode") as e:  # allowed: decoding starts (and fails)
+        decode_encoded(0, declared, GREY28, max_pixels=200_000_000)
+    assert "decompression bomb" not in str(e.value)
+    with pytest.raises(ImageError, match=r"15000x12000 = 180000000 pixels is over the limit of 150000000 pixels"):
+        decode_encoded(0, declared, GREY28, max_pixels=150_000_000)
+    with pytest.raises(ImageError, match=r"3600000000 pixels is over the limit of 200000000 pixels .*bomb"):
+        decode_encoded(0, png_declaring(60000, 60000), GREY28, max_pixels=200_000_000)
+
+
 def test_raw_frame_over_pixel_limit_refused():
     with pytest.raises(ImageError, match="over the limit"):
         decode_raw(0, b"", 100, 100, 1, GREY28, max_pixels=1000)

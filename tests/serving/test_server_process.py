@@ -1,5 +1,6 @@
 """``vitserve serve`` as a real subprocess: one ready line, queries work, SIGTERM exits 0."""
 
+import io
 import signal
 import socket
 
@@ -8,6 +9,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from clients.client import VitServeClient, VitServeError
 from serving import server
@@ -27,7 +29,8 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
     metrics_port = free_port()
     with serve_process("--model-repository", str(exported.repository), "--port", "0",
                        "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
-                       "--max-in-flight", "4", "--max-message-mb", "8", "--enable-admin") as serve:
+                       "--max-in-flight", "4", "--max-message-mb", "8", "--enable-admin",
+                       "--max-images-per-request", "3", "--max-pixels", "40x40") as serve:
         proc, match = serve.proc, serve.ready
         assert match.group(3) == exported.name
         with VitServeClient(match.group(1), token="process-token") as client:
@@ -36,6 +39,17 @@ def test_serve_prints_ready_line_and_exits_0_on_sigterm(exported, fmnist_test_im
             assert client.unload_model(exported.name).state == "UNAVAILABLE"
             assert client.list_repository()[0]["reason"] == "unloaded"
             assert client.load_model(exported.name).state == "READY"
+            # The image limits of the command line.
+            with pytest.raises(VitServeError) as e:
+                client.embed(fmnist_test_images[:4])
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "4 images is over the limit of 3 per request" in e.value.details
+            big = io.BytesIO()
+            Image.fromarray(np.zeros((41, 40), np.uint8)).save(big, format="PNG")
+            with pytest.raises(VitServeError) as e:
+                client.embed(big.getvalue())
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "40x41 = 1640 pixels is over the limit of 1600 pixels" in e.value.details
         assert emb.shape == (2, exported.spec.embed_dim) and np.isfinite(emb).all()
         with VitServeClient(match.group(1)) as client, pytest.raises(VitServeError) as e:
             client.embed(fmnist_test_images[:2])
@@ -56,7 +70,15 @@ def test_serve_flag_errors_exit_2(tmp_path, capsys):
     (tmp_path / "empty").write_text("\n")
     assert server.main([*repo, "--auth-token-file", str(tmp_path / "empty")]) == 2
     assert server.main([*repo, "--triton-max-restarts", "-1"]) == 2
+    assert server.main([*repo, "--max-images-per-request", "0"]) == 2
+    assert server.main([*repo, "--max-pixels", "lots"]) == 2
+    assert server.main([*repo, "--max-pixels", "0x64"]) == 2
+    assert server.main([*repo, "--max-pixels", "-5"]) == 2
     err = capsys.readouterr().err
+    assert "--max-images-per-request must be >= 1, got 0" in err
+    assert "--max-pixels: 'lots' is not a pixel count (e.g. 16777216) or a size (e.g. 4096x4096)" in err
+    assert "--max-pixels: '0x64' is not a pixel count" in err and "'-5' must be at least 1 pixel" in err
+    assert server.parse_pixels("4096x2048") == 4096 * 2048 and server.parse_pixels("1000") == 1000
     assert "--max-in-flight must be >= 1" in err and "missing" in err and "is empty" in err
     assert "--triton-max-restarts must be >= 0" in err
 

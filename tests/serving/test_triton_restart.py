@@ -2,7 +2,8 @@
 
 A real tritonserver under a real gateway: while it is down calls end UNAVAILABLE (none hangs) and
 health is NOT_SERVING; it comes back on the same ports with correct answers, the restart is counted
-in the metrics; a second death past ``max_restarts`` is given up on and left down.
+in the metrics; a second death past ``max_restarts`` is given up on and left down. Health follows the
+supervisor's events (the readiness poll is set to an hour, so only the push can change it).
 """
 
 import os
@@ -16,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import VitServeClient, VitServeError
-from serving.grpc_server import ServerOptions
+from serving.grpc_server import ServerOptions, TritonEvents
 from serving.metrics import GatewayMetrics
 from serving.server import BackgroundGateway
 from serving.triton_launcher import TritonLaunchError, TritonLauncher
@@ -39,6 +40,30 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def health(channel: grpc.Channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
+
+
+class HealthWatch:
+    """The statuses a health ``Watch`` stream reports, in order, from a thread."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.statuses: list[int] = []
+        self._call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for response in self._call:
+                self.statuses.append(response.status)
+        except grpc.RpcError:
+            pass  # cancelled at the end
+
+    def __enter__(self) -> "HealthWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call.cancel()
+        self._thread.join(10)
 
 
 class CallLoop:
@@ -74,10 +99,12 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
     want_cls, _ = torch_reference(images)
     events: list[str] = []
     metrics = GatewayMetrics()
+    feed = TritonEvents()
 
     def on_event(event: str) -> None:
         events.append(event)
         metrics.observe_triton_event(event)
+        feed(event)
 
     launcher = TritonLauncher(exported.repository, stop_grace=5)
     try:
@@ -86,9 +113,11 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
             launcher.start()
         ports = (launcher.grpc_port, launcher.http_port, launcher.metrics_port)
         launcher.supervise(max_restarts=1, backoff_initial=1.0, ready_timeout=120, on_event=on_event)
-        options = ServerOptions(health_interval=0.2, metrics=metrics)
+        # No readiness polling within the test: every health change below is the supervisor's push.
+        options = ServerOptions(health_interval=3600, metrics=metrics, triton_events=feed)
         with BackgroundGateway(launcher.grpc_url, options=options) as gw, \
-                grpc.insecure_channel(gw.target) as channel, VitServeClient(gw.target, timeout=30) as client:
+                grpc.insecure_channel(gw.target) as channel, VitServeClient(gw.target, timeout=30) as client, \
+                HealthWatch(channel) as watch:
             wait_for(lambda: health(channel) == SERVING, 5, "SERVING at start")
             first_pid = launcher.process.pid
 
@@ -98,6 +127,7 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
                 wait_for(lambda: health(channel) == NOT_SERVING, 10, "NOT_SERVING after kill -9")
                 wait_for(lambda: launcher.restarts == 1, 120, "the restart")
                 wait_for(lambda: health(channel) == SERVING, 15, "SERVING after the restart")
+                assert watch.statuses[-3:] == [SERVING, NOT_SERVING, SERVING], watch.statuses
                 n = len(loop.codes)
                 wait_for(lambda: len(loop.codes) > n and loop.codes[-1] == grpc.StatusCode.OK, 15,
                          "a call answered after the restart")
@@ -120,6 +150,7 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
             assert events == ["down", "restarted", "down", "gave_up"]
             assert launcher.poll() is not None and metrics.triton_up._value.get() == 0
             wait_for(lambda: health(channel) == NOT_SERVING, 10, "NOT_SERVING after giving up")
+            assert watch.statuses[-4:] == [SERVING, NOT_SERVING, SERVING, NOT_SERVING], watch.statuses
             with pytest.raises(VitServeError) as e:
                 client.embed(images)
             assert e.value.code == grpc.StatusCode.UNAVAILABLE
@@ -132,3 +163,51 @@ def test_supervise_needs_a_running_server(tmp_path):
     launcher = TritonLauncher(tmp_path)
     with pytest.raises(TritonLaunchError, match="call start\\(\\) first"):
         launcher.supervise()
+
+
+def test_restart_reloads_only_the_models_that_were_loaded(exported, torch_reference, tmp_path):
+    """Explicit model control: a model unloaded through admin stays unloaded after Triton is killed and
+    restarted by the supervisor (wired as ``vitserve serve --enable-admin`` wires it); the others serve."""
+    import shutil
+
+    from serving.server import supervise_embedded
+
+    repo = tmp_path / "repository"
+    for name in ("keep", "drop"):
+        shutil.copytree(exported.repository / exported.name, repo / name)
+        config = repo / name / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'name: "{exported.name}"', f'name: "{name}"'))
+    images = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    want_cls, _ = torch_reference(images)
+    launcher = TritonLauncher(repo, stop_grace=5, explicit_model_control=True)
+    try:
+        assert launcher.start(timeout=120) == ["drop", "keep"]
+        options = ServerOptions(enable_admin=True, health_interval=3600)
+        supervise_embedded(launcher, options, max_restarts=2, backoff=0.5, ready_timeout=120)
+        with BackgroundGateway(launcher.grpc_url, options=options) as gw, \
+                grpc.insecure_channel(gw.target) as channel, VitServeClient(gw.target, timeout=60) as client:
+            assert client.unload_model("drop").state == "UNAVAILABLE"
+            assert launcher.loaded_models == ["keep"]
+            first_pid = launcher.process.pid
+            os.kill(first_pid, signal.SIGKILL)
+            wait_for(lambda: launcher.restarts == 1, 120, "the restart")
+            wait_for(lambda: health(channel) == SERVING, 15, "SERVING after the restart")
+            assert launcher.process.pid != first_pid and launcher.models == ["keep"]
+            states = {m["name"]: m["state"] for m in client.list_repository()}
+            assert states["keep"] == "READY" and states["drop"] != "READY", states
+            assert [m.name for m in client.list_models()] == ["keep"]
+            with pytest.raises(VitServeError) as e:
+                client.embed(images, model="drop")
+            assert e.value.code == grpc.StatusCode.NOT_FOUND
+            np.testing.assert_allclose(client.embed(images, model="keep"), want_cls, rtol=1e-4, atol=1e-4)
+
+            # Loaded again through admin: the next restart brings it back too.
+            assert client.load_model("drop").state == "READY"
+            assert launcher.loaded_models == ["drop", "keep"]
+            os.kill(launcher.process.pid, signal.SIGKILL)
+            wait_for(lambda: launcher.restarts == 2, 120, "the second restart")
+            wait_for(lambda: health(channel) == SERVING, 15, "SERVING after the second restart")
+            assert sorted(m.name for m in client.list_models()) == ["drop", "keep"]
+            np.testing.assert_allclose(client.embed(images, model="drop"), want_cls, rtol=1e-4, atol=1e-4)
+    finally:
+        launcher.stop()
