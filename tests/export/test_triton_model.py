@@ -90,6 +90,17 @@ class FakeTensor:
         return self.array
 
 
+class FakeRequest(dict):
+    """A request: its input tensors by name, and the outputs it asks for (none: all of them)."""
+
+    def __init__(self, inputs=None, requested=()):
+        super().__init__(inputs or {})
+        self.requested = list(requested)
+
+    def requested_output_names(self):
+        return self.requested
+
+
 class FakeResponse:
     def __init__(self, output_tensors=None, error=None):
         self.output_tensors, self.error = output_tensors or [], error
@@ -115,10 +126,10 @@ def test_execute_serves_good_requests_in_one_run_and_rejects_bad_ones(exported, 
     counting = CountingSession(m.session)
     m.session = counting
     requests = [
-        {"images": FakeTensor("images", fmnist_images[:2])},
-        {"images": FakeTensor("images", fmnist_images[:1, :27])},  # wrong shape
-        {},  # no input
-        {"images": FakeTensor("images", fmnist_images[2:5])},
+        FakeRequest({"images": FakeTensor("images", fmnist_images[:2])}),
+        FakeRequest({"images": FakeTensor("images", fmnist_images[:1, :27])}),  # wrong shape
+        FakeRequest(),  # no input
+        FakeRequest({"images": FakeTensor("images", fmnist_images[2:5])}),
     ]
     responses = m.execute(requests)
     assert counting.calls == [(5, 28, 28, 1)]
@@ -139,5 +150,41 @@ def test_execute_reports_an_ort_failure_to_every_request(exported, fmnist_images
             raise RuntimeError("device lost")
 
     m.session = Broken()
-    responses = m.execute([{"images": FakeTensor("images", fmnist_images[:1])}] * 2)
+    responses = m.execute([FakeRequest({"images": FakeTensor("images", fmnist_images[:1])})] * 2)
     assert all("device lost" in r.error for r in responses)
+
+
+def test_execute_computes_and_returns_only_the_outputs_asked_for(exported, fmnist_images, monkeypatch):
+    monkeypatch.setattr(triton_model, "pb_utils", fake_pb_utils())
+    m = triton_model.TritonPythonModel()
+    m.initialize({"model_config": "{}", "model_repository": str(exported), "model_version": "1"})
+    names_run = []
+
+    class Recording:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds):
+            names_run.append(list(names))
+            return self.session.run(names, feeds)
+
+    m.session = Recording(m.session)
+    images = FakeTensor("images", fmnist_images[:2])
+    only_cls = m.execute([FakeRequest({"images": images}, ["cls"])] * 2)
+    assert names_run == [["cls"]]
+    assert [[t.name for t in r.output_tensors] for r in only_cls] == [["cls"], ["cls"]]
+    # one request asking for cls, one for everything (no names): one run of every output, and
+    # each request still gets only what it asked for
+    mixed = m.execute([FakeRequest({"images": images}, ["cls"]), FakeRequest({"images": images})])
+    assert names_run[-1] == ["cls", "patch_tokens"]
+    assert [t.name for t in mixed[0].output_tensors] == ["cls"]
+    assert [t.name for t in mixed[1].output_tensors] == ["cls", "patch_tokens"]
+    expected_cls = m.session.session.run(["cls"], {"images": fmnist_images[:2]})[0]
+    np.testing.assert_allclose(only_cls[0].output_tensors[0].array, expected_cls, atol=1e-6)
+
+
+def test_requested_union_keeps_model_order_and_treats_no_names_as_all():
+    names = ["cls", "patch_tokens", "registers"]
+    assert triton_model.requested_union(names, [["registers"], ["cls"]]) == ["cls", "registers"]
+    assert triton_model.requested_union(names, [["cls"], []]) == names
+    assert triton_model.requested_union(names, []) == []  # no request: nothing to compute
