@@ -289,6 +289,9 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                 outputs=[InferRequestedOutput(o) for o in outputs], client_timeout=left)
 
         try:
+            if len(chunks) == 1:  # the common case: no task to create and schedule
+                only = await one(chunks[0])
+                return {o: only.as_numpy(o) for o in outputs}
             results = await asyncio.gather(*(one(c) for c in chunks))
         except InferenceServerException as e:
             code = _triton_status(e)
