@@ -156,7 +156,17 @@ def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str,
     if a.timm:
         if a.run_dir:
             raise ExportUsageError("pass either RUN_DIR or --timm NAME, not both")
-        loaded = load_timm_encoder(a.timm, _overrides(a.override), a.checkpoint, a.pretrained)
+        overrides = _overrides(a.override)
+        plan = None
+        if a.pretrained and not a.checkpoint:  # fail in seconds, not after the hub's retries
+            from export.hub import check_pretrained
+
+            plan = check_pretrained(a.timm)
+        from export.hub import offline_hub
+
+        # cached weights and no hub: read the cache at once (huggingface_hub's offline mode)
+        with offline_hub(plan is not None and plan.cached is not None and plan.offline_reason is not None):
+            loaded = load_timm_encoder(a.timm, overrides, a.checkpoint, a.pretrained)
         return loaded.model, loaded.spec, default_model_name(a.timm), {
             "source": loaded.source, "weights_sha256": loaded.weights_sha256, "weights": loaded.weights,
             "preprocessing": timm_preprocessing(loaded.model, loaded.spec)}
