@@ -3,7 +3,8 @@
     vitserve probe --run RUN_DIR [--write-run]              # in-process PyTorch encoder
     vitserve probe --onnx REPO/NAME/1/model.onnx            # exported model on ONNX Runtime (CPU)
     vitserve probe --service HOST:PORT --model NAME         # a running vitserve service
-      [--baselines] [--probes knn,linear,dense] [--limit-train N --limit-test N] [--out results.json]
+      [--baselines] [--probes knn,linear,dense] [--poolings cls,mean,last4]
+      [--limit-train N --limit-test N] [--out results.json]
 
 Exit codes: 0 done, 2 a usage error (missing run dir or ONNX file, bad arguments), 1 missing data, an
 unreachable service or a failed probe.
@@ -20,15 +21,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, PROBES, ProbeReport, load_probe_data,
-                             parse_probes, probe_source, probes_record, protocol_record, write_probes_json)
+                             parse_poolings, parse_probes, probe_source, probes_record, protocol_record,
+                             write_probes_json)
 from probes.linear import LinearProtocol
-from probes.sources import (DEFAULT_BATCH, FeatureSource, OnnxSource, RawPixelSource, ServiceSource, SourceError,
-                            TorchEncoderSource, random_init_source)
+from probes.sources import (DEFAULT_BATCH, POOLINGS, FeatureSource, OnnxSource, RawPixelSource, ServiceSource,
+                            SourceError, TorchEncoderSource, random_init_source)
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1",
-                 "dense_patch_acc", "dense_miou")
+SCORE_COLUMNS = ("knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_top1", "linear_mean_top1",
+                 "linear_last4_top1", "dense_patch_acc", "dense_miou")
 
 
 class UsageError(ValueError):
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true",
                    help="also probe raw pixels and a randomly initialised encoder of the same architecture")
     p.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)}")
+    p.add_argument("--poolings", default=",".join(POOLINGS),
+                   help="global features for k-NN and linear: cls, mean (of patch tokens), last4 (CLS of the "
+                        "last 4 blocks + mean patch, in-process encoders only; docs/PROBES.md)")
     p.add_argument("--limit-train", type=int, metavar="N", help="a seeded random subset of N train images")
     p.add_argument("--limit-test", type=int, metavar="N", help="a seeded random subset of N test images")
     p.add_argument("--train-scenes", type=int, metavar="N",
@@ -116,6 +121,10 @@ def run(a: argparse.Namespace) -> int:
         probes = parse_probes(a.probes)
     except ValueError as e:
         raise UsageError(f"--probes: {e}") from e
+    try:
+        poolings = parse_poolings(a.poolings)
+    except ValueError as e:
+        raise UsageError(f"--poolings: {e}") from e
     for flag in ("limit_train", "limit_test", "train_scenes", "test_scenes"):
         v = getattr(a, flag)
         if v is not None and v < 1:
@@ -141,20 +150,24 @@ def run(a: argparse.Namespace) -> int:
         data = load_probe_data(a.limit_train, a.limit_test, a.train_scenes, a.test_scenes, scene_spec,
                                dense="dense" in probes, data_dir=a.data_dir)
         protocol = LinearProtocol(l2_grid=l2_grid, max_iter=a.max_iter)
-        record_protocol = protocol_record(data, probes, protocol)
+        record_protocol = protocol_record(data, probes, protocol, poolings)
         sources = [source] + (baseline_sources(source) if a.baselines else [])
         reports = []
         t0 = time.perf_counter()
         for s in sources:
-            reports.append(probe_source(s, data, probes, protocol, a.batch, a.threads))
+            reports.append(probe_source(s, data, probes, protocol, a.batch, a.threads, poolings))
         elapsed = time.perf_counter() - t0
     finally:
         if hasattr(source, "close"):
             source.close()
     print(format_table(reports))
     print(f"({len(data.train_images)} train / {len(data.test_images)} test images"
+          + ("" if data.full_split else ": a subset, not the full Fashion-MNIST split")
           + (f", {len(data.train_scenes)} / {len(data.test_scenes)} scenes" if data.train_scenes is not None else "")
           + f"; {elapsed:.0f} s)")
+    for r in reports:
+        for pooling, reason in r.skipped.items():
+            print(f"skipped {pooling} for {r.source}: {reason}")
     records = [probes_record(r, record_protocol) for r in reports]
     if a.write_run:
         path = write_probes_json(a.run, records[0])

@@ -8,6 +8,12 @@ architecture, on one scene set (default 2000 train / 1000 test scenes). It reads
 throughput and budget from ``config.json`` and ``metrics.jsonl``, writes ``OUT.json``, ``OUT.md`` and
 ``OUT.png``, and (unless ``--no-write-runs``) each run's ``probes.json``. ``--render OUT.json``
 re-renders the table and plot from a saved JSON without probing again.
+
+The global probes run on three poolings (``probes.sources.POOLING_TENSORS``): CLS, the mean patch
+token and ``last4`` (DINOv2's linear-eval input: the CLS of the last 4 blocks + the mean patch token);
+raw pixels have no ``last4`` (recorded as skipped). The online k-NN curve a run logged while training
+(``knn_val_top1`` records of ``metrics.jsonl``, from ``vitserve train ... knn_val=N knn_every=E``) is
+drawn against images seen, and its last value is in the table.
 """
 
 from __future__ import annotations
@@ -22,14 +28,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, HEADLINE, PROBES, ProbeData, ProbeReport,
-                             load_probe_data, probe_source, probes_record, protocol_record, utc_now,
-                             write_probes_json)
+                             load_probe_data, parse_poolings, probe_source, probes_record, protocol_record,
+                             utc_now, write_probes_json)
 from probes.linear import LinearProtocol
-from probes.sources import FeatureSource, RawPixelSource, SourceError, TorchEncoderSource, random_init_source
+from probes.sources import (POOLINGS, FeatureSource, RawPixelSource, SourceError, TorchEncoderSource,
+                            random_init_source)
 
 log = logging.getLogger(__name__)
 
 CONTRASTIVE = ("simclr", "moco")
+SCORE_COLUMNS = (("knn_cls_top1", "k-NN CLS"), ("knn_mean_top1", "k-NN mean"), ("knn_last4_top1", "k-NN last4"),
+                 ("linear_cls_top1", "linear CLS"), ("linear_mean_top1", "linear mean"),
+                 ("linear_last4_top1", "linear last4"), ("dense_patch_acc", "dense patch acc"),
+                 ("dense_miou", "dense mIoU"))
 # The lecture's property table (../shared/lecture), as orderings our probes can test.
 LECTURE_TABLE = """| Property | Contrastive (SimCLR/MoCo) | MAE (Reconstruction) | Self-distillation (DINOv2) |
 |---|---|---|---|
@@ -45,7 +56,9 @@ def training_info(run_dir: str | Path) -> dict[str, Any]:
 
     ``img_per_s`` is images seen over the last logged ``elapsed_s`` (wall clock, so it includes any
     contention on a shared machine); ``img_per_budget_s`` divides by the budget (``max_minutes`` on
-    the run's ``budget_clock``) instead, when the run stopped on it.
+    the run's ``budget_clock``) instead, when the run stopped on it. ``online_knn`` is the curve of the
+    ``knn_val_top1`` records: ``[{"step", "images_seen", "elapsed_s", "top1" (percent)}]``, and
+    ``online_knn_last`` / ``online_knn_images`` its last point.
     """
     run_dir = Path(run_dir)
     info: dict[str, Any] = {"run_dir": str(run_dir)}
@@ -56,7 +69,8 @@ def training_info(run_dir: str | Path) -> dict[str, Any]:
         cfg = {}
     info.update(method=cfg.get("method", run_dir.name), batch_size=cfg.get("batch_size"),
                 max_minutes=cfg.get("max_minutes"), budget_clock=cfg.get("budget_clock", "wall"),
-                epochs=cfg.get("epochs"), bf16=cfg.get("bf16"), num_threads=cfg.get("num_threads"))
+                epochs=cfg.get("epochs"), bf16=cfg.get("bf16"), num_threads=cfg.get("num_threads"),
+                knn_val=cfg.get("knn_val"), knn_bank=cfg.get("knn_bank"))
     records = []
     try:
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -74,6 +88,12 @@ def training_info(run_dir: str | Path) -> dict[str, Any]:
                     img_per_s=images / max(float(last["elapsed_s"]), 1e-9))
         if info["max_minutes"]:
             info["img_per_budget_s"] = images / (60.0 * float(info["max_minutes"]))
+        curve = [{"step": int(r["step"]), "images_seen": int(r["step"]) * int(info["batch_size"]),
+                  "elapsed_s": float(r.get("elapsed_s", math.nan)), "top1": 100.0 * float(r["knn_val_top1"])}
+                 for r in records if isinstance(r.get("knn_val_top1"), (int, float))]
+        if curve:
+            info.update(online_knn=curve, online_knn_last=curve[-1]["top1"],
+                        online_knn_images=curve[-1]["images_seen"])
     return info
 
 
@@ -83,47 +103,87 @@ def _fmt(v: Any, nd: int = 1) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _online_knn_cell(t: dict[str, Any]) -> str:
+    if t.get("online_knn_last") is None:
+        return "–"
+    return f"{t['online_knn_last']:.2f} ({t['online_knn_images']:,})"
+
+
+def _split_text(p: dict[str, Any]) -> str:
+    full = p.get("full_split")
+    if full is True:
+        return "the full splits"
+    if full is False:
+        return "**a seeded subset, not the full splits**"
+    return "full split not recorded"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The comparison as markdown: measured table, targets, and the lecture's claims checked."""
     rows = result["rows"]
     p = result["protocol"]
+    cols = [(k, name) for k, name in SCORE_COLUMNS if any(k in r["scores"] for r in rows)]
     lines = [
-        "| encoder | method | steps | images seen | img/s (wall) | img per budget s | k-NN CLS | k-NN mean | "
-        "linear CLS | linear mean | dense patch acc | dense mIoU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| encoder | method | steps | images seen | img/s (wall) | img per budget s | online k-NN (at images) | "
+        + " | ".join(name for _, name in cols) + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         s, t = r["scores"], r.get("training", {})
         lines.append(
             f"| {r['label']} | {t.get('method', r['kind'])} | {_fmt(t.get('steps'))} | {_fmt(t.get('images_seen'))} | "
-            f"{_fmt(t.get('img_per_s'), 0)} | {_fmt(t.get('img_per_budget_s'), 0)} | "
-            + " | ".join(_fmt(None if s.get(k) is None else float(s[k]), 2) for k in ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1",
-                                                     "linear_mean_top1", "dense_patch_acc", "dense_miou"))
-            + " |")
+            f"{_fmt(t.get('img_per_s'), 0)} | {_fmt(t.get('img_per_budget_s'), 0)} | {_online_knn_cell(t)} | "
+            + " | ".join(_fmt(None if s.get(k) is None else float(s[k]), 2) for k, _ in cols) + " |")
     scenes = p.get("scenes") or {}
+    features = p.get("global_features") or {}
+    pooling_lines = [f"- **{k}**: {v}" for k, v in features.items() if k != "headline"]
+    skipped = [f"- {r['label']}: no {pooling} ({reason})" for r in rows
+               for pooling, reason in (r.get("skipped") or {}).items()]
+    knn_runs = [r["training"] for r in rows if r.get("training", {}).get("online_knn_last") is not None]
+    online = ""
+    if knn_runs:
+        t = knn_runs[0]
+        online = (f" Online k-NN: the last `knn_val_top1` the run logged while training (DINO's weighted 20-NN "
+                  f"of {t.get('knn_val')} held-out train images against a bank of {t.get('knn_bank')} training "
+                  "images, CLS of the evaluation encoder; not the probe protocol of the other columns), with the "
+                  "images seen when it was taken.")
     out = ["# Probe comparison", "",
-           f"Fashion-MNIST, {p['n_train']} train / {p['n_test']} test images; dense probe on "
+           f"Fashion-MNIST, {p['n_train']} train / {p['n_test']} test images ({_split_text(p)}); dense probe on "
            f"{scenes.get('n_train_scenes')} train / {scenes.get('n_test_scenes')} test scenes of "
            f"{scenes.get('canvas_size')} px ({scenes.get('grid')}x{scenes.get('grid')} patches, 11 classes). "
            f"All scores are top-1 / accuracy / IoU in percent; the headline global feature is "
-           f"{HEADLINE.upper()} (`Embed`'s default), the mean-pooled patch tokens are shown beside it.", "",
+           f"{HEADLINE.upper()} (`Embed`'s default), the other poolings are shown beside it.{online}", "",
            *lines, "",
            f"k-NN: cosine, k={p['knn']['k']}, T={p['knn']['temperature']}. Linear and dense: "
            f"{p['linear']['method']}; L2 grid {p['linear']['l2_grid']}, {p['linear']['max_iter']} iterations. "
            f"Created {result['created']}; probing took {result['elapsed_s']:.0f} s.", ""]
+    if pooling_lines:
+        out += ["Global features (poolings):", "", *pooling_lines, *skipped, ""]
     out += ["## Targets (issue 4)", "", *[f"- {c}" for c in check_targets(rows)], "",
             "## The lecture's property table, and what we measured", "", LECTURE_TABLE, "",
-            "Orderings the table implies, tested on our numbers (best of CLS / mean pooling per method):", "",
-            *[f"- {c}" for c in check_claims(rows)], ""]
+            f"Orderings the table implies, tested on our numbers (best of {_pooling_names(rows)} pooling per method):",
+            "", *[f"- {c}" for c in check_claims(rows)], ""]
     return "\n".join(out)
 
 
-def _best(scores: dict[str, float], probe: str) -> float | None:
-    vals = [scores[k] for k in (f"{probe}_cls_top1", f"{probe}_mean_top1") if k in scores]
-    return max(vals) if vals else None
+def _pooling_names(rows: list[dict[str, Any]]) -> str:
+    present = [p for p in POOLINGS if any(f"knn_{p}_top1" in r["scores"] or f"linear_{p}_top1" in r["scores"]
+                                           for r in rows if r["kind"] == "run")]
+    return " / ".join("CLS" if p == "cls" else p for p in present) or "CLS / mean"
+
+
+def _best(scores: dict[str, float], probe: str) -> tuple[float, str] | None:
+    """The best ``probe`` ("knn"/"linear") score over the poolings and the pooling that gave it."""
+    vals = [(scores[f"{probe}_{p}_top1"], p) for p in POOLINGS if f"{probe}_{p}_top1" in scores]
+    return max(vals, key=lambda v: v[0]) if vals else None
+
+
+def _best_value(scores: dict[str, float], probe: str) -> float | None:
+    best = _best(scores, probe)
+    return None if best is None else best[0]
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, each with a yes/no and the numbers."""
+    """The issue's targets, each with a yes/no, the numbers and the pooling that reached them."""
     runs = [r for r in rows if r["kind"] == "run"]
     by_kind = {r["kind"]: r for r in rows}
     out = []
@@ -131,20 +191,22 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     if rand and runs:
         misses = [f"{r['label']} {k} {r['scores'][k]:.2f} <= {rand['scores'][k]:.2f}"
                   for r in runs for k in r["scores"] if k in rand["scores"] and not r["scores"][k] > rand["scores"][k]]
-        out.append("every method beats the random-init encoder on every probe: "
-                   + ("**yes**" if not misses else "**no** (" + "; ".join(misses) + ")"))
+        out.append("every method beats the random-init encoder on every probe (each probe and pooling against the "
+                   "same one of random-init): " + ("**yes**" if not misses else "**no** (" + "; ".join(misses) + ")"))
+    poolings = _pooling_names(rows)
     if raw and runs and "knn_cls_top1" in raw["scores"]:
-        best = max(runs, key=lambda r: _best(r["scores"], "knn") or -1)
-        v = _best(best["scores"], "knn")
-        if v is not None:
-            out.append(f"the best method beats raw-pixel k-NN ({raw['scores']['knn_cls_top1']:.2f}): "
-                       f"{'**yes**' if v > raw['scores']['knn_cls_top1'] else '**no**'} ({best['label']} {v:.2f})")
+        best = max(runs, key=lambda r: _best_value(r["scores"], "knn") or -1)
+        b = _best(best["scores"], "knn")
+        if b is not None:
+            out.append(f"the best method beats raw-pixel k-NN ({raw['scores']['knn_cls_top1']:.2f}, the 784 pixels): "
+                       f"{'**yes**' if b[0] > raw['scores']['knn_cls_top1'] else '**no**'} ({best['label']} "
+                       f"{b[0]:.2f} with {b[1]} pooling; best of {poolings})")
     if runs:
-        best = max(runs, key=lambda r: _best(r["scores"], "linear") or -1)
-        v = _best(best["scores"], "linear")
-        if v is not None:
-            out.append(f"the best method reaches >= 88% linear-probe accuracy: {'**yes**' if v >= 88 else '**no**'} "
-                       f"({best['label']} {v:.2f})")
+        best = max(runs, key=lambda r: _best_value(r["scores"], "linear") or -1)
+        b = _best(best["scores"], "linear")
+        if b is not None:
+            out.append(f"the best method reaches >= 88% linear-probe accuracy: {'**yes**' if b[0] >= 88 else '**no**'} "
+                       f"({best['label']} {b[0]:.2f} with {b[1]} pooling; best of {poolings})")
     return out
 
 
@@ -160,8 +222,8 @@ def check_claims(rows: list[dict[str, Any]]) -> list[str]:
             return
         out.append(f"{claim}: {hi} {a:.2f} vs {lo} {b:.2f} — **{'agrees' if a > b else 'disagrees'}**")
 
-    knn = lambda r: _best(r["scores"], "knn")            # noqa: E731
-    lin = lambda r: _best(r["scores"], "linear")         # noqa: E731
+    knn = lambda r: _best_value(r["scores"], "knn")      # noqa: E731
+    lin = lambda r: _best_value(r["scores"], "linear")   # noqa: E731
     dense = lambda r: r["scores"].get("dense_miou")      # noqa: E731
     # images per second of the training budget (its clock, CPU time for budget_clock=cpu), else per wall second
     speed = lambda r: r["training"].get("img_per_budget_s") or r["training"].get("img_per_s")  # noqa: E731
@@ -182,13 +244,15 @@ def check_claims(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_plot(result: dict[str, Any], path: str | Path) -> Path:
-    """Scatter of global quality (k-NN, linear; CLS filled, mean hollow) against dense mIoU."""
+    """Top: global quality (k-NN, linear; CLS filled, mean hollow, last4 cross) against dense mIoU.
+    Bottom: each run's online k-NN (``knn_val_top1``) against images seen while training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    fig = plt.figure(figsize=(11, 8.5))
+    axes = [fig.add_subplot(2, 2, 1), fig.add_subplot(2, 2, 2)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, probe, title in ((axes[0], "knn", "k-NN top-1 (k=20, T=0.07)"), (axes[1], "linear", "linear probe top-1")):
         for i, r in enumerate(result["rows"]):
@@ -205,11 +269,32 @@ def render_plot(result: dict[str, Any], path: str | Path) -> Path:
             if f"{probe}_mean_top1" in s:
                 ax.scatter([x], [s[f"{probe}_mean_top1"]], facecolors="none", edgecolors=color, marker=marker,
                            s=60, zorder=3)
+            if f"{probe}_last4_top1" in s:
+                ax.scatter([x], [s[f"{probe}_last4_top1"]], color=color, marker="x", s=60, zorder=3)
         ax.set_title(title)
         ax.set_xlabel("dense probe mIoU (%, 11 classes)")
-        ax.set_ylabel("top-1 (%)  filled: CLS, hollow: mean of patches")
+        ax.set_ylabel("top-1 (%)  filled: CLS, hollow: mean, x: last4")
         ax.grid(alpha=0.3)
-    fig.suptitle("Fashion-MNIST probes: global vs spatial quality")
+    curve_ax = fig.add_subplot(2, 1, 2)
+    drawn = 0
+    for i, r in enumerate(result["rows"]):
+        curve = (r.get("training") or {}).get("online_knn") or []
+        if not curve:
+            continue
+        curve_ax.plot([c["images_seen"] for c in curve], [c["top1"] for c in curve], marker="o",
+                      color=colors[i % len(colors)], label=r["label"])
+        drawn += 1
+    if drawn:
+        curve_ax.set_xscale("log")
+        curve_ax.legend()
+    else:
+        curve_ax.text(0.5, 0.5, "no online k-NN records (train with knn_val=N knn_every=E)", ha="center",
+                      va="center", transform=curve_ax.transAxes)
+    curve_ax.set_title("online k-NN while training (held-out train images, weighted 20-NN)")
+    curve_ax.set_xlabel("images seen (log scale)")
+    curve_ax.set_ylabel("online k-NN top-1 (%)")
+    curve_ax.grid(alpha=0.3)
+    fig.suptitle("Fashion-MNIST probes: global vs spatial quality, and the online k-NN curves")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -237,21 +322,24 @@ def _source(kind: str, run_dir: str | Path) -> FeatureSource:
 
 
 def _probe_task(kind: str, run_dir: str, data_args: tuple, protocol: LinearProtocol, batch: int,
-                threads: int | None, data: ProbeData | None = None) -> tuple[ProbeReport, dict[str, Any]]:
+                threads: int | None, data: ProbeData | None = None,
+                poolings: Sequence[str] = POOLINGS) -> tuple[ProbeReport, dict[str, Any]]:
     """One source's report and the protocol record; loads the (deterministic) data when not given, so
     that it can run in a worker process."""
     if data is None:
         data = load_probe_data(*data_args)
-    report = probe_source(_source(kind, run_dir), data, PROBES, protocol, batch, threads)
-    return report, protocol_record(data, PROBES, protocol)
+    report = probe_source(_source(kind, run_dir), data, PROBES, protocol, batch, threads, poolings)
+    return report, protocol_record(data, PROBES, protocol, poolings)
 
 
 def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None, limit_test: int | None = None,
                  train_scenes: int | None = DEFAULT_TRAIN_SCENES, test_scenes: int | None = DEFAULT_TEST_SCENES,
                  baselines: bool = True, threads: int | None = None, write_runs: bool = True,
-                 protocol: LinearProtocol = LinearProtocol(), batch: int = 256, jobs: int = 1) -> dict[str, Any]:
+                 protocol: LinearProtocol = LinearProtocol(), batch: int = 256, jobs: int = 1,
+                 poolings: Sequence[str] = POOLINGS) -> dict[str, Any]:
     """Probe every run (and the baselines) on one data set; the result ``write_outputs`` renders.
 
+    ``limit_train``/``limit_test`` None: the full splits (60k bank / linear train set, 10k test).
     ``jobs`` > 1 probes that many sources at once in worker processes (each loads the same data).
     """
     sources = [TorchEncoderSource.from_run_dir(r) for r in run_dirs]  # fail early on a bad run dir
@@ -269,11 +357,12 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_probe_task, k, r, data_args, protocol, batch, threads) for k, r in tasks]
+            futures = [pool.submit(_probe_task, k, r, data_args, protocol, batch, threads, None, tuple(poolings))
+                       for k, r in tasks]
             results = [f.result() for f in futures]
     else:
         data = load_probe_data(*data_args)
-        results = [_probe_task(k, r, data_args, protocol, batch, threads, data) for k, r in tasks]
+        results = [_probe_task(k, r, data_args, protocol, batch, threads, data, poolings) for k, r in tasks]
     rows = []
     record_protocol = results[0][1] if results else {}
     for (kind, run_dir), (report, _) in zip(tasks, results):
@@ -281,7 +370,7 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
             write_probes_json(run_dir, probes_record(report, record_protocol))
         rows.append({"label": Path(run_dir).name if kind == "run" else kind, "kind": kind, "source": report.source,
                      "scores": report.scores, "details": report.details, "timings": report.timings,
-                     "training": training_info(run_dir) if kind == "run" else {}})
+                     "skipped": report.skipped, "training": training_info(run_dir) if kind == "run" else {}})
     return {"format_version": 1, "protocol": record_protocol, "rows": rows, "created": utc_now(),
             "elapsed_s": time.perf_counter() - t_start, "threads": threads, "jobs": jobs}
 
@@ -291,10 +380,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--out", default="docs/PROBE_COMPARISON", help="output path prefix (.json, .md, .png)")
     p.add_argument("--render", metavar="JSON", help="re-render OUT.md/OUT.png from a saved comparison JSON")
-    p.add_argument("--limit-train", type=int, metavar="N")
-    p.add_argument("--limit-test", type=int, metavar="N")
-    p.add_argument("--train-scenes", type=int, default=DEFAULT_TRAIN_SCENES, metavar="N")
-    p.add_argument("--test-scenes", type=int, default=DEFAULT_TEST_SCENES, metavar="N")
+    p.add_argument("--limit-train", type=int, metavar="N",
+                   help="a seeded subset of N train images for the k-NN bank and linear probe (default: all 60000)")
+    p.add_argument("--limit-test", type=int, metavar="N", help="a seeded subset of N test images (default: all 10000)")
+    p.add_argument("--train-scenes", type=int, default=DEFAULT_TRAIN_SCENES, metavar="N",
+                   help=f"dense-probe train scenes (default {DEFAULT_TRAIN_SCENES})")
+    p.add_argument("--test-scenes", type=int, default=DEFAULT_TEST_SCENES, metavar="N",
+                   help=f"dense-probe test scenes (default {DEFAULT_TEST_SCENES})")
+    p.add_argument("--poolings", default=",".join(POOLINGS), help="global poolings for k-NN and linear probes")
+    p.add_argument("--l2-grid", default=",".join(f"{v:g}" for v in LinearProtocol().l2_grid), metavar="L2S",
+                   help="linear/dense probe: L2 strengths searched on the held-out train split")
+    p.add_argument("--max-iter", type=int, default=LinearProtocol().max_iter,
+                   help="linear/dense probe: L-BFGS iterations per fit")
+    p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a loaded machine")
     p.add_argument("--jobs", type=int, default=1,
                    help="sources probed at once in worker processes (with --threads 1: one per free core)")
@@ -318,8 +416,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"probes.compare: error: run directories do not exist: {', '.join(missing)}", file=sys.stderr)
             return 2
         try:
+            poolings = parse_poolings(a.poolings)
+            l2_grid = tuple(float(v) for v in a.l2_grid.split(",") if v.strip())
+            if not l2_grid or any(not v >= 0 for v in l2_grid) or a.max_iter < 1 or a.batch < 1:
+                raise ValueError("--l2-grid needs strengths >= 0, --max-iter and --batch >= 1")
+        except ValueError as e:
+            print(f"probes.compare: error: {e}", file=sys.stderr)
+            return 2
+        try:
             result = compare_runs(a.run_dirs, a.limit_train, a.limit_test, a.train_scenes, a.test_scenes,
-                                  not a.no_baselines, a.threads, not a.no_write_runs, jobs=max(1, a.jobs))
+                                  not a.no_baselines, a.threads, not a.no_write_runs,
+                                  LinearProtocol(l2_grid=l2_grid, max_iter=a.max_iter), a.batch, max(1, a.jobs),
+                                  poolings)
         except SourceError as e:
             print(f"probes.compare: error: {e}", file=sys.stderr)
             return 2

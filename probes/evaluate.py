@@ -5,9 +5,15 @@ a source and runs the k-NN, linear and dense probes on them; ``probes_record`` i
 (format below), ``write_probes_json`` writes it atomically next to a run::
 
     {"format_version": 1,
-     "scores": {"knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1",
-                "dense_patch_acc", "dense_miou"},      # percentages 0-100, only the probes that ran
+     "scores": {"knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_top1", "linear_mean_top1",
+                "linear_last4_top1", "dense_patch_acc", "dense_miou"},  # percent, only what ran
+     "skipped": {"last4": "<why this source cannot give it>"},          # poolings asked for but not given
+     "n_train": 60000, "n_test": 10000, "full_split": true,             # the images behind the scores
      "protocol": {...}, "data": "fashion-mnist", "source": "...", "created": "<ISO UTC>"}
+
+``full_split`` is true when the k-NN bank / linear-probe train set and the test set were the whole
+Fashion-MNIST splits (60,000 / 10,000), false for subsets; files written before it existed lack it
+(unknown).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 from probes.dense import dense_probe, scene_patch_features
 from probes.linear import LinearProtocol, linear_probe
 from probes.scenes import SceneSpec, Scenes, make_scenes
-from probes.sources import DEFAULT_BATCH, FeatureSource, extract_global
+from probes.sources import (DEFAULT_BATCH, POOLING_TENSORS, POOLINGS, FeatureSource, extract_pooled,
+                            pooling_unavailable)
 from training.knn import knn_accuracy
 
 log = logging.getLogger(__name__)
@@ -53,10 +60,11 @@ class ProbeData:
     train_scenes: Scenes | None
     test_scenes: Scenes | None
     scene_spec: SceneSpec
+    full_split: bool | None = None  # both splits whole (None: not known)
 
     def protocol(self) -> dict[str, Any]:
         return {"n_train": int(len(self.train_images)), "n_test": int(len(self.test_images)),
-                "subset_seed": SUBSET_SEED,
+                "full_split": self.full_split, "subset_seed": SUBSET_SEED,
                 "scenes": None if self.train_scenes is None else {
                     **self.scene_spec.to_dict(), "n_train_scenes": len(self.train_scenes),
                     "n_test_scenes": len(self.test_scenes), "train_seed": TRAIN_SCENE_SEED,
@@ -78,25 +86,29 @@ def load_probe_data(limit_train: int | None = None, limit_test: int | None = Non
     """
     from training.data import load_fashion_mnist
 
-    train = load_fashion_mnist("train", data_dir).subset(limit_train, SUBSET_SEED)
-    test = load_fashion_mnist("test", data_dir).subset(limit_test, SUBSET_SEED)
+    full_train, full_test = load_fashion_mnist("train", data_dir), load_fashion_mnist("test", data_dir)
+    train, test = full_train.subset(limit_train, SUBSET_SEED), full_test.subset(limit_test, SUBSET_SEED)
+    full_split = len(train) == len(full_train) and len(test) == len(full_test)
     tr_scenes = te_scenes = None
     if dense:
         n_tr = train_scenes if train_scenes is not None else min(DEFAULT_TRAIN_SCENES, max(1, len(train) // 4))
         n_te = test_scenes if test_scenes is not None else min(DEFAULT_TEST_SCENES, max(1, len(test) // 4))
         tr_scenes = make_scenes(train.images, train.labels, n_tr, scene_spec, TRAIN_SCENE_SEED)
         te_scenes = make_scenes(test.images, test.labels, n_te, scene_spec, TEST_SCENE_SEED)
-    return ProbeData(train.images, train.labels, test.images, test.labels, tr_scenes, te_scenes, scene_spec)
+    return ProbeData(train.images, train.labels, test.images, test.labels, tr_scenes, te_scenes, scene_spec,
+                     full_split)
 
 
 @dataclass
 class ProbeReport:
-    """Scores (percent), details (chosen L2s, per-class IoU, ...) and timings (seconds) of one source."""
+    """Scores (percent), details (chosen L2s, per-class IoU, ...), timings (seconds) and the poolings
+    asked for that the source cannot give (pooling -> reason) of one source."""
 
     source: str
     scores: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def parse_probes(text: str | Sequence[str]) -> list[str]:
@@ -106,6 +118,15 @@ def parse_probes(text: str | Sequence[str]) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown probe(s) {unknown or names}; choose from {', '.join(PROBES)}")
     return [p for p in PROBES if p in names]
+
+
+def parse_poolings(text: str | Sequence[str]) -> list[str]:
+    """``"cls,last4"`` -> ``["cls", "last4"]``; ValueError naming an unknown pooling."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [n for n in names if n not in POOLINGS]
+    if unknown or not names:
+        raise ValueError(f"unknown pooling(s) {unknown or names}; choose from {', '.join(POOLINGS)}")
+    return [p for p in POOLINGS if p in names]
 
 
 @contextlib.contextmanager
@@ -129,25 +150,35 @@ def torch_threads(n: int | None):
 
 def probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str] = PROBES,
                  protocol: LinearProtocol = LinearProtocol(), batch: int = DEFAULT_BATCH,
-                 threads: int | None = None) -> ProbeReport:
-    """Extract features from ``source`` and run ``probes`` on them (with ``threads`` torch threads)."""
+                 threads: int | None = None, poolings: Sequence[str] = POOLINGS) -> ProbeReport:
+    """Extract features from ``source`` and run ``probes`` on them (with ``threads`` torch threads).
+
+    The global probes run on each of ``poolings`` the source can give; the others are skipped and
+    their reasons recorded in ``report.skipped``.
+    """
     cpu0 = time.process_time()
     with torch_threads(threads):
-        report = _probe_source(source, data, probes, protocol, batch)
+        report = _probe_source(source, data, probes, protocol, batch, poolings)
     report.timings["process_cpu_s"] = time.process_time() - cpu0  # wall times above include contention
     return report
 
 
 def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],
-                  protocol: LinearProtocol, batch: int) -> ProbeReport:
+                  protocol: LinearProtocol, batch: int, poolings: Sequence[str]) -> ProbeReport:
     report = ProbeReport(source.name)
     tag = source.name.split(":")[0]
     if "knn" in probes or "linear" in probes:
+        for p in poolings:
+            if (reason := pooling_unavailable(source, p)) is not None:
+                report.skipped[p] = reason
+                log.info("%s: skipping the %s pooling: %s", source.name, p, reason)
+        usable = tuple(p for p in poolings if p not in report.skipped)
         t0 = time.perf_counter()
-        train = extract_global(source, data.train_images, batch, f"{tag} train features")
-        test = extract_global(source, data.test_images, batch, f"{tag} test features")
+        train = extract_pooled(source, data.train_images, usable, batch, f"{tag} train features")
+        test = extract_pooled(source, data.test_images, usable, batch, f"{tag} test features")
         report.timings["global_features_s"] = time.perf_counter() - t0
-        for pooling, tr, te in (("cls", train[0], test[0]), ("mean", train[1], test[1])):
+        for pooling in usable:
+            tr, te = train[pooling], test[pooling]
             if "knn" in probes:
                 t0 = time.perf_counter()
                 acc = knn_accuracy(tr, data.train_labels, te, data.test_labels, KNN_K, KNN_T)
@@ -180,13 +211,13 @@ def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],
     return report
 
 
-def protocol_record(data: ProbeData, probes: Sequence[str], protocol: LinearProtocol) -> dict[str, Any]:
+def protocol_record(data: ProbeData, probes: Sequence[str], protocol: LinearProtocol,
+                    poolings: Sequence[str] = POOLINGS) -> dict[str, Any]:
     """The ``protocol`` entry of ``probes.json``: every setting that shapes the scores."""
     return {"probes": list(probes), "knn": {"k": KNN_K, "temperature": KNN_T, "similarity": "cosine",
                                             "votes": "exp(sim / T) weighted"},
             "linear": protocol.to_dict(), "dense_classifier": "the linear protocol on per-patch tokens",
-            "global_features": {"cls": "CLS token (final norm)", "mean": "mean of patch tokens (final norm)",
-                                "headline": HEADLINE},
+            "global_features": {**{p: POOLING_TENSORS[p] for p in poolings}, "headline": HEADLINE},
             **data.protocol()}
 
 
@@ -197,6 +228,8 @@ def utc_now() -> str:
 def probes_record(report: ProbeReport, protocol: dict[str, Any]) -> dict[str, Any]:
     """The ``probes.json`` object of one source (module docstring)."""
     return {"format_version": FORMAT_VERSION, "scores": {k: float(v) for k, v in report.scores.items()},
+            "skipped": dict(report.skipped), "n_train": protocol.get("n_train"), "n_test": protocol.get("n_test"),
+            "full_split": protocol.get("full_split"),
             "protocol": protocol, "data": DATA_NAME, "source": report.source, "created": utc_now()}
 
 

@@ -6,7 +6,13 @@ grid ``(h, w)``. The probes only see this interface, so the same numbers can be 
 (PyTorch), from the exported ONNX graph (ONNX Runtime on the CPU) or through a running vitserve service,
 and against the two baselines (raw pixels, a randomly initialised encoder of the same architecture).
 
-``extract_global`` and ``extract_patches`` loop over a data set in batches with a progress bar.
+Global features come in named poolings (``POOLINGS``): ``cls``, ``mean`` and ``last4`` (DINOv2's
+linear-evaluation input, below). Every source gives ``cls`` and ``mean``; ``last4`` needs the CLS token
+of earlier blocks, which only the in-process encoder (and the random-init baseline) has.
+``pooling_unavailable`` says why a source cannot give one, so callers skip it with a recorded reason.
+
+``extract_pooled``, ``extract_global`` and ``extract_patches`` loop over a data set in batches with a
+progress bar.
 """
 
 from __future__ import annotations
@@ -24,6 +30,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 256
 RANDOM_INIT_SEED = 0
+LAST_BLOCKS = 4
+POOLINGS = ("cls", "mean", "last4")
+# Exactly which tensor each pooling is (recorded in probes.json's protocol).
+POOLING_TENSORS = {
+    "cls": "CLS token after the final norm [N, D] (a model without CLS: the mean patch token)",
+    "mean": "mean of the patch tokens after the final norm [N, D]",
+    "last4": "concat of the CLS tokens of the last 4 blocks, each through the final norm (oldest first), "
+             "then the mean of the last block's normed patch tokens [N, 5D]: DINOv2's linear-eval input "
+             "(n_last_blocks=4, avgpool=True); DINO's ViT-S protocol is the first 4D of it",
+}
 
 
 class SourceError(RuntimeError):
@@ -73,6 +89,10 @@ class _PooledFromFeatures:
         return f.cls, f.patch_tokens.mean(axis=1, dtype=np.float32)
 
 
+def _unknown_pooling(pooling: str) -> str | None:
+    return None if pooling in POOLINGS else f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}"
+
+
 class TorchEncoderSource(_PooledFromFeatures):
     """An in-process timm encoder: ``to_float_nchw`` then ``forward_features``, CLS = token 0 (or the
     mean patch token for a model without one) and patch tokens after the prefix — the same tensors as
@@ -108,6 +128,42 @@ class TorchEncoderSource(_PooledFromFeatures):
             patches = tokens[:, spec.num_prefix_tokens:]
             cls = tokens[:, 0] if spec.has_cls_token else patches.mean(dim=1)
         return TokenFeatures(cls.float().numpy(), patches.float().numpy(), self.grid)
+
+    def pooling_unavailable(self, pooling: str) -> str | None:
+        """Why this encoder cannot give ``pooling`` (None: it can)."""
+        if pooling == "last4":
+            blocks = len(getattr(self.model, "blocks", ()))
+            if not self.spec.has_cls_token:
+                return f"{self.name} has no CLS token (last4 concatenates the CLS token of the last 4 blocks)"
+            if blocks < LAST_BLOCKS:
+                return f"{self.name} has {blocks} blocks; last4 needs at least {LAST_BLOCKS}"
+            if not hasattr(self.model, "forward_intermediates"):
+                return f"{type(self.model).__name__} has no timm forward_intermediates"
+        return _unknown_pooling(pooling)
+
+    def pooled_features(self, images: np.ndarray, poolings: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """``{pooling: [N, D'] float32}`` for each of ``poolings`` from one forward pass (``POOLING_TENSORS``)."""
+        import torch
+
+        from training.data import to_float_nchw
+
+        for p in poolings:
+            if (reason := self.pooling_unavailable(p)) is not None:
+                raise SourceError(reason)
+        if "last4" not in poolings:
+            cls, mean = self.pooled(images)
+            return {p: {"cls": cls, "mean": mean}[p] for p in poolings}
+        images = _check_batch(self, images)
+        spec = self.spec
+        with torch.inference_mode():
+            x = to_float_nchw(images, spec.mean, spec.std)
+            # final [N, P+hw, D] = forward_features; blocks: LAST_BLOCKS (patches [N, hw, D], prefix [N, P, D])
+            final, blocks = self.model.forward_intermediates(x, indices=LAST_BLOCKS, norm=True, output_fmt="NLC",
+                                                             return_prefix_tokens=True)
+            patches = final[:, spec.num_prefix_tokens:]
+            out = {"cls": final[:, 0], "mean": patches.mean(dim=1),
+                   "last4": torch.cat([prefix[:, 0] for _, prefix in blocks] + [blocks[-1][0].mean(dim=1)], dim=1)}
+        return {p: out[p].float().numpy() for p in poolings}
 
 
 def random_init_source(spec, seed: int = RANDOM_INIT_SEED) -> TorchEncoderSource:
@@ -163,6 +219,13 @@ class OnnxSource(_PooledFromFeatures):
         cls, patches = self.session.run(["cls", "patch_tokens"], {"images": _check_batch(self, images)})
         return TokenFeatures(cls, patches, self.grid)
 
+    def pooling_unavailable(self, pooling: str) -> str | None:
+        if pooling == "last4":
+            return (f"{self.name}: the exported graph gives the final layer's cls and patch tokens (and patch "
+                    "tokens of --layers), not the CLS token of earlier blocks that last4 needs; probe the run "
+                    "directory (--run) for it")
+        return _unknown_pooling(pooling)
+
 
 class ServiceSource:
     """A running vitserve service, through ``clients.client.VitServeClient``: ``Features`` (tokens layout,
@@ -208,6 +271,13 @@ class ServiceSource:
         d = both.shape[1] // 2
         return both[:, :d], both[:, d:]
 
+    def pooling_unavailable(self, pooling: str) -> str | None:
+        if pooling == "last4":
+            return (f"{self.name}: Embed and Features return the final layer's CLS and patch tokens (and patch "
+                    "tokens of exported layers), not the CLS token of earlier blocks that last4 needs; probe the "
+                    "run directory (--run) for it")
+        return _unknown_pooling(pooling)
+
     def close(self) -> None:
         self.client.close()
 
@@ -239,20 +309,54 @@ class RawPixelSource:
         f = self.features(images)
         return f.cls, f.patch_tokens.mean(axis=1)
 
+    def pooling_unavailable(self, pooling: str) -> str | None:
+        if pooling == "last4":
+            return "raw pixels have no transformer blocks, so no CLS token of the last 4 blocks (last4)"
+        return _unknown_pooling(pooling)
+
+
+def pooling_unavailable(source: FeatureSource, pooling: str) -> str | None:
+    """Why ``source`` cannot give the global ``pooling`` (None: it can). Sources without a
+    ``pooling_unavailable`` method give ``cls`` and ``mean`` only."""
+    method = getattr(source, "pooling_unavailable", None)
+    if method is not None:
+        return method(pooling)
+    if pooling in ("cls", "mean"):
+        return None
+    return _unknown_pooling(pooling) or f"{source.name} gives only the cls and mean poolings"
+
+
+def pooled_features(source: FeatureSource, images: np.ndarray, poolings: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``{pooling: [N, D'] float32}`` of one batch; SourceError for a pooling the source cannot give."""
+    method = getattr(source, "pooled_features", None)
+    if method is not None:
+        return method(images, tuple(poolings))
+    for p in poolings:
+        if (reason := pooling_unavailable(source, p)) is not None:
+            raise SourceError(reason)
+    cls, mean = source.pooled(images)
+    return {p: {"cls": cls, "mean": mean}[p] for p in poolings}
+
 
 def _batches(n: int, batch: int):
     return range(0, n, max(1, int(batch)))
 
 
+def extract_pooled(source: FeatureSource, images: np.ndarray, poolings: tuple[str, ...] = ("cls", "mean"),
+                   batch: int = DEFAULT_BATCH, desc: str = "features") -> dict[str, np.ndarray]:
+    """``{pooling: [N, D'] float32}`` of ``images [N, H, W, C]`` for each of ``poolings``, batched."""
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in poolings}
+    for i in tqdm(_batches(len(images), batch), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+        for p, v in pooled_features(source, images[i:i + batch], tuple(poolings)).items():
+            parts[p].append(np.asarray(v, dtype=np.float32))
+    return {p: np.concatenate(v) for p, v in parts.items()}
+
+
 def extract_global(source: FeatureSource, images: np.ndarray, batch: int = DEFAULT_BATCH,
                    desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """``(cls [N, D], mean-pooled patch tokens [N, D])`` of ``images [N, H, W, C]``, batched."""
-    cls_parts, mean_parts = [], []
-    for i in tqdm(_batches(len(images), batch), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
-        c, m = source.pooled(images[i:i + batch])
-        cls_parts.append(np.asarray(c, dtype=np.float32))
-        mean_parts.append(np.asarray(m, dtype=np.float32))
-    return np.concatenate(cls_parts), np.concatenate(mean_parts)
+    out = extract_pooled(source, images, ("cls", "mean"), batch, desc)
+    return out["cls"], out["mean"]
 
 
 def extract_patches(source: FeatureSource, images: np.ndarray, batch: int = DEFAULT_BATCH,

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 MODEL_NAME = "probe_tiny"
-SMALL_OVERRIDES = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 2, "num_heads": 2}
+SMALL_OVERRIDES = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 2}
 
 
 def write_small_run(directory: Path, seed: int = 0) -> Path:
-    """A run directory (docs/CONTRACTS.md) holding a seeded random 2-block 64-d encoder for 28x28 grey."""
+    """A run directory (docs/CONTRACTS.md) holding a seeded random 4-block 64-d encoder for 28x28 grey
+    (4 blocks: the last4 pooling concatenates the CLS of the last 4)."""
     import json
 
     import torch

@@ -6,18 +6,21 @@ import pytest
 
 from probes.compare import check_claims, check_targets, main, training_info, write_outputs
 
-KEYS = ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1", "dense_patch_acc", "dense_miou")
+KEYS = ("knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_top1", "linear_mean_top1",
+        "linear_last4_top1", "dense_patch_acc", "dense_miou")
 
 
 def _row(label, kind, values, method=None, img_per_s=None):
-    return {"label": label, "kind": kind, "scores": dict(zip(KEYS, values)),
+    scores = {k: v for k, v in zip(KEYS, values) if v is not None}
+    return {"label": label, "kind": kind, "scores": scores,
             "training": {"method": method, "img_per_s": img_per_s} if method else {}}
 
 
-ROWS = [_row("mae", "run", (80, 82, 84, 86, 85, 40), "mae", 300.0),
-        _row("simclr", "run", (86, 84, 89, 87, 80, 30), "simclr", 100.0),
-        _row("raw-pixels", "raw-pixels", (85.7, 20, 84, 30, 75, 25)),
-        _row("random-init", "random-init", (75, 76, 80, 81, 78, 35))]
+ROWS = [_row("mae", "run", (80, 82, 83, 84, 86, 85.5, 85, 40), "mae", 300.0),
+        _row("simclr", "run", (86, 84, 85, 87, 85, 89, 80, 30), "simclr", 100.0),
+        _row("raw-pixels", "raw-pixels", (85.7, 20, None, 84, 30, None, 75, 25)),
+        _row("random-init", "random-init", (75, 76, 77, 80, 81, 82, 78, 35))]
+ROWS[2]["skipped"] = {"last4": "raw pixels have no transformer blocks"}
 PROTOCOL = {"n_train": 60000, "n_test": 10000, "knn": {"k": 20, "temperature": 0.07},
             "linear": {"method": "softmax", "l2_grid": [0.1], "max_iter": 300},
             "scenes": {"n_train_scenes": 2000, "n_test_scenes": 1000, "canvas_size": 56, "grid": 14}}
@@ -26,19 +29,28 @@ PROTOCOL = {"n_train": 60000, "n_test": 10000, "knn": {"k": 20, "temperature": 0
 def test_training_info_reads_throughput_and_budget(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"method": "moco", "batch_size": 64, "max_minutes": 2.0,
                                                       "budget_clock": "cpu"}))
-    lines = [{"step": 20, "loss": 3.0, "elapsed_s": 10.0}, {"step": 40, "loss": 2.5, "elapsed_s": 32.0}]
+    lines = [{"step": 20, "loss": 3.0, "elapsed_s": 10.0, "knn_val_top1": 0.5}, {"step": 30, "loss": 2.7, "elapsed_s": 20.0},
+             {"step": 40, "loss": 2.5, "elapsed_s": 32.0, "knn_val_top1": 0.625}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"step\": 4")  # torn tail
     info = training_info(tmp_path)
     assert (info["method"], info["steps"], info["images_seen"], info["final_loss"]) == ("moco", 40, 2560, 2.5)
     assert info["img_per_s"] == pytest.approx(80.0) and info["img_per_budget_s"] == pytest.approx(2560 / 120)
+    # the online k-NN curve: only the records that carry knn_val_top1, in percent, against images seen
+    assert info["online_knn"] == [{"step": 20, "images_seen": 1280, "elapsed_s": 10.0, "top1": 50.0},
+                                  {"step": 40, "images_seen": 2560, "elapsed_s": 32.0, "top1": 62.5}]
+    assert (info["online_knn_last"], info["online_knn_images"]) == (62.5, 2560)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert "online_knn" not in training_info(tmp_path)
 
 
 def test_targets_and_claims_are_judged_from_the_numbers():
     targets = check_targets(ROWS)
     # simclr's dense mIoU (30) is below the random-init encoder's (35): the only miss.
-    assert targets[0] == ("every method beats the random-init encoder on every probe: **no** "
-                          "(simclr dense_miou 30.00 <= 35.00)")
-    assert targets[1].endswith("**yes** (simclr 86.00)") and targets[2].endswith("**yes** (simclr 89.00)")
+    assert targets[0] == ("every method beats the random-init encoder on every probe (each probe and pooling "
+                          "against the same one of random-init): **no** (simclr dense_miou 30.00 <= 35.00)")
+    # the targets name the pooling that reached them
+    assert targets[1].endswith("**yes** (simclr 86.00 with cls pooling; best of CLS / mean / last4)")
+    assert targets[2].endswith("**yes** (simclr 89.00 with last4 pooling; best of CLS / mean / last4)")
     claims = "\n".join(check_claims(ROWS))
     assert "linear probe: contrastive high, MAE moderate: simclr 89.00 vs mae 86.00 — **agrees**" in claims
     assert "dense prediction: MAE high, contrastive moderate (dense mIoU): mae 40.00 vs simclr 30.00 — **agrees**" in claims
@@ -46,14 +58,33 @@ def test_targets_and_claims_are_judged_from_the_numbers():
 
 
 def test_outputs_and_render_round_trip(tmp_path):
-    result = {"protocol": PROTOCOL, "rows": ROWS, "created": "2026-01-01T00:00:00Z", "elapsed_s": 1.0}
+    rows = json.loads(json.dumps(ROWS))
+    rows[0]["training"].update(knn_val=2000, knn_bank=5000, online_knn_last=71.5, online_knn_images=372224,
+                               online_knn=[{"step": 1, "images_seen": 256, "top1": 40.0},
+                                           {"step": 1454, "images_seen": 372224, "top1": 71.5}])
+    protocol = {**PROTOCOL, "full_split": True, "global_features": {"cls": "CLS", "last4": "4 CLS + mean"}}
+    result = {"protocol": protocol, "rows": rows, "created": "2026-01-01T00:00:00Z", "elapsed_s": 1.0}
     paths = write_outputs(result, tmp_path / "cmp")
     assert [p.name for p in paths] == ["cmp.json", "cmp.md", "cmp.png"]
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "cmp.md").read_text()
     assert "| simclr | simclr |" in md and "| 89.00 |" in md and "Self-distillation" in md
+    assert "| k-NN last4 |" in md and "| linear last4 |" in md and "(the full splits)" in md
+    assert "| 71.50 (372,224) |" in md and "2000 held-out train images against a bank of 5000" in md
+    assert "- raw-pixels: no last4 (raw pixels have no transformer blocks)" in md
+    assert "- **last4**: 4 CLS + mean" in md
     assert main(["--render", str(tmp_path / "cmp.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again.md").read_text() == md
+
+
+def test_an_older_comparison_json_still_renders(tmp_path):
+    # written before last4, online k-NN and full_split existed: no such columns, the split "not recorded"
+    old_keys = ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1", "dense_patch_acc",
+                "dense_miou")
+    rows = [{"label": "mae", "kind": "run", "scores": dict.fromkeys(old_keys, 50.0), "training": {"method": "mae"}}]
+    md = write_outputs({"protocol": PROTOCOL, "rows": rows, "created": "x", "elapsed_s": 1.0}, tmp_path / "o")[1]
+    text = md.read_text()
+    assert "last4 |" not in text and "full split not recorded" in text and "| mae | mae |" in text
 
 
 def test_missing_run_dir_is_refused(tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 from probes.evaluate import load_probe_data, probe_source
 from probes.linear import LinearProtocol
 from probes.sources import (OnnxSource, RawPixelSource, SourceError, TorchEncoderSource, extract_global,
-                            extract_patches, random_init_source)
+                            extract_patches, extract_pooled, pooling_unavailable, random_init_source)
 
 FAST = LinearProtocol(l2_grid=(1e-2, 1e-4), max_iter=60)
 
@@ -35,8 +35,8 @@ def test_torch_and_onnx_sources_give_the_same_tokens(torch_source, onnx_source, 
 
 def test_torch_and_onnx_probe_scores_agree(torch_source, onnx_source):
     data = load_probe_data(limit_train=400, limit_test=200, train_scenes=40, test_scenes=20)
-    a = probe_source(torch_source, data, protocol=FAST, batch=128)
-    b = probe_source(onnx_source, data, protocol=FAST, batch=128)
+    a = probe_source(torch_source, data, protocol=FAST, batch=128, poolings=("cls", "mean"))
+    b = probe_source(onnx_source, data, protocol=FAST, batch=128, poolings=("cls", "mean"))
     assert set(a.scores) == {"knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1",
                              "dense_patch_acc", "dense_miou"}
     for k in a.scores:
@@ -76,3 +76,44 @@ def test_raw_pixel_source_shapes_and_values():
     np.testing.assert_allclose(f.patch_tokens[0, 1], images[0, :4, 4:8, 0].ravel() / 255.0)  # patch (0, 1)
     with pytest.raises(SourceError, match="uint8"):
         RawPixelSource((8, 8), 1, (4, 4)).features(images.astype(np.float32))
+
+
+def test_last4_is_the_normed_cls_of_the_last_four_blocks_and_the_mean_patch(torch_source, fmnist):
+    import torch
+
+    from training.data import to_float_nchw
+
+    images = fmnist[1].images[:10]
+    out = extract_pooled(torch_source, images, ("cls", "mean", "last4"), batch=4)
+    d = torch_source.spec.embed_dim
+    assert out["last4"].shape == (10, 5 * d)
+    # hand-computed reference: run the blocks one by one, put each of the last 4 through the final norm
+    model, spec = torch_source.model, torch_source.spec
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(to_float_nchw(images, spec.mean, spec.std))))
+        normed = []
+        for blk in model.blocks:
+            x = blk(x)
+            normed.append(model.norm(x))
+    expected = torch.cat([t[:, 0] for t in normed[-4:]] + [normed[-1][:, spec.num_prefix_tokens:].mean(1)], 1)
+    np.testing.assert_allclose(out["last4"], expected.numpy(), atol=1e-5)
+    # the last CLS and the mean are the cls and mean poolings, the same as forward_features gives
+    np.testing.assert_allclose(out["last4"][:, 3 * d:4 * d], out["cls"], atol=1e-6)
+    np.testing.assert_allclose(out["last4"][:, 4 * d:], out["mean"], atol=1e-6)
+    cls, mean = extract_global(torch_source, images)
+    np.testing.assert_allclose(out["cls"], cls, atol=1e-5)
+    np.testing.assert_allclose(out["mean"], mean, atol=1e-5)
+
+
+def test_sources_that_cannot_give_last4_say_why(torch_source, onnx_source, fmnist):
+    from training.backbone import create_encoder
+
+    assert pooling_unavailable(torch_source, "last4") is None
+    assert "not the CLS token of earlier blocks" in pooling_unavailable(onnx_source, "last4")
+    assert "no transformer blocks" in pooling_unavailable(RawPixelSource(), "last4")
+    shallow, spec = create_encoder("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 4, "in_chans": 1,
+                                                            "embed_dim": 32, "depth": 2, "num_heads": 2})
+    assert "has 2 blocks; last4 needs at least 4" in pooling_unavailable(TorchEncoderSource(shallow, spec, "t"), "last4")
+    assert "unknown pooling 'max'" in pooling_unavailable(torch_source, "max")
+    with pytest.raises(SourceError, match="not the CLS token of earlier blocks"):
+        extract_pooled(onnx_source, fmnist[1].images[:2], ("cls", "last4"))
