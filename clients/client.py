@@ -46,6 +46,8 @@ _Pooling = vitserve_pb2.EmbedRequest.Pooling
 POOLINGS = {"cls": _Pooling.CLS, "mean": _Pooling.MEAN_PATCH, "both": _Pooling.CLS_AND_MEAN_PATCH}
 LANES = {"": vitserve_pb2.LANE_UNSPECIFIED, "default": vitserve_pb2.LANE_UNSPECIFIED,
          "throughput": vitserve_pb2.THROUGHPUT, "latency": vitserve_pb2.LATENCY}
+BUCKETS = {"": vitserve_pb2.BUCKET_UNSPECIFIED, "default": vitserve_pb2.BUCKET_UNSPECIFIED,
+           "auto": vitserve_pb2.BUCKET_AUTO}
 RESIZE_OPS = {"": vitserve_pb2.RESIZE_OP_UNSPECIFIED, "default": vitserve_pb2.RESIZE_OP_UNSPECIFIED,
               "resize": vitserve_pb2.RESIZE, "center_crop": vitserve_pb2.CENTER_CROP,
               "letterbox": vitserve_pb2.LETTERBOX}
@@ -106,6 +108,9 @@ class ModelDescription:
     max_queue_delay_us: int = 0
     default_resize_op: str = ""
     crop_pct: float = 1.0
+    # Resolution buckets ``{"height", "width", "grid_height", "grid_width", "model"}`` and loaded versions.
+    buckets: tuple[dict[str, Any], ...] = ()
+    versions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,8 @@ def model_description(info: vitserve_pb2.ModelInfo) -> ModelDescription:
         precision=info.precision, base_model=info.base_model, variants=tuple(info.variants), lane=info.lane,
         lanes=dict(info.lanes), preferred_batch_sizes=tuple(info.preferred_batch_sizes),
         max_queue_delay_us=info.max_queue_delay_us,
-        default_resize_op=vitserve_pb2.ResizeOp.Name(info.default_resize_op), crop_pct=info.crop_pct)
+        default_resize_op=vitserve_pb2.ResizeOp.Name(info.default_resize_op), crop_pct=info.crop_pct,
+        buckets=tuple(_message_dict(b) for b in info.buckets), versions=tuple(info.versions))
 
 
 def control_result(response: vitserve_pb2.ModelControlResponse) -> ModelControlResult:
@@ -279,32 +285,45 @@ def _pooling(name: str) -> int:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {name!r}") from None
 
 
+def _version(version: str | int) -> str:
+    text = str(version).strip()
+    if text and (not text.isdigit() or int(text) < 1):
+        raise ValueError(f"version must be an integer >= 1 (or empty for the newest), got {version!r}")
+    return text
+
+
 def embed_request(images: Images, model: str, l2_normalize: bool, dtype: str,
-                  pooling: str = "cls", lane: str = "", resize_op: str = "") -> vitserve_pb2.EmbedRequest:
+                  pooling: str = "cls", lane: str = "", resize_op: str = "", bucket: str = "",
+                  version: str | int = "") -> vitserve_pb2.EmbedRequest:
     return vitserve_pb2.EmbedRequest(model=model, images=to_proto_images(images),
                                      l2_normalize=l2_normalize, dtype=_dtype(dtype), pooling=_pooling(pooling),
                                      lane=_enum(LANES, lane, "lane"),
-                                     resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"))
+                                     resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"),
+                                     bucket=_enum(BUCKETS, bucket, "bucket"), version=_version(version))
 
 
 def features_request(images: Images, model: str, layout: str, include_cls: bool,
                      dtype: str, lane: str = "", resize_op: str = "", outputs: Sequence[str] = (),
-                     include_registers: bool = False) -> vitserve_pb2.FeaturesRequest:
+                     include_registers: bool = False, bucket: str = "",
+                     version: str | int = "") -> vitserve_pb2.FeaturesRequest:
     if isinstance(outputs, str):
         outputs = [outputs]
     return vitserve_pb2.FeaturesRequest(model=model, images=to_proto_images(images),
                                         layout=_layout(layout), include_cls=include_cls,
                                         dtype=_dtype(dtype), lane=_enum(LANES, lane, "lane"),
                                         resize_op=_enum(RESIZE_OPS, resize_op, "resize_op"),
-                                        outputs=list(outputs), include_registers=include_registers)
+                                        outputs=list(outputs), include_registers=include_registers,
+                                        bucket=_enum(BUCKETS, bucket, "bucket"), version=_version(version))
 
 
 def stream_request(frame: Frame, model: str, layout: str, include_cls: bool, dtype: str,
-                   latest_only: bool, lane: str = "", resize_op: str = "") -> vitserve_pb2.StreamFeaturesRequest:
+                   latest_only: bool, lane: str = "", resize_op: str = "", bucket: str = "",
+                   version: str | int = "") -> vitserve_pb2.StreamFeaturesRequest:
     frame_id, images = frame
     return vitserve_pb2.StreamFeaturesRequest(
         frame_id=frame_id, latest_only=latest_only,
-        request=features_request(images, model, layout, include_cls, dtype, lane, resize_op))
+        request=features_request(images, model, layout, include_cls, dtype, lane, resize_op, bucket=bucket,
+                                 version=version))
 
 
 def embed_result(response: vitserve_pb2.EmbedResponse) -> EmbedResult:
@@ -353,32 +372,37 @@ class VitServeClient:
             raise _error(e) from None
 
     def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
-              dtype: str = "float32", pooling: str = "cls", lane: str = "", resize_op: str = "") -> np.ndarray:
+              dtype: str = "float32", pooling: str = "cls", lane: str = "", resize_op: str = "",
+              bucket: str = "", version: str | int = "") -> np.ndarray:
         """Global embeddings: CLS ``[N, D]`` (default), ``"mean"`` of patch tokens ``[N, D]``, or
         ``"both"`` ``[N, 2D]`` = ``[CLS | mean]`` (with ``l2_normalize`` each half is unit-norm).
 
         ``lane``: "throughput" / "latency" (the model's declared lanes; "" the model itself);
-        ``resize_op``: "resize" / "center_crop" / "letterbox" ("" the model's default)."""
-        return self.embed_result(images, model, l2_normalize, dtype, pooling, lane, resize_op).embeddings
+        ``resize_op``: "resize" / "center_crop" / "letterbox" ("" the model's default);
+        ``bucket``: "auto" routes to the resolution bucket that fits the images ("" the model itself);
+        ``version``: a loaded version, e.g. 2 ("" the newest)."""
+        return self.embed_result(images, model, l2_normalize, dtype, pooling, lane, resize_op, bucket,
+                                 version).embeddings
 
     def embed_result(self, images: Images, model: str = "", l2_normalize: bool = False, dtype: str = "float32",
-                     pooling: str = "cls", lane: str = "", resize_op: str = "") -> EmbedResult:
-        """As ``embed``, with the model, preprocessing (per image) and server timings."""
-        request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op)
+                     pooling: str = "cls", lane: str = "", resize_op: str = "", bucket: str = "",
+                     version: str | int = "") -> EmbedResult:
+        """As ``embed``, with the model (name, version, bucket), preprocessing (per image) and timings."""
+        request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op, bucket, version)
         return embed_result(self._call(self._stub.Embed, request))
 
     def stream_features(self, frames: Iterable[Frame], model: str = "", layout: str = "grid",
                         include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
                         timeout: float | None = None, lane: str = "",
-                        resize_op: str = "") -> Iterator[StreamResult]:
+                        resize_op: str = "", bucket: str = "", version: str | int = "") -> Iterator[StreamResult]:
         """One ``StreamResult`` per ``(frame_id, images)`` sent, in order, over one stream.
 
         With ``latest_only`` a frame still waiting when a newer one has arrived comes back
         ``skipped``. ``timeout`` bounds the whole stream (default: none, for a control loop).
         Without ``lane`` the server uses the model's latency lane when it declares one.
         """
-        requests = (stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op)
-                    for f in frames)
+        requests = (stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op, bucket,
+                                   version) for f in frames)
         try:
             for response in self._stub.StreamFeatures(requests, timeout=timeout, metadata=self._metadata):
                 yield stream_result(response)
@@ -387,13 +411,13 @@ class VitServeClient:
 
     def features(self, images: Images, model: str = "", layout: str = "grid", include_cls: bool = False,
                  dtype: str = "float32", lane: str = "", resize_op: str = "", outputs: Sequence[str] = (),
-                 include_registers: bool = False) -> FeaturesResult:
+                 include_registers: bool = False, bucket: str = "", version: str | int = "") -> FeaturesResult:
         """Patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens), optionally CLS ``[N, D]``.
 
         ``outputs`` names the patch-token outputs to return (e.g. ``["patch_tokens_l-2"]`` for a model
         exported with ``--layers -2``; default the last block's); each is in ``result.layers``."""
         request = features_request(images, model, layout, include_cls, dtype, lane, resize_op, outputs,
-                                   include_registers)
+                                   include_registers, bucket, version)
         return features_result(self._call(self._stub.Features, request))
 
     def list_models(self) -> list[ModelDescription]:
@@ -448,22 +472,24 @@ class AsyncVitServeClient:
 
     async def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
                     dtype: str = "float32", pooling: str = "cls", lane: str = "",
-                    resize_op: str = "") -> np.ndarray:
-        return (await self.embed_result(images, model, l2_normalize, dtype, pooling, lane, resize_op)).embeddings
+                    resize_op: str = "", bucket: str = "", version: str | int = "") -> np.ndarray:
+        return (await self.embed_result(images, model, l2_normalize, dtype, pooling, lane, resize_op, bucket,
+                                        version)).embeddings
 
     async def embed_result(self, images: Images, model: str = "", l2_normalize: bool = False,
                            dtype: str = "float32", pooling: str = "cls", lane: str = "",
-                           resize_op: str = "") -> EmbedResult:
-        request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op)
+                           resize_op: str = "", bucket: str = "", version: str | int = "") -> EmbedResult:
+        request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op, bucket, version)
         return embed_result(await self._call(self._stub.Embed, request))
 
     async def stream_features(
             self, frames: Iterable[Frame] | AsyncIterable[Frame], model: str = "", layout: str = "grid",
             include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
-            timeout: float | None = None, lane: str = "", resize_op: str = "") -> AsyncIterator[StreamResult]:
+            timeout: float | None = None, lane: str = "", resize_op: str = "", bucket: str = "",
+            version: str | int = "") -> AsyncIterator[StreamResult]:
         """As ``VitServeClient.stream_features``; ``frames`` may be an async iterable (a camera loop)."""
         def one(f: Frame) -> vitserve_pb2.StreamFeaturesRequest:
-            return stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op)
+            return stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op, bucket, version)
 
         async def requests() -> AsyncIterator[vitserve_pb2.StreamFeaturesRequest]:
             if isinstance(frames, AsyncIterable):
@@ -483,9 +509,10 @@ class AsyncVitServeClient:
     async def features(self, images: Images, model: str = "", layout: str = "grid",
                        include_cls: bool = False, dtype: str = "float32", lane: str = "",
                        resize_op: str = "", outputs: Sequence[str] = (),
-                       include_registers: bool = False) -> FeaturesResult:
+                       include_registers: bool = False, bucket: str = "",
+                       version: str | int = "") -> FeaturesResult:
         request = features_request(images, model, layout, include_cls, dtype, lane, resize_op, outputs,
-                                   include_registers)
+                                   include_registers, bucket, version)
         return features_result(await self._call(self._stub.Features, request))
 
     async def list_models(self) -> list[ModelDescription]:

@@ -40,6 +40,10 @@ def _common(prog: str, description: str) -> argparse.ArgumentParser:
                    help="run on the model's throughput or latency lane (its manifest must declare it)")
     p.add_argument("--resize-op", choices=("resize", "center_crop", "letterbox"), default="",
                    help="how images of another size reach the model's input (default: the model's)")
+    p.add_argument("--bucket", choices=("auto",), default="",
+                   help="auto: run on the model's resolution bucket that fits the images best (a model "
+                        "exported with --resolutions); default: the named model itself")
+    p.add_argument("--version", default="", help="a version the server has loaded, e.g. 2 (default: the newest)")
     _connection(p)
     return p
 
@@ -84,6 +88,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
     if args.out is not None and args.out.suffix != ".npy":
         print(f"{parser.prog}: --out must name a .npy file, got {args.out}", file=sys.stderr)
         return 2
+    if args.version and (not args.version.isdigit() or int(args.version) < 1):
+        print(f"{parser.prog}: --version must be an integer >= 1, got {args.version!r}", file=sys.stderr)
+        return 2
     try:
         data = [p.read_bytes() for p in args.images]
     except OSError as e:
@@ -110,7 +117,8 @@ def embed_main(argv: list[str] | None = None) -> int:
 
     def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
         emb = client.embed(data, model=args.model, l2_normalize=args.normalize, dtype=args.dtype,
-                           pooling=args.pooling, lane=args.lane, resize_op=args.resize_op)
+                           pooling=args.pooling, lane=args.lane, resize_op=args.resize_op,
+                           bucket=args.bucket, version=args.version)
         print(f"embeddings: shape {list(emb.shape)} {emb.dtype}")
         for path, row in zip(args.images, emb):
             print(f"  {path}: norm {float(np.linalg.norm(row.astype(np.float32))):.4f}")
@@ -133,7 +141,7 @@ def features_main(argv: list[str] | None = None) -> int:
     def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
         res = client.features(data, model=args.model, layout=args.layout, include_cls=args.cls,
                               dtype=args.dtype, lane=args.lane, resize_op=args.resize_op,
-                              outputs=args.output or ())
+                              outputs=args.output or (), bucket=args.bucket, version=args.version)
         print(f"features: shape {list(res.features.shape)} {res.features.dtype} "
               f"(grid {res.grid[0]}x{res.grid[1]}, patch {res.patch_size}, "
               f"model {res.model['name']} v{res.model['version']})")
@@ -156,7 +164,7 @@ def _model_summary(m: ModelDescription) -> dict[str, object]:
             "precision": m.precision, "base_model": m.base_model, "variants": list(m.variants),
             "lane": m.lane, "lanes": m.lanes, "preferred_batch_sizes": list(m.preferred_batch_sizes),
             "max_queue_delay_us": m.max_queue_delay_us, "default_resize_op": m.default_resize_op,
-            "probe_scores": m.probe_scores}
+            "probe_scores": m.probe_scores, "versions": list(m.versions), "buckets": list(m.buckets)}
 
 
 def admin_main(argv: list[str] | None = None) -> int:

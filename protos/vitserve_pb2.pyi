@@ -20,6 +20,11 @@ class ResizeOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CENTER_CROP: _ClassVar[ResizeOp]
     LETTERBOX: _ClassVar[ResizeOp]
 
+class BucketSelection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUCKET_UNSPECIFIED: _ClassVar[BucketSelection]
+    BUCKET_AUTO: _ClassVar[BucketSelection]
+
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
@@ -32,6 +37,8 @@ RESIZE_OP_UNSPECIFIED: ResizeOp
 RESIZE: ResizeOp
 CENTER_CROP: ResizeOp
 LETTERBOX: ResizeOp
+BUCKET_UNSPECIFIED: BucketSelection
+BUCKET_AUTO: BucketSelection
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -67,16 +74,18 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("name", "version", "weights_sha256", "lane")
+    __slots__ = ("name", "version", "weights_sha256", "lane", "bucket")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     weights_sha256: str
     lane: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., lane: _Optional[str] = ...) -> None: ...
+    bucket: ResolutionBucket
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., lane: _Optional[str] = ..., bucket: _Optional[_Union[ResolutionBucket, _Mapping]] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x0", "y0", "x1", "y1")
@@ -149,7 +158,7 @@ class Timing(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "images", "l2_normalize", "dtype", "pooling", "lane", "resize_op")
+    __slots__ = ("model", "images", "l2_normalize", "dtype", "pooling", "lane", "resize_op", "bucket", "version")
     class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         POOLING_UNSPECIFIED: _ClassVar[EmbedRequest.Pooling]
@@ -167,6 +176,8 @@ class EmbedRequest(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     RESIZE_OP_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     l2_normalize: bool
@@ -174,7 +185,9 @@ class EmbedRequest(_message.Message):
     pooling: EmbedRequest.Pooling
     lane: Lane
     resize_op: ResizeOp
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., l2_normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[EmbedRequest.Pooling, str]] = ..., lane: _Optional[_Union[Lane, str]] = ..., resize_op: _Optional[_Union[ResizeOp, str]] = ...) -> None: ...
+    bucket: BucketSelection
+    version: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., l2_normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[EmbedRequest.Pooling, str]] = ..., lane: _Optional[_Union[Lane, str]] = ..., resize_op: _Optional[_Union[ResizeOp, str]] = ..., bucket: _Optional[_Union[BucketSelection, str]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "model", "preprocessing", "timing", "source", "pooling", "l2_normalized")
@@ -195,7 +208,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ..., pooling: _Optional[_Union[EmbedRequest.Pooling, str]] = ..., l2_normalized: _Optional[bool] = ...) -> None: ...
 
 class FeaturesRequest(_message.Message):
-    __slots__ = ("model", "images", "layout", "dtype", "include_cls", "lane", "resize_op", "outputs", "include_registers")
+    __slots__ = ("model", "images", "layout", "dtype", "include_cls", "lane", "resize_op", "outputs", "include_registers", "bucket", "version")
     class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         LAYOUT_UNSPECIFIED: _ClassVar[FeaturesRequest.Layout]
@@ -213,6 +226,8 @@ class FeaturesRequest(_message.Message):
     RESIZE_OP_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_REGISTERS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layout: FeaturesRequest.Layout
@@ -222,7 +237,9 @@ class FeaturesRequest(_message.Message):
     resize_op: ResizeOp
     outputs: _containers.RepeatedScalarFieldContainer[str]
     include_registers: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_cls: _Optional[bool] = ..., lane: _Optional[_Union[Lane, str]] = ..., resize_op: _Optional[_Union[ResizeOp, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., include_registers: _Optional[bool] = ...) -> None: ...
+    bucket: BucketSelection
+    version: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_cls: _Optional[bool] = ..., lane: _Optional[_Union[Lane, str]] = ..., resize_op: _Optional[_Union[ResizeOp, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., include_registers: _Optional[bool] = ..., bucket: _Optional[_Union[BucketSelection, str]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LayerFeatures(_message.Message):
     __slots__ = ("name", "block", "final_norm", "description", "features")
@@ -273,7 +290,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "ready", "input_height", "input_width", "input_channels", "embed_dim", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "encoder_spec_json", "manifest_json", "probe_scores", "max_batch_size", "outputs", "precision", "base_model", "variants", "lane", "lanes", "preferred_batch_sizes", "max_queue_delay_us", "default_resize_op", "crop_pct", "buckets")
+    __slots__ = ("model", "ready", "input_height", "input_width", "input_channels", "embed_dim", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "encoder_spec_json", "manifest_json", "probe_scores", "max_batch_size", "outputs", "precision", "base_model", "variants", "lane", "lanes", "preferred_batch_sizes", "max_queue_delay_us", "default_resize_op", "crop_pct", "buckets", "versions")
     class ProbeScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +330,7 @@ class ModelInfo(_message.Message):
     DEFAULT_RESIZE_OP_FIELD_NUMBER: _ClassVar[int]
     CROP_PCT_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     ready: bool
     input_height: int
@@ -338,7 +356,8 @@ class ModelInfo(_message.Message):
     default_resize_op: ResizeOp
     crop_pct: float
     buckets: _containers.RepeatedCompositeFieldContainer[ResolutionBucket]
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ready: _Optional[bool] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_channels: _Optional[int] = ..., embed_dim: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., encoder_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ..., probe_scores: _Optional[_Mapping[str, float]] = ..., max_batch_size: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., base_model: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., lane: _Optional[str] = ..., lanes: _Optional[_Mapping[str, str]] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., default_resize_op: _Optional[_Union[ResizeOp, str]] = ..., crop_pct: _Optional[float] = ..., buckets: _Optional[_Iterable[_Union[ResolutionBucket, _Mapping]]] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ready: _Optional[bool] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_channels: _Optional[int] = ..., embed_dim: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., encoder_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ..., probe_scores: _Optional[_Mapping[str, float]] = ..., max_batch_size: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., base_model: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., lane: _Optional[str] = ..., lanes: _Optional[_Mapping[str, str]] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., default_resize_op: _Optional[_Union[ResizeOp, str]] = ..., crop_pct: _Optional[float] = ..., buckets: _Optional[_Iterable[_Union[ResolutionBucket, _Mapping]]] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResolutionBucket(_message.Message):
     __slots__ = ("height", "width", "grid_height", "grid_width", "model")

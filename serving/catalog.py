@@ -90,6 +90,19 @@ class ServedModel:
                 log.warning("model %r: ignoring malformed manifest bucket %r", self.name, b)
         return out
 
+    @property
+    def bucket(self) -> vitserve_pb2.ResolutionBucket | None:
+        """This entry's own bucket (manifest ``bucket``: ``{"size", "grid"}``), if it is one."""
+        b = self.manifest.get("bucket")
+        if not self.manifest.get("buckets") or not isinstance(b, dict):
+            return None
+        try:
+            (h, w), (gh, gw) = b["size"], b["grid"]
+            return vitserve_pb2.ResolutionBucket(height=int(h), width=int(w), grid_height=int(gh),
+                                                 grid_width=int(gw), model=self.name)
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def output_entry(self, name: str) -> dict[str, Any]:
         """The manifest's description of output ``name`` (``{}`` if it has none)."""
         entry = (self.manifest.get("outputs") or {}).get(name) or {}
@@ -115,11 +128,13 @@ class ServedModel:
 
     def ref(self) -> vitserve_pb2.ModelRef:
         return vitserve_pb2.ModelRef(name=self.name, version=self.version,
-                                     weights_sha256=self.weights_sha256, lane=self.lane)
+                                     weights_sha256=self.weights_sha256, lane=self.lane, bucket=self.bucket)
 
-    def info(self, ready: bool, variants: list[str] | None = None) -> vitserve_pb2.ModelInfo:
-        """The model's description; ``variants``: the served precision variants derived from it."""
-        return vitserve_pb2.ModelInfo(
+    def info(self, ready: bool, variants: list[str] | None = None,
+             versions: list[str] | None = None) -> vitserve_pb2.ModelInfo:
+        """The model's description; ``variants``: the served precision variants derived from it;
+        ``versions``: the versions Triton has loaded (default: this one)."""
+        return vitserve_pb2.ModelInfo(versions=versions if versions is not None else [self.version],
             model=self.ref(), ready=ready,
             input_height=self.geometry.height, input_width=self.geometry.width,
             input_channels=self.geometry.channels, embed_dim=self.embed_dim,
@@ -198,16 +213,20 @@ def model_from_config(config: dict[str, Any], version: str = "") -> ServedModel:
     if grid[0] * grid[1] != num_patches or cls_dims[-1] != embed_dim:
         raise CatalogError(f"model {name!r}: manifest grid {grid} / dims cls {cls_dims} disagree with "
                            f"output {PATCH_OUTPUT!r} dims {patch_dims}")
+    version = str(version or manifest.get("version", ""))
+    # The manifest (in the config, shared by all version directories) describes the version its
+    # export wrote; another version directory's weights are not known here.
+    described = str(manifest.get("version", version))
     return ServedModel(
         name=name,
-        version=str(version or manifest.get("version", "")),
+        version=version,
         geometry=InputGeometry(in_dims[0], in_dims[1], in_dims[2]),
         embed_dim=embed_dim,
         grid=grid,
         patch_size=patch,
         num_prefix_tokens=prefix,
         max_batch_size=max_batch,
-        weights_sha256=str(manifest.get("weights_sha256", "")),
+        weights_sha256=str(manifest.get("weights_sha256", "")) if described == version else "",
         normalization=normalization,
         manifest=manifest,
         preprocess=preprocess,

@@ -23,7 +23,7 @@ from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT, CatalogError, ServedModel, model_from_config
 from serving.errors import GatewayError, RequestError
 from serving.images import DEFAULT_MAX_PIXELS, ImageError
-from serving.preprocess import PreparedBatch, prepare_batch, resolve_op
+from serving.preprocess import PreparedBatch, prepare_batch, read_header, resolve_op
 from serving.streaming import Remaining, stream_features
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,37 @@ def _check_enums(dtype: int, layout: int = 0, pooling: int = 0, lane: int = 0) -
                            f"unknown pooling {pooling}; use CLS, MEAN_PATCH or CLS_AND_MEAN_PATCH")
 
 
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
+
+
+def image_sizes(images: Sequence[vitserve_pb2.Image]) -> list[tuple[int, int]]:
+    """``(height, width)`` of each request image whose size can be read without decoding (raw
+    frames; encoded files by their header). Unreadable ones are left out: decoding reports them."""
+    sizes = []
+    for im in images:
+        if im.WhichOneof("source") == "raw":
+            sizes.append((int(im.raw.height), int(im.raw.width)))
+        elif im.WhichOneof("source") == "encoded":
+            header = read_header(im.encoded)
+            if header is not None:
+                sizes.append((header[1], header[0]))
+    return sizes
+
+
+def choose_bucket(buckets: Sequence[vitserve_pb2.ResolutionBucket],
+                  sizes: Sequence[tuple[int, int]]) -> vitserve_pb2.ResolutionBucket:
+    """The bucket for images of ``sizes`` (``(h, w)``): the smallest bucket whose shorter side is at
+    least the largest shorter side among the images; if none is that large, the largest bucket.
+    Ties go to the smaller area. No readable size: the smallest bucket."""
+    def key(b: vitserve_pb2.ResolutionBucket) -> tuple[int, int]:
+        return min(b.height, b.width), b.height * b.width
+
+    need = max((min(h, w) for h, w in sizes), default=0)
+    fitting = [b for b in buckets if min(b.height, b.width) >= need]
+    return min(fitting, key=key) if fitting else max(buckets, key=key)
+
+
 class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     """Serves every ready vitserve model of one Triton server."""
 
@@ -122,6 +153,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self.enable_admin = enable_admin
         self.in_flight_limit: Any = None  # serving.interceptors.InFlightLimit, set by create_server
         self.models: dict[str, ServedModel] = {}
+        self.versions: dict[str, dict[str, ServedModel]] = {}  # name -> version -> model (all ready)
         self._client: tritonaio.InferenceServerClient | None = None
         self._last_refresh = 0.0
         self.on_batch: Callable[[str, int], None] | None = None  # (model, images) per Triton call
@@ -152,22 +184,32 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         raise GatewayError(f"Triton at {self.triton_url} was not ready within {timeout:.0f}s ({last})")
 
     async def refresh(self) -> list[ServedModel]:
-        """Re-read the repository index and the config of every ready model."""
+        """Re-read the repository index and the config of every ready model (every ready version).
+
+        ``models`` maps each name to its newest ready version (what a request without a version
+        gets); ``versions`` maps each name to all its ready versions.
+        """
         self._last_refresh = time.monotonic()
         index = await self.client.get_model_repository_index(as_json=True)
-        models: dict[str, ServedModel] = {}
+        ready: dict[str, list[str]] = {}
         for entry in index.get("models", []):
-            if entry.get("state") != "READY":
-                continue
-            name, ver = entry["name"], str(entry.get("version", ""))
-            response = await self.client.get_model_config(name, ver, as_json=True)
+            if entry.get("state") == "READY":
+                ready.setdefault(entry["name"], []).append(str(entry.get("version", "")))
+        models: dict[str, ServedModel] = {}
+        versions: dict[str, dict[str, ServedModel]] = {}
+        for name, vers in ready.items():
+            vers = sorted(set(vers), key=_version_key)
+            # One config serves every version of a model; it is read once, at the newest.
+            response = await self.client.get_model_config(name, vers[-1], as_json=True)
             try:
-                models[name] = model_from_config(response["config"], ver)
+                versions[name] = {v: model_from_config(response["config"], v) for v in vers}
             except CatalogError as e:
                 log.warning("not serving %s: %s", name, e)
+                continue
+            models[name] = versions[name][vers[-1]]
         if sorted(models) != sorted(self.models):
             log.info("serving models: %s", ", ".join(sorted(models)) or "(none)")
-        self.models = models
+        self.models, self.versions = models, versions
         return list(models.values())
 
     async def close(self) -> None:
@@ -231,6 +273,61 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                f"the {lane_name} lane of {model.name!r} is model {target!r}, which is not "
                                f"loaded ({e.message})") from e
+
+    async def resolve_request(self, request: vitserve_pb2.EmbedRequest | vitserve_pb2.FeaturesRequest,
+                              stream: bool = False) -> ServedModel:
+        """The model entry and version that run an Embed/Features request: its lane, resolution
+        bucket (``bucket``) and ``version``."""
+        if request.bucket not in vitserve_pb2.BucketSelection.values():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unknown bucket {request.bucket}; use BUCKET_UNSPECIFIED or BUCKET_AUTO")
+        if request.bucket == vitserve_pb2.BUCKET_AUTO:
+            model = await self._resolve_bucket(request.model, request.lane, request.images, stream)
+        else:
+            model = await self.resolve_lane(request.model, request.lane, stream)
+        return await self.resolve_version(model, request.version) if request.version else model
+
+    async def _resolve_bucket(self, name: str, lane: int, images: Sequence[vitserve_pb2.Image],
+                              stream: bool) -> ServedModel:
+        named = await self.resolve(name)
+        buckets = named.buckets
+        if not buckets:
+            return await self.resolve_lane(name, lane, stream)  # one size: the model itself
+        chosen = choose_bucket(buckets, image_sizes(images))
+        if lane == vitserve_pb2.LANE_UNSPECIFIED and named.lane and not stream:
+            lane = vitserve_pb2.LATENCY if named.lane == "latency" else vitserve_pb2.THROUGHPUT
+        try:
+            return await self.resolve_lane(chosen.model, lane, stream)
+        except RequestError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"the {chosen.height}x{chosen.width} bucket of {named.name!r} is model "
+                               f"{chosen.model!r}, which is not loaded ({e.message})") from e
+
+    async def resolve_version(self, model: ServedModel, version: str) -> ServedModel:
+        """``model`` at ``version`` if Triton has that version loaded (NOT_FOUND otherwise)."""
+        if not version.isdigit() or int(version) < 1:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"version {version!r} is not a version number (an integer >= 1, e.g. \"2\")")
+        version = str(int(version))
+        found = self.versions.get(model.name, {}).get(version)
+        if found is None and time.monotonic() - self._last_refresh > 1.0:
+            try:  # a version may have been loaded since the last look
+                await self.refresh()
+            except InferenceServerException as e:
+                log.warning("could not refresh the model list: %s", e)
+            found = self.versions.get(model.name, {}).get(version)
+        if found is None:
+            loaded = ", ".join(self.versions.get(model.name, {})) or "none"
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"model {model.name!r} has no version {version} loaded (loaded versions: {loaded}; "
+                               f"Triton's version_policy decides which versions load: export --version-policy)")
+        return found
+
+    def versions_of(self, name: str) -> list[str]:
+        """The loaded versions of ``name``, oldest first."""
+        return list(self.versions.get(name, {})) or ([self.models[name].version] if name in self.models else [])
 
     def variants_of(self, name: str) -> list[str]:
         """Served precision variants whose manifest names ``name`` as their base model."""
@@ -334,7 +431,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         arrived = t0 if arrived is None else arrived
         _check_enums(request.dtype, pooling=request.pooling, lane=request.lane)
         pooling = request.pooling or _POOLING.CLS
-        model = await self.resolve_lane(request.model, request.lane)
+        model = await self.resolve_request(request)
         batch = await self._decode(request.images, model, request.resize_op)
         t1 = time.perf_counter()
         names = [CLS_OUTPUT] if pooling == _POOLING.CLS else (
@@ -352,7 +449,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         t0 = time.perf_counter()
         arrived = t0 if arrived is None else arrived
         _check_enums(request.dtype, request.layout, lane=request.lane)
-        model = await self.resolve_lane(request.model, request.lane, stream=stream)
+        model = await self.resolve_request(request, stream=stream)
         batch = await self._decode(request.images, model, request.resize_op)
         t1 = time.perf_counter()
         layers = self._layer_outputs(model, request)
@@ -412,7 +509,8 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         except InferenceServerException as e:
             await _abort(context, _triton_status(e), f"triton: {e.message()}")
         return vitserve_pb2.ListModelsResponse(
-            models=[m.info(ready=True, variants=self.variants_of(n)) for n, m in sorted(self.models.items())])
+            models=[m.info(ready=True, variants=self.variants_of(n), versions=self.versions_of(n))
+                    for n, m in sorted(self.models.items())])
 
     async def StreamFeatures(
             self, request_iterator: AsyncIterator[vitserve_pb2.StreamFeaturesRequest],
@@ -430,7 +528,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             model = await self.resolve(request.model)
         except RequestError as e:
             await _abort(context, e.code, e.message)
-        return model.info(ready=True, variants=self.variants_of(model.name))
+        return model.info(ready=True, variants=self.variants_of(model.name), versions=self.versions_of(model.name))
 
     # -- model management (admin) ---------------------------------------------------------------
 
@@ -488,7 +586,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             model=name, state=state, elapsed_ms=1e3 * (time.perf_counter() - t0),
             served_models=sorted(self.models))
         if name in self.models:
-            response.info.CopyFrom(self.models[name].info(True, self.variants_of(name)))
+            response.info.CopyFrom(self.models[name].info(True, self.variants_of(name), self.versions_of(name)))
         return response
 
     async def _refresh_quietly(self) -> None:

@@ -148,7 +148,7 @@ class PreparedBatch:
         return sum(1 for r in self.images if r.conversion)
 
 
-def _header(data: bytes) -> tuple[int, int, str] | None:
+def read_header(data: bytes) -> tuple[int, int, str] | None:
     """``(width, height, mode)`` from an encoded file's header, or ``None`` if it does not parse
     (``serving.images`` then produces the precise error)."""
     try:
@@ -166,7 +166,7 @@ def prepare_image(index: int, image: vitserve_pb2.Image, geometry: InputGeometry
     source = image.WhichOneof("source")
     target_mode = _MODE_FOR_CHANNELS[geometry.channels]
     if source == "encoded":
-        header = _header(image.encoded)
+        header = read_header(image.encoded)
         if header is None:  # decode at the model's size: the decoder raises the precise error
             decode_encoded(index, image.encoded, geometry, max_pixels)
             raise ImageError(index, "cannot read the image header")  # pragma: no cover - decoder raised

@@ -1,0 +1,183 @@
+"""Resolution-bucket routing (``bucket=auto``) and model versions through a real Triton and gateway.
+
+The repository holds ``multi`` and ``multi_r56`` (one export at ``--resolutions 28,56`` through the
+real exporter) and ``versioned``: version 1 exported with ``version_policy all`` and a version 2
+directory from another export of a differently initialised encoder, so the two versions answer
+differently and each can be checked against its own PyTorch model.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.client import VitServeClient, VitServeError
+from protos import vitserve_pb2
+from serving.server import BackgroundGateway
+from serving.triton_launcher import TritonLauncher
+
+pytestmark = pytest.mark.slow
+
+
+def tokens(model, spec, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """In-process PyTorch CLS ``[N, D]`` and patch tokens ``[N, h*w, D]`` of uint8 ``[N, H, W, C]``."""
+    import torch
+
+    from training.data import to_float_nchw
+
+    with torch.no_grad():
+        out = model.forward_features(to_float_nchw(images, spec.mean, spec.std)).numpy()
+    return out[:, 0], out[:, spec.num_prefix_tokens:]
+
+
+@pytest.fixture(scope="module")
+def second_model():
+    """Another encoder of the same architecture (other weights): version 2's."""
+    import torch
+
+    from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_encoder
+
+    torch.manual_seed(1)
+    model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+    return model.eval(), spec
+
+
+@pytest.fixture(scope="module")
+def repository(exported, second_model, tmp_path_factory) -> Path:
+    export_repository = pytest.importorskip("export.repository")
+    from export.triton_config import VersionPolicy
+
+    repo = tmp_path_factory.mktemp("bucket_version_repository")
+    export_repository.export_entries(exported.model, exported.spec, repo, "multi", max_batch_size=8,
+                                     resolutions=[(28, 28), (56, 56)])
+    export_repository.export_entries(exported.model, exported.spec, repo, "versioned", max_batch_size=8,
+                                     version_policy=VersionPolicy("all"))
+    other = tmp_path_factory.mktemp("version_2")
+    export_repository.export_entries(*second_model, other, "versioned", version=2, max_batch_size=8,
+                                     version_policy=VersionPolicy("all"))
+    shutil.copytree(other / "versioned" / "2", repo / "versioned" / "2")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def client(repository) -> Iterator[VitServeClient]:
+    launcher = TritonLauncher(repository)
+    try:
+        launcher.start(timeout=180)
+        with BackgroundGateway(launcher.grpc_url) as gw, VitServeClient(gw.target, timeout=120) as c:
+            yield c
+    finally:
+        launcher.stop()
+
+
+def images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 1), dtype=np.uint8)
+
+
+def png(h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(images(1, h, w)[0, ..., 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(VitServeError) as e:
+        call()
+    return e.value.code, e.value.details
+
+
+def test_get_model_lists_buckets_and_versions(client):
+    multi = client.get_model("multi")
+    assert [(b["height"], b["width"], b["grid_height"], b["model"]) for b in multi.buckets] == [
+        (28, 28, 7, "multi"), (56, 56, 14, "multi_r56")]
+    assert client.get_model("multi_r56").buckets == multi.buckets
+    assert multi.versions == ("1",)
+    versioned = client.get_model("versioned")
+    assert versioned.versions == ("1", "2") and versioned.version == "2"  # the newest is the default
+
+
+def test_bucket_auto_routes_each_request_to_the_bucket_that_fits(client, exported):
+    from export.buckets import resize_encoder
+
+    big_model, big_spec = resize_encoder(exported.model, exported.spec, (56, 56))
+    x56 = images(2, 56, 56)
+    res = client.features(x56, model="multi", layout="tokens", bucket="auto")
+    assert res.model["name"] == "multi_r56" and res.grid == (14, 14)
+    assert res.model["bucket"] == {"height": 56, "width": 56, "grid_height": 14, "grid_width": 14,
+                                   "model": "multi_r56"}
+    np.testing.assert_allclose(res.features, tokens(big_model, big_spec, x56)[1], rtol=1e-4, atol=1e-4)
+    assert res.preprocessing["images"][0]["op"] == "RESIZE_OP_UNSPECIFIED"  # no resampling: the right size
+
+    # The same images without bucket routing: the named entry, resized to its 28x28.
+    plain = client.features(x56, model="multi", layout="tokens")
+    assert plain.model["name"] == "multi" and plain.grid == (7, 7)
+
+    x28 = images(3, 28, 28)
+    small = client.embed_result(x28, model="multi", bucket="auto")
+    assert small.model["name"] == "multi" and small.model["bucket"]["height"] == 28
+    np.testing.assert_allclose(small.embeddings, tokens(exported.model, exported.spec, x28)[0],
+                               rtol=1e-4, atol=1e-4)
+    # Asked by its other bucket's name, routing still picks by size.
+    assert client.embed_result(x28, model="multi_r56", bucket="auto").model["name"] == "multi"
+
+    def routed(imgs) -> str:
+        return client.embed_result(imgs, model="multi", bucket="auto").model["name"]
+
+    assert routed(images(1, 40, 50)) == "multi_r56"   # shorter side 40: 28 is too small, 56 fits
+    assert routed(images(1, 20, 90)) == "multi"       # shorter side 20 fits 28
+    assert routed(images(1, 300, 300)) == "multi_r56"  # nothing that large: the largest bucket
+    assert routed([images(1, 28, 28)[0], images(1, 30, 64)[0]]) == "multi_r56"  # the largest shorter side decides
+    assert routed(png(50, 50)) == "multi_r56" and routed(png(24, 24)) == "multi"  # encoded: from the header
+    # A model without buckets is served itself.
+    assert client.embed_result(x28, model="versioned", bucket="auto").model["name"] == "versioned"
+    # A stream frame is routed the same way.
+    (frame,) = client.stream_features([(7, x56)], model="multi", bucket="auto", timeout=60)
+    assert frame.features.model["name"] == "multi_r56" and frame.features.grid == (14, 14)
+
+
+def test_unknown_bucket_value_is_invalid_argument(client):
+    request = vitserve_pb2.EmbedRequest(model="multi", images=[vitserve_pb2.Image(
+        raw=vitserve_pb2.RawFrame(data=bytes(28 * 28), height=28, width=28, channels=1))], bucket=9)
+    code, details = code_of(lambda: client._call(client._stub.Embed, request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown bucket 9" in details
+
+
+def test_requests_name_a_version(client, exported, second_model):
+    x = images(2, 28, 28, seed=5)
+    want_1 = tokens(exported.model, exported.spec, x)[0]
+    want_2 = tokens(*second_model, x)[0]
+    assert np.abs(want_1 - want_2).max() > 1e-2  # the two versions really differ
+
+    newest = client.embed_result(x, model="versioned")
+    assert newest.model["version"] == "2"
+    np.testing.assert_allclose(newest.embeddings, want_2, rtol=1e-4, atol=1e-4)
+    # Version 2's directory was not written by the export whose manifest the config carries.
+    assert newest.model["weights_sha256"] == ""
+
+    one = client.embed_result(x, model="versioned", version=1)
+    assert one.model["version"] == "1" and len(one.model["weights_sha256"]) == 64
+    np.testing.assert_allclose(one.embeddings, want_1, rtol=1e-4, atol=1e-4)
+    two = client.features(x, model="versioned", version="2", include_cls=True)
+    assert two.model["version"] == "2"
+    np.testing.assert_allclose(two.cls, want_2, rtol=1e-4, atol=1e-4)
+    (frame,) = client.stream_features([(1, x)], model="versioned", version=1, timeout=60)
+    assert frame.features.model["version"] == "1"
+
+    code, details = code_of(lambda: client.embed(x, model="versioned", version=3))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "model 'versioned' has no version 3 loaded (loaded versions: 1, 2" in details
+    code, details = code_of(lambda: client.embed(x, model="multi", version="2"))
+    assert code == grpc.StatusCode.NOT_FOUND and "loaded versions: 1" in details
+    request = vitserve_pb2.EmbedRequest(model="versioned", images=[vitserve_pb2.Image(
+        raw=vitserve_pb2.RawFrame(data=x[0].tobytes(), height=28, width=28, channels=1))], version="latest")
+    code, details = code_of(lambda: client._call(client._stub.Embed, request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "version 'latest' is not a version number" in details
+    with pytest.raises(ValueError, match="version must be an integer >= 1"):
+        client.embed(x, model="versioned", version="v2")
