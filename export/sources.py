@@ -8,7 +8,8 @@ DDP prefixes) with the family's ``checkpoint_filter_fn`` (original DINOv2/CLIP/D
 embeddings resampled to the built size). Classifier heads the headless model does not have are
 dropped and reported; every other missing or unexpected key is an error that names the keys.
 
-Also here: ``read_probes``, the run directory's ``probes.json`` copied into the manifest.
+Also here: ``read_probes``, the run directory's ``probes.json`` copied into the manifest (with a
+warning when its scores come from a subset of the data, or when it does not say).
 """
 
 from __future__ import annotations
@@ -162,4 +163,29 @@ def read_probes(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(probes, dict) or not isinstance(probes.get("scores"), dict):
         raise ExportUsageError(f"{path} must be a JSON object with a 'scores' object "
                                "(as `vitserve probe --write-run` writes); fix or remove it")
+    if probes.get("full_split") not in (True, False, None):
+        raise ExportUsageError(f"{path}: full_split must be true, false or absent, got {probes['full_split']!r}; "
+                               "fix or remove it")
+    warning = probes_split_warning(probes, path)
+    if warning:
+        log.warning("%s", warning)
     return probes
+
+
+def probes_split_warning(probes: dict[str, Any], path: str | Path = PROBES_FILENAME) -> str | None:
+    """A warning when the probe scores do not come from the full Fashion-MNIST splits, or when the
+    record does not say (``probes.json`` written before ``full_split`` existed: unknown); else None."""
+    if not probes.get("scores"):
+        return None
+    protocol = probes.get("protocol") if isinstance(probes.get("protocol"), dict) else {}
+    n_train = probes.get("n_train", protocol.get("n_train"))
+    n_test = probes.get("n_test", protocol.get("n_test"))
+    full = probes.get("full_split", protocol.get("full_split"))
+    if full is True:
+        return None
+    if full is False:
+        return (f"probe scores in {path} come from a subset of Fashion-MNIST ({n_train} train / {n_test} test "
+                "images), not the full splits; the manifest records them with full_split: false")
+    return (f"{path} does not say whether its probe scores come from the full Fashion-MNIST splits (written "
+            f"before full_split was recorded; its protocol says {n_train} train / {n_test} test images); the "
+            "manifest records them as they are (full_split unknown)")

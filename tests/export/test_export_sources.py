@@ -156,7 +156,33 @@ def test_probes_json_is_copied_verbatim(tmp_path, make_run_dir, fmnist_images):
     assert config_manifest["probes"] == probes
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"scores": 3}'])
+def _record(run, **split):
+    return {"format_version": 1, "scores": {"knn_cls_top1": 80.5}, **split,
+            "protocol": {"n_train": split.get("n_train", 20000), "n_test": split.get("n_test", 10000)},
+            "data": "fashion-mnist", "source": str(run), "created": "2026-11-22T23:00:00Z"}
+
+
+@pytest.mark.parametrize("split, warned", [
+    ({"n_train": 2000, "n_test": 1000, "full_split": False}, "come from a subset of Fashion-MNIST (2000 train / 1000 test"),
+    ({"n_train": 60000, "n_test": 10000, "full_split": True}, None),
+    ({}, "does not say whether its probe scores come from the full Fashion-MNIST splits"),  # an older file
+], ids=["subset", "full", "unknown"])
+def test_probe_split_is_copied_and_a_subset_warned_about(tmp_path, make_run_dir, fmnist_images, caplog, split, warned):
+    run = make_run_dir(tmp_path / "run")
+    probes = _record(run, **split)
+    (run / "probes.json").write_text(json.dumps(probes))
+    with caplog.at_level("WARNING", logger="export.sources"):
+        model_dir = export_run(run, tmp_path / "repo", "m", parity_images=fmnist_images[:4])
+    manifest_probes = read_manifest(model_dir)["probes"]
+    assert manifest_probes == probes  # verbatim: n_train/n_test/full_split travel with the scores
+    warnings = [r.getMessage() for r in caplog.records if r.name == "export.sources" and r.levelname == "WARNING"]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0] and str(run / "probes.json") in warnings[0]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"scores": 3}', '{"scores": {}, "full_split": "yes"}'])
 def test_malformed_probes_json_is_refused(tmp_path, make_run_dir, capsys, text):
     run = make_run_dir(tmp_path / "run")
     (run / "probes.json").write_text(text)
