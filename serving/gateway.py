@@ -23,7 +23,8 @@ from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT, CatalogError, ServedModel, model_from_config
 from serving.errors import GatewayError, RequestError
 from serving.images import DEFAULT_MAX_PIXELS, ImageError
-from serving.preprocess import PreparedBatch, prepare_batch, read_header, resolve_op
+from serving.preprocess import PreparedBatch, prepare_batch, resolve_op
+from serving.routing import choose_bucket, image_sizes, version_key
 from serving.streaming import Remaining, stream_features
 
 log = logging.getLogger(__name__)
@@ -111,37 +112,6 @@ def _check_enums(dtype: int, layout: int = 0, pooling: int = 0, lane: int = 0) -
                            f"unknown pooling {pooling}; use CLS, MEAN_PATCH or CLS_AND_MEAN_PATCH")
 
 
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
-
-
-def image_sizes(images: Sequence[vitserve_pb2.Image]) -> list[tuple[int, int]]:
-    """``(height, width)`` of each request image whose size can be read without decoding (raw
-    frames; encoded files by their header). Unreadable ones are left out: decoding reports them."""
-    sizes = []
-    for im in images:
-        if im.WhichOneof("source") == "raw":
-            sizes.append((int(im.raw.height), int(im.raw.width)))
-        elif im.WhichOneof("source") == "encoded":
-            header = read_header(im.encoded)
-            if header is not None:
-                sizes.append((header[1], header[0]))
-    return sizes
-
-
-def choose_bucket(buckets: Sequence[vitserve_pb2.ResolutionBucket],
-                  sizes: Sequence[tuple[int, int]]) -> vitserve_pb2.ResolutionBucket:
-    """The bucket for images of ``sizes`` (``(h, w)``): the smallest bucket whose shorter side is at
-    least the largest shorter side among the images; if none is that large, the largest bucket.
-    Ties go to the smaller area. No readable size: the smallest bucket."""
-    def key(b: vitserve_pb2.ResolutionBucket) -> tuple[int, int]:
-        return min(b.height, b.width), b.height * b.width
-
-    need = max((min(h, w) for h, w in sizes), default=0)
-    fitting = [b for b in buckets if min(b.height, b.width) >= need]
-    return min(fitting, key=key) if fitting else max(buckets, key=key)
-
-
 class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
     """Serves every ready vitserve model of one Triton server."""
 
@@ -198,7 +168,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         models: dict[str, ServedModel] = {}
         versions: dict[str, dict[str, ServedModel]] = {}
         for name, vers in ready.items():
-            vers = sorted(set(vers), key=_version_key)
+            vers = sorted(set(vers), key=version_key)
             # One config serves every version of a model; it is read once, at the newest.
             response = await self.client.get_model_config(name, vers[-1], as_json=True)
             try:
