@@ -209,12 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.tensorrt:
         from export.tensorrt_engine import tensorrt_unavailable_reason
 
-        reason = tensorrt_unavailable_reason() or (
-            "the engine builder (export/tensorrt_engine.py, untested) is not wired into the export yet")
-        print(f"vitserve export: TensorRT engines cannot be built here: {reason}; nothing was written. "
-              "Export without --tensorrt (ONNX Runtime), or use --target production --trt-accelerator fp16 "
-              "to let Triton's ORT backend build TensorRT engines on the GPU.", file=sys.stderr)
-        return 1
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            print(f"vitserve export: TensorRT engines cannot be built here: {reason}; nothing was written. "
+                  "Export without --tensorrt (ONNX Runtime), or use --target production --trt-accelerator "
+                  "fp16 to let Triton's ORT backend build TensorRT engines on the GPU.", file=sys.stderr)
+            return 1
     try:
         kinds = parse_variants(a.variants)
         if kinds and a.gate_images < 1:
@@ -240,13 +240,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = "x".join(map(str, manifest["encoder_spec"]["img_size"]))
         print(f"{path}  version {a.version}  {size}{extra}  parity max_abs_err {errs} "
               f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")
-    if not kinds:
-        return 0
     from export.buckets import resize_encoder
 
-    base_spec = read_manifest(paths[0])["encoder_spec"]
-    model, spec = resize_encoder(model, spec, tuple(base_spec["img_size"]))
-    return _export_variants_cli(a, model, spec, paths[0], kinds)
+    rc = 0
+    if kinds:
+        base_spec = read_manifest(paths[0])["encoder_spec"]
+        base_model, base = resize_encoder(model, spec, tuple(base_spec["img_size"]))
+        rc = _export_variants_cli(a, base_model, base, paths[0], kinds)
+    if a.tensorrt:
+        rc = max(rc, _export_tensorrt_cli(a, model, spec, paths))
+    return rc
+
+
+def _export_tensorrt_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderSpec, paths: list[Path]) -> int:
+    """``<entry>_trt`` (tensorrt_plan) for every throughput/bucket entry; 1 when one fails or misses its gate.
+    UNTESTED on a GPU (export/tensorrt_engine.py)."""
+    from export.buckets import resize_encoder
+    from export.repository import read_manifest
+    from export.tensorrt_engine import export_tensorrt
+    from export.variants import VariantGate
+
+    gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images, max_abs_err=a.gate_max_abs_err)
+    rc = 0
+    for path in paths:
+        manifest = read_manifest(path)
+        if manifest.get("lane") == "latency":
+            continue  # same graph as its throughput entry
+        bucket_model, bucket_spec = resize_encoder(model, spec, tuple(manifest["encoder_spec"]["img_size"]))
+        try:
+            out, figures, failure = export_tensorrt(bucket_model, bucket_spec, path, force=a.force,
+                                                    force_gate=a.force_variants, gate=gate)
+        except ExportUsageError as e:
+            print(f"vitserve export: error: {e}", file=sys.stderr)
+            return 2
+        except (ExportError, OSError, RuntimeError) as e:
+            print(f"vitserve export: TensorRT engine for {path.name} failed: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        cos = " ".join(f"{k}={v:.4f}" for k, v in figures["mean_cosine"].items())
+        status = "passed the gate" if failure is None else f"missed the gate: {failure}"
+        print(f"{path.name}_trt (tensorrt_plan): {out or 'NOT written'}  cosine {cos}  {status}",
+              file=sys.stdout if out else sys.stderr)
+        rc = max(rc, 0 if failure is None else 1)
+    return rc
 
 
 def _export_variants_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderSpec, model_dir: Path,

@@ -39,7 +39,7 @@ from export.onnx_export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, TO
 from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs, output_dims, validate_selection
 from export.preprocessing import default_preprocessing
 from export.publish import exists_message, fsync_tree, publish, staging_directory
-from export.triton_config import (DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
+from export.triton_config import (BACKENDS, DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
                                   TritonConfigError, TritonModelConfig, VersionPolicy)
 from training.backbone import BackboneError, EncoderSpec
 
@@ -163,11 +163,13 @@ def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_ba
                   intra_op_threads: int = 0, max_queue_delay_us: int = 500, *,
                   outputs: Sequence[tuple[str, tuple[int, ...]]] | None = None, lane: str | None = None,
                   version_policy: VersionPolicy | None = None,
-                  gpu_accelerators: Sequence[GpuAccelerator] = ()) -> TritonModelConfig:
+                  gpu_accelerators: Sequence[GpuAccelerator] = (),
+                  cc_model_filenames: Sequence[tuple[str, str]] = ()) -> TritonModelConfig:
     """The typed Triton configuration of an exported encoder, carrying ``manifest`` as a parameter.
 
     ``outputs`` (name, dims) default to ``cls`` and ``patch_tokens``; ``lane`` picks the batching
-    (``lane_batching``); ``version_policy`` and ``gpu_accelerators`` are for the production target.
+    (``lane_batching``); ``version_policy`` and ``gpu_accelerators`` are for the production target;
+    ``cc_model_filenames`` ((compute capability, engine file) pairs) for ``backend="tensorrt"``.
     """
     h, w = spec.img_size
     params = {MANIFEST_PARAMETER: json.dumps(manifest, separators=(",", ":"), sort_keys=True)}
@@ -183,7 +185,8 @@ def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_ba
         outputs=tuple(TensorSpec(n, np.float32, tuple(d)) for n, d in outputs),
         dynamic_batching=lane_batching(lane, max_batch_size, max_queue_delay_us),
         instance_groups=(InstanceGroup(count=instance_count, kind=instance_kind),),
-        parameters=params, version_policy=version_policy, gpu_accelerators=tuple(gpu_accelerators))
+        parameters=params, version_policy=version_policy, gpu_accelerators=tuple(gpu_accelerators),
+        cc_model_filenames=tuple((str(cc), str(f)) for cc, f in cc_model_filenames))
 
 
 def check_preprocessing(entry: dict[str, Any], spec: EncoderSpec) -> None:
@@ -259,6 +262,9 @@ def export_entries(
         raise ExportUsageError(f"version must be an integer >= 1, got {version!r}")
     if max_batch_size < 1:
         raise ExportUsageError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if backend not in BACKENDS:
+        raise ExportUsageError(f"backend {backend!r} is not one of {BACKENDS} for an ONNX export "
+                               "(TensorRT engines: export.tensorrt_engine.export_tensorrt)")
     selection = selection or DEFAULT_SELECTION
     target = target or ("production" if backend == "onnxruntime" else "embedded")
     config_args = (max_batch_size, backend, instance_count, instance_kind, intra_op_threads,

@@ -1,19 +1,36 @@
 """TensorRT engines from the exported ONNX graph - only where the ``tensorrt`` package and a CUDA GPU exist.
 
 ``tensorrt_unavailable_reason`` says why engines cannot be built here (``vitserve export --tensorrt``
-exits 1 with that message before exporting anything). ``build_engine`` is the builder for machines
-that have both: min/opt/max batch optimisation profile, FP16 with LayerNorm layers kept in FP32, and
-a ``engine_key`` of GPU compute capability and TensorRT version (an engine only runs where both
-match). UNTESTED: neither tensorrt nor a GPU was available where this was written; the code follows
-the TensorRT 10 Python API (``Builder``, ``OnnxParser``, ``IBuilderConfig.add_optimization_profile``,
-``build_serialized_network``).
+exits 1 with that message before exporting anything). Where both exist, ``export_tensorrt`` turns an
+exported entry ``<name>`` into ``<name>_trt``, a Triton ``tensorrt_plan`` model:
+
+- ``build_engine``: min/opt/max batch optimisation profile, FP16 with the normalisation layers kept in
+  FP32 (``OBEY_PRECISION_CONSTRAINTS``), one engine per GPU compute capability and TensorRT version
+  (``engine_key``; an engine runs only where both match), file ``model_cc<major>.<minor>_trt<version>.plan``;
+- the engine is gated like a precision variant (``export.variants.judge`` with ``run_engine`` in place of
+  ONNX Runtime: every output's mean cosine and max abs error against fp32 PyTorch, k-NN drop with its
+  confidence statement) and not written when it misses, unless forced;
+- ``write_tensorrt_entry`` publishes the entry atomically: ``config.pbtxt`` from the same typed
+  description (``platform: "tensorrt_plan"``, ``cc_model_filenames`` {capability: engine file}, KIND_GPU),
+  the engines, and a manifest whose ``tensorrt.engines`` are keyed by compute capability with the
+  TensorRT version, GPU name, profile and precision of each.
+
+UNTESTED on a GPU: neither tensorrt nor a GPU was available where this was written. The builder and
+runner follow the TensorRT 10 Python API (``Builder``, ``OnnxParser``,
+``IBuilderConfig.add_optimization_profile``, ``build_serialized_network``, ``Runtime``,
+``IExecutionContext.set_input_shape/set_tensor_address/execute_async_v3``); the entry writer, the
+config and the gate are tested on CPU.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +50,19 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def engine_key() -> dict[str, str]:
-    """``{"compute_capability": "9.0", "tensorrt": "10.x"}`` of this machine (what an engine is tied to)."""
+    """``{"compute_capability": "9.0", "tensorrt": "10.x", "gpu": name}`` of this machine (an engine runs
+    only where compute capability and TensorRT version match)."""
     import tensorrt as trt
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    return {"compute_capability": f"{major}.{minor}", "tensorrt": trt.__version__}
+    return {"compute_capability": f"{major}.{minor}", "tensorrt": trt.__version__,
+            "gpu": torch.cuda.get_device_name()}
+
+
+def engine_filename(key: dict[str, str]) -> str:
+    """``model_cc9.0_trt10.3.0.plan``: the engine file of one (compute capability, TensorRT) key."""
+    return f"model_cc{key['compute_capability']}_trt{key['tensorrt']}.plan"
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, item_shape: tuple[int, ...],
@@ -46,7 +70,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, item_shape: tuple
                  workspace_bytes: int = 1 << 30, input_name: str = "images") -> dict[str, Any]:
     """Build a serialized engine for ``onnx_path`` (input ``[N, *item_shape]``) into ``plan_path``.
 
-    Returns ``{"key": engine_key(), "profile": {...}, "fp16": fp16}``; raises ``RuntimeError`` with
+    Returns ``{"key": engine_key(), "profile": {...}, "precision": ...}``; raises ``RuntimeError`` with
     the parser's messages when the graph does not parse or the build fails. UNTESTED (see module doc).
     """
     import tensorrt as trt
@@ -77,5 +101,156 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, item_shape: tuple
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path} (see the log above)")
     Path(plan_path).write_bytes(bytes(serialized))
-    return {"key": engine_key(), "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
-            "fp16": fp16}
+    return {"key": engine_key(), "profile": {"min": list(shapes[0]), "opt": list(shapes[1]),
+                                             "max": list(shapes[2])},
+            "precision": "fp16, normalisation layers fp32" if fp16 else "fp32"}
+
+
+def run_engine(plan_path: str | Path, images: np.ndarray, names: Sequence[str],
+               batch: int = 8, input_name: str = "images") -> dict[str, np.ndarray]:
+    """Run a serialized engine on uint8 ``images [N, H, W, C]``; the ``names`` outputs as fp32 numpy.
+
+    CUDA buffers are torch tensors (no pycuda); ``batch`` must lie inside the engine's profile.
+    UNTESTED (see module doc).
+    """
+    import tensorrt as trt
+    import torch
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT cannot deserialize {plan_path} (built for another GPU or TensorRT?)")
+    context = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    all_outputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                   if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).cuda()
+        context.set_input_shape(input_name, tuple(x.shape))
+        context.set_tensor_address(input_name, x.data_ptr())
+        buffers = {}
+        for name in all_outputs:  # every output needs an address, wanted or not
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.float16 else torch.float32
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {plan_path} failed")
+        stream.synchronize()
+        for name in names:
+            outs[name].append(buffers[name].float().cpu().numpy())
+    return {n: np.concatenate(v) for n, v in outs.items()}
+
+
+def write_tensorrt_entry(repository: str | Path, name: str, base: str | Path,
+                         engines: Sequence[tuple[Path, dict[str, Any]]], gate_record: dict[str, Any],
+                         force: bool = False, instance_count: int = 1) -> Path:
+    """Publish ``repository/<name>``, a ``tensorrt_plan`` entry of the exported entry ``base``.
+
+    ``engines``: (engine file, ``build_engine`` record) pairs, one per compute capability. The config
+    is the base's typed description with ``backend="tensorrt"``, KIND_GPU and ``cc_model_filenames``;
+    the manifest is the base's with ``files`` (engine hashes), ``exporter.target`` ``tensorrt_plan``
+    and ``tensorrt``: {``engines``: {capability: {file, tensorrt, gpu, profile, precision, sha256}},
+    ``gate``: ``gate_record``, ``base_model``}.
+    """
+    from export.publish import exists_message, fsync_tree, publish, staging_directory
+    from export.repository import (CONFIG_FILENAME, MANIFEST_FILENAME, read_manifest, sha256_file,
+                                   triton_config, validate_model_name)
+    from export.onnx_export import ExportUsageError
+    from export.triton_config import TritonConfigError
+    from training.backbone import EncoderSpec
+
+    repository, base = Path(repository), Path(base)
+    validate_model_name(name)
+    if not engines:
+        raise ExportUsageError("a tensorrt_plan entry needs at least one engine")
+    base_manifest = read_manifest(base)
+    version = int(base_manifest["version"])
+    spec = EncoderSpec.from_dict(base_manifest["encoder_spec"])
+    target = repository / name
+    if target.exists() and not force:
+        raise ExportUsageError(exists_message(target))
+    with staging_directory(repository, name) as staging:
+        version_dir = staging / str(version)
+        version_dir.mkdir()
+        records: dict[str, dict[str, Any]] = {}
+        cc_files: list[tuple[str, str]] = []
+        for path, record in engines:
+            key = record["key"]
+            cc, filename = key["compute_capability"], engine_filename(key)
+            if cc in records:
+                raise ExportUsageError(f"two engines for compute capability {cc}")
+            shutil.copyfile(path, version_dir / filename)
+            records[cc] = {"file": f"{version}/{filename}", "tensorrt": key["tensorrt"], "gpu": key.get("gpu"),
+                           "profile": record.get("profile"), "precision": record.get("precision"),
+                           "sha256": sha256_file(version_dir / filename)}
+            cc_files.append((cc, filename))
+        kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "variant")}
+        manifest = {**kept, "name": name, "files": {r["file"]: r["sha256"] for r in records.values()},
+                    "exporter": {**base_manifest["exporter"], "backend": "tensorrt", "target": "tensorrt_plan"},
+                    "tensorrt": {"engines": records, "gate": gate_record, "base_model": base.name,
+                                 "base_files": base_manifest["files"]},
+                    "parity": {"max_abs_err": gate_record.get("max_abs_err", {}),
+                               "mean_cosine": gate_record.get("mean_cosine", {}),
+                               "n_images": gate_record.get("n_images"), "tolerance": None,
+                               "data": gate_record.get("data"), "reference": "fp32 PyTorch"}}
+        outputs = [(n, tuple(o["shape"][1:])) for n, o in base_manifest["outputs"].items()]
+        try:
+            config = triton_config(name, spec, manifest, _max_batch(engines), "tensorrt", instance_count, "GPU",
+                                   outputs=outputs, cc_model_filenames=cc_files)
+            pbtxt = config.to_pbtxt()
+        except TritonConfigError as e:
+            raise ExportUsageError(f"invalid tensorrt_plan configuration: {e}") from e
+        (staging / CONFIG_FILENAME).write_text(pbtxt)
+        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        fsync_tree(staging)
+        publish(staging, target, force)
+    return target
+
+
+def _max_batch(engines: Sequence[tuple[Path, dict[str, Any]]]) -> int:
+    """Triton's max_batch_size: the smallest profile maximum over the engines."""
+    return min(int(r["profile"]["max"][0]) for _, r in engines)
+
+
+def export_tensorrt(model: Any, spec: Any, base: str | Path, name: str | None = None, force: bool = False,
+                    force_gate: bool = False, gate: Any = None, fp16: bool = True, opt_batch: int = 8,
+                    workspace_bytes: int = 1 << 30) -> tuple[Path | None, dict[str, Any], str | None]:
+    """Build this GPU's engine for the exported entry ``base``, gate it, publish ``<base>_trt``.
+
+    Returns (path or None when not written, gate figures, failure reason or None). Raises
+    ``RuntimeError`` when TensorRT is unavailable or the build fails. UNTESTED (see module doc).
+    """
+    import tempfile
+    from dataclasses import asdict
+
+    from export.repository import read_manifest
+    from export.variants import VariantGate, gate_data, judge, selection_from_manifest
+
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"TensorRT engines cannot be built here: {reason}")
+    base = Path(base)
+    manifest = read_manifest(base)
+    gate = gate or VariantGate()
+    from export.repository import CONFIG_FILENAME
+    from export.triton_config import parse_pbtxt
+
+    max_batch = parse_pbtxt((base / CONFIG_FILENAME).read_text()).max_batch_size
+    h, w = spec.img_size
+    with tempfile.TemporaryDirectory(prefix="vitserve-trt-") as tmp:
+        plan = Path(tmp) / "model.plan"
+        record = build_engine(base / str(manifest["version"]) / "model.onnx", plan, (h, w, spec.in_chans),
+                              min_batch=1, opt_batch=min(opt_batch, max_batch), max_batch=max_batch, fp16=fp16,
+                              workspace_bytes=workspace_bytes)
+        data = gate_data(model, spec, gate, selection_from_manifest(manifest))
+        figures, failure = judge(None, data, gate, runner=lambda images, names: run_engine(plan, images, names))
+        figures["gate"] = asdict(gate)
+        written = failure is None or force_gate
+        path = None
+        if written:
+            figures["passed"], figures["forced"] = failure is None, failure is not None
+            path = write_tensorrt_entry(base.parent, name or f"{base.name}_trt", base, [(plan, record)], figures,
+                                        force)
+    return path, figures, failure

@@ -14,10 +14,13 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-Backend = Literal["python", "onnxruntime"]
+Backend = Literal["python", "onnxruntime", "tensorrt"]
 InstanceKind = Literal["CPU", "GPU"]
 
-BACKENDS: tuple[str, ...] = ("python", "onnxruntime")
+BACKENDS: tuple[str, ...] = ("python", "onnxruntime")  # what an ONNX export can be served by
+TENSORRT = "tensorrt"  # tensorrt_plan: serialized engines, one per GPU compute capability
+ALL_BACKENDS: tuple[str, ...] = (*BACKENDS, TENSORRT)
+PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), TENSORRT: ("tensorrt_plan", "model.plan")}
 _KINDS = {"CPU": mc.ModelInstanceGroup.KIND_CPU, "GPU": mc.ModelInstanceGroup.KIND_GPU}
 _DTYPES = {
     np.dtype(np.bool_): "TYPE_BOOL", np.dtype(np.uint8): "TYPE_UINT8",
@@ -98,11 +101,13 @@ class TritonModelConfig:
     parameters: dict[str, str] = field(default_factory=dict)
     version_policy: VersionPolicy | None = None
     gpu_accelerators: tuple[GpuAccelerator, ...] = ()
+    # tensorrt only: (compute capability "9.0", engine file) pairs -> Triton's cc_model_filenames
+    cc_model_filenames: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> None:
         """Raise ``TritonConfigError`` for what Triton would refuse at load time."""
-        if self.backend not in BACKENDS:
-            raise TritonConfigError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.backend not in ALL_BACKENDS:
+            raise TritonConfigError(f"backend {self.backend!r} is not one of {ALL_BACKENDS}")
         if self.max_batch_size < 0:
             raise TritonConfigError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
         if self.dynamic_batching is not None and self.max_batch_size == 0:
@@ -132,6 +137,20 @@ class TritonModelConfig:
                 raise TritonConfigError(f"latest version policy needs num_versions >= 1, got {policy.num_versions}")
             if policy.kind == "specific" and (not policy.versions or min(policy.versions) < 1):
                 raise TritonConfigError(f"specific version policy needs versions >= 1, got {policy.versions}")
+        if self.backend == TENSORRT:
+            if any(g.kind != "GPU" for g in self.instance_groups):
+                raise TritonConfigError("tensorrt_plan models run only on KIND_GPU instance groups")
+            if not self.cc_model_filenames:
+                raise TritonConfigError("a tensorrt_plan model needs at least one engine (cc_model_filenames)")
+            for cc, filename in self.cc_model_filenames:
+                parts = cc.split(".")
+                if len(parts) != 2 or not all(p.isdigit() for p in parts) or not filename.endswith(".plan"):
+                    raise TritonConfigError(f"engine entry ({cc!r}, {filename!r}) is not (\"<major>.<minor>\", "
+                                            "\"<file>.plan\")")
+            if len({cc for cc, _ in self.cc_model_filenames}) != len(self.cc_model_filenames):
+                raise TritonConfigError(f"two engines for one compute capability: {self.cc_model_filenames}")
+        elif self.cc_model_filenames:
+            raise TritonConfigError("cc_model_filenames (per-GPU engines) are for the tensorrt backend only")
         if self.gpu_accelerators:
             if self.backend != "onnxruntime":
                 raise TritonConfigError("GPU execution accelerators (TensorRT) need the onnxruntime backend")
@@ -142,9 +161,10 @@ class TritonModelConfig:
         """The ``ModelConfig`` protobuf message Triton reads."""
         self.validate()
         config = mc.ModelConfig(name=self.name, backend=self.backend, max_batch_size=self.max_batch_size)
-        if self.backend == "onnxruntime":
-            config.platform = "onnxruntime_onnx"
-            config.default_model_filename = "model.onnx"
+        if self.backend in PLATFORMS:
+            config.platform, config.default_model_filename = PLATFORMS[self.backend]
+        for cc, filename in self.cc_model_filenames:
+            config.cc_model_filenames[cc] = filename
         for spec, repeated in ((self.inputs, config.input), (self.outputs, config.output)):
             for t in spec:
                 repeated.add(name=t.name, data_type=mc.DataType.Value(triton_dtype(t.dtype)),

@@ -24,7 +24,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -265,13 +265,21 @@ def gate_data(model: nn.Module, spec: EncoderSpec, gate: VariantGate,
                     calibration, description)
 
 
-def judge(onnx_path: str | Path, data: GateData, gate: VariantGate) -> tuple[dict[str, Any], str | None]:
+Runner = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+
+def judge(onnx_path: str | Path | None, data: GateData, gate: VariantGate,
+          runner: Runner | None = None) -> tuple[dict[str, Any], str | None]:
     """Gate figures of a variant graph and ``None`` when it passes, else the reason it fails.
 
     Every output of the reference (all outputs of the exported graph) is judged on its own:
     ``figures["outputs"][name]`` holds its max abs error, mean cosine and whether it passed.
+    ``runner(images, names)`` replaces ONNX Runtime on ``onnx_path`` (TensorRT engines use it).
     """
-    got = _run_onnx(onnx_path, data.eval_images, names=list(data.reference))
+    def run(images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return runner(images, names) if runner is not None else _run_onnx(onnx_path, images, names=names)
+
+    got = run(data.eval_images, list(data.reference))
     figures = compare_outputs(data.reference, got)
     figures.update(n_images=int(len(data.eval_images)), data=data.description, gate=asdict(gate))
     failures: list[str] = []
@@ -287,7 +295,7 @@ def judge(onnx_path: str | Path, data: GateData, gate: VariantGate) -> tuple[dic
         failures += missed
     figures["outputs"] = per_output
     if data.knn_reference is not None:
-        bank = _run_onnx(onnx_path, data.knn_images, names=["cls"])["cls"]
+        bank = run(data.knn_images, ["cls"])["cls"]
         classes = int(max(np.max(data.knn_labels), np.max(data.eval_labels)) + 1)
         fp32_pred = knn_predict(data.knn_reference, data.knn_labels, data.reference["cls"], num_classes=classes)
         ours_pred = knn_predict(bank, data.knn_labels, got["cls"], num_classes=classes)

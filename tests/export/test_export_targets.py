@@ -30,6 +30,9 @@ CASES = {
     "config_production_cpu_specific.pbtxt": dict(
         name="fm", backend="onnxruntime", instance_kind="CPU", intra_op_threads=2,
         version_policy=VersionPolicy("specific", versions=(1, 3))),
+    "config_tensorrt_plan.pbtxt": dict(
+        name="fm_trt", backend="tensorrt", instance_kind="GPU",
+        cc_model_filenames=(("8.9", "model_cc8.9_trt10.3.0.plan"), ("9.0", "model_cc9.0_trt10.3.0.plan"))),
     "config_production_all_versions_latency.pbtxt": dict(
         name="fm_latency", backend="onnxruntime", instance_kind="GPU", lane="latency",
         version_policy=VersionPolicy("all")),
@@ -157,3 +160,29 @@ def test_cli_tensorrt_and_accelerator_misuse(tmp_path, make_run_dir, capsys):
     assert main([str(run), "--repository", str(repo), "--target", "production", "--backend", "python"]) == 2
     assert "drop --backend python" in capsys.readouterr().err
     assert not repo.exists() or list(repo.iterdir()) == []
+
+
+def test_tensorrt_plan_file_says_what_it_should():
+    config = parse_pbtxt((DATA / "config_tensorrt_plan.pbtxt").read_text())
+    assert config.platform == "tensorrt_plan" and config.backend == "tensorrt"
+    assert dict(config.cc_model_filenames) == {"8.9": "model_cc8.9_trt10.3.0.plan",
+                                               "9.0": "model_cc9.0_trt10.3.0.plan"}
+    assert config.default_model_filename == "model.plan"  # absent: an unknown GPU fails to load
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(backend="tensorrt", instance_kind="CPU", cc_model_filenames=(("9.0", "m.plan"),)), "KIND_GPU"),
+    (dict(backend="tensorrt", instance_kind="GPU"), "at least one engine"),
+    (dict(backend="tensorrt", instance_kind="GPU", cc_model_filenames=(("sm90", "m.plan"),)), "<major>.<minor>"),
+    (dict(backend="tensorrt", instance_kind="GPU", cc_model_filenames=(("9.0", "m.onnx"),)), ".plan"),
+    (dict(backend="tensorrt", instance_kind="GPU", cc_model_filenames=(("9.0", "a.plan"), ("9.0", "b.plan"))),
+     "two engines"),
+    (dict(backend="onnxruntime", instance_kind="GPU", cc_model_filenames=(("9.0", "m.plan"),)),
+     "tensorrt backend only"),
+    (dict(backend="tensorrt", instance_kind="GPU", cc_model_filenames=(("9.0", "m.plan"),),
+          gpu_accelerators=(GpuAccelerator(),)), "onnxruntime backend"),
+])
+def test_tensorrt_plan_misconfigurations_are_refused(kw, message):
+    with pytest.raises(TritonConfigError, match=message):
+        render("fm_trt", **kw)
