@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -175,6 +176,21 @@ _DOWN_EVENTS = ("down", "gave_up")
 _BACK_EVENT = "restarted"
 
 
+BACK_CONFIRM_S = 5.0  # after the supervisor's "restarted": how long the gateway's channel may take to reconnect
+
+
+async def _ready_soon(gateway: VisionEncoderGateway, within: float) -> bool:
+    """Whether Triton answers ready within ``within`` seconds. The supervisor has seen it ready on its
+    own connection; the gateway's channel may still be in its reconnect backoff (up to 1 s) and fail
+    fast meanwhile, so look again every 50 ms rather than wait for the next poll."""
+    deadline = time.monotonic() + within
+    while not await gateway.is_triton_ready():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 async def watch_triton(gateway: VisionEncoderGateway, health_servicer: health.aio.HealthServicer,
                        interval: float = 2.0, events: TritonEvents | None = None) -> None:
     """Keep the health status in step with Triton's readiness (NOT_SERVING while it is down).
@@ -203,7 +219,7 @@ async def watch_triton(gateway: VisionEncoderGateway, health_servicer: health.ai
                 ready = False
             elif event == _BACK_EVENT:
                 restarting = False
-                ready = await gateway.is_triton_ready()
+                ready = await _ready_soon(gateway, BACK_CONFIRM_S)
             elif event is not None:  # e.g. restart_failed: still down, nothing changes
                 continue
             else:

@@ -309,7 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-admin", action="store_true",
                    help="enable the model management RPCs (LoadModel, UnloadModel, ReloadModel, "
                         "ListRepository; behind --auth-token-file when given); the embedded Triton then "
-                        "runs with explicit model control, every model loaded at start")
+                        "runs with explicit model control, every model loaded at start, and a restart "
+                        "after a crash loads the models that were loaded when it died")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     p.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")

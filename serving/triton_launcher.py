@@ -6,7 +6,9 @@ The wheel's server tree is read-only inside site-packages and lacks the Python-b
 
 ``TritonLauncher.supervise()`` keeps the server up: a ``tritonserver`` that dies (crash, OOM kill,
 ``kill -9``) is restarted on the same ports with exponential backoff, each restart logged and
-counted, until too many restarts fall within a window.
+counted, until too many restarts fall within a window. Under explicit model control a restart loads
+the models that were loaded when the server died (``set_loaded_models``), not the whole repository.
+Each death and return is reported to ``on_event`` within 50 ms (the gateway's health follows it).
 """
 
 from __future__ import annotations
