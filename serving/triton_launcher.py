@@ -43,6 +43,10 @@ _ERROR_LINE = re.compile(r"^E\d{4} [^\]]*\] (.*)$")
 _EXPECTED_NOISE = ("CudaDriverHelper", "CUDA driver", "NVML", "DCGM")
 
 
+_READY_CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                       ("grpc.max_reconnect_backoff_ms", 200)]
+
+
 class TritonLaunchError(RuntimeError):
     """Triton could not be prepared, started, or did not get its models ready."""
 
@@ -288,7 +292,9 @@ class TritonLauncher:
         assert self.process is not None
         wanted = None if self._load_set is None or not self.explicit_model_control else set(self._load_set)
         deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        # A short reconnect backoff: the server starts listening a moment after spawn, and gRPC's
+        # default backoff (1 s, growing) would notice it seconds late.
+        client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=_READY_CHANNEL_ARGS)
         try:
             while True:
                 if self.process.poll() is not None:
