@@ -30,10 +30,9 @@ from torch import nn
 
 from export.model import make_session
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
-from export.variants import VariantGate, build_variant, compare_outputs, gate_data, judge
+from export.variants import VariantGate, build_variant, gate_data, judge
 from training.backbone import EncoderSpec, create_encoder
 from training.data import to_float_nchw
-from training.knn import knn_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +51,57 @@ def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], Any]:
     return lambda images: session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
 
 
-def _bf16_quality(model: nn.Module, spec: EncoderSpec, data: Any, gate: VariantGate) -> dict[str, Any]:
-    """The gate figures of PyTorch bf16 autocast (same measures as ``variants.judge``)."""
+def _bf16_quality(model: nn.Module, spec: EncoderSpec, data: Any, gate: VariantGate) -> tuple[dict[str, Any], str | None]:
+    """The gate figures of PyTorch bf16 autocast: ``variants.judge`` with the autocast model as runner."""
     run = _torch_runner(model, spec, bf16=True)
 
-    def outputs(images: np.ndarray) -> dict[str, np.ndarray]:
+    def outputs(images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         parts = [run(images[i:i + 64]).float() for i in range(0, len(images), 64)]
         tokens = torch.cat(parts).numpy()
-        return {"cls": tokens[:, 0], "patch_tokens": tokens[:, spec.num_prefix_tokens:]}
+        p = spec.num_prefix_tokens
+        got = {"cls": tokens[:, 0] if spec.has_cls_token else tokens[:, p:].mean(axis=1),
+               "patch_tokens": tokens[:, p:]}
+        return {k: got[k] for k in names}
 
-    got = outputs(data.eval_images)
-    figures = compare_outputs(data.reference, got)
-    if data.knn_reference is not None:
-        fp32 = knn_accuracy(data.knn_reference, data.knn_labels, data.reference["cls"], data.eval_labels)
-        ours = knn_accuracy(outputs(data.knn_images)["cls"], data.knn_labels, got["cls"], data.eval_labels)
-        figures["knn"] = {"fp32_accuracy": fp32, "variant_accuracy": ours, "drop_points": 100 * (fp32 - ours),
-                          "n_train": int(len(data.knn_images)), "n_test": int(len(got["cls"]))}
-    return figures
+    return judge(None, data, gate, runner=outputs)
 
 
-def _passes(figures: dict[str, Any], gate: VariantGate) -> bool:
-    ok = all(c >= gate.min_mean_cosine for c in figures["mean_cosine"].values())
-    knn = figures.get("knn")
-    return ok and (knn is None or knn["drop_points"] <= gate.max_knn_drop_points + 1e-9)
+# Ops of an exported ViT graph (MatMul/Gemm: projections and attention; Add/Mul/Div: residuals,
+# scaling; Softmax; Erf: GELU; LayerNormalization; Transpose/Reshape: heads).
+BF16_PROBE_OPS: dict[str, list[list[int]]] = {
+    "MatMul": [[2, 4], [4, 3]], "Gemm": [[2, 4], [4, 3]], "Add": [[2, 4], [2, 4]], "Mul": [[2, 4], [2, 4]],
+    "Div": [[2, 4], [2, 4]], "Softmax": [[2, 4]], "Erf": [[2, 4]], "LayerNormalization": [[2, 4], [4], [4]],
+    "Transpose": [[2, 4]],
+}
+
+
+def ort_bf16_kernels(ops: dict[str, list[list[int]]] | None = None) -> dict[str, str]:
+    """Whether ONNX Runtime's CPU provider has a bfloat16 kernel for each op: op -> "yes" or its error.
+
+    One single-node bf16 graph per op (opset 17); a session is created, which is where ORT reports
+    ``NOT_IMPLEMENTED`` for a missing kernel. Measured on every run rather than assumed.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    result: dict[str, str] = {}
+    for op, shapes in (ops or BF16_PROBE_OPS).items():
+        inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.BFLOAT16, s) for i, s in enumerate(shapes)]
+        node = helper.make_node(op, [i.name for i in inputs], ["y"])
+        graph = helper.make_graph([node], op, inputs, [helper.make_tensor_value_info("y", TensorProto.BFLOAT16,
+                                                                                     None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            result[op] = "yes"
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            result[op] = " ".join(str(e).split())[:160]
+    return result
+
+
+def ort_bf16_path(kernels: dict[str, str]) -> bool:
+    """An ORT bf16 path exists only if the compute-heavy ops (MatMul, Add, Softmax, Erf) have kernels."""
+    return all(kernels.get(op) == "yes" for op in ("MatMul", "Add", "Softmax", "Erf"))
 
 
 def time_paths(runners: dict[str, Callable[[np.ndarray], Any]], images: np.ndarray, batch: int,
@@ -113,9 +140,10 @@ def bench_model(label: str, model: nn.Module, spec: EncoderSpec, gate: VariantGa
         paths[f"onnxruntime {kind}"] = build_variant(kind, fp32_onnx, workdir / f"{kind}.onnx",
                                                      data.calibration)
     quality: dict[str, Any] = {"pytorch eager fp32": None}
-    quality["pytorch bf16 autocast"] = _bf16_quality(model, spec, data, gate)
+    failures: dict[str, str | None] = {"pytorch eager fp32": None}
+    quality["pytorch bf16 autocast"], failures["pytorch bf16 autocast"] = _bf16_quality(model, spec, data, gate)
     for name, path in paths.items():
-        quality[name] = judge(path, data, gate)[0]
+        quality[name], failures[name] = judge(path, data, gate)
     runners = {"pytorch eager fp32": _torch_runner(model, spec, bf16=False),
                "pytorch bf16 autocast": _torch_runner(model, spec, bf16=True)}
     runners.update({name: _onnx_runner(path, threads) for name, path in paths.items()})
@@ -123,7 +151,7 @@ def bench_model(label: str, model: nn.Module, spec: EncoderSpec, gate: VariantGa
     rows = []
     for name in runners:
         q = quality[name]
-        row = {"path": name, "passes_gate": True if q is None else _passes(q, gate), "quality": q}
+        row = {"path": name, "passes_gate": failures[name] is None, "gate_failure": failures[name], "quality": q}
         for b in batches:
             row[f"b{b}"] = speed[b][name]
             row[f"b{b}_speedup"] = speed[b][name]["img_per_s"] / speed[b]["pytorch eager fp32"]["img_per_s"]
@@ -150,7 +178,7 @@ def machine() -> dict[str, Any]:
 NOTES = [
     "Paths: *pytorch eager fp32* is the model as trained (timm, fused attention), the baseline of every "
     "ratio. *pytorch bf16 autocast* is `torch.autocast('cpu', torch.bfloat16)` around the same eager "
-    "model: the bf16 path of this CPU (ONNX Runtime's CPU provider has no bf16 kernels for these ops). "
+    "model: the bf16 path of this CPU (ONNX Runtime's CPU provider: see the probe below). "
     "*onnxruntime fp32* is the exported graph `vitserve export` serves; the three ONNX variants are "
     "`export.variants.build_variant` of it, exactly what `vitserve export --variants` writes. fp16 "
     "is meant for GPUs; on CPU it runs only to check its numbers (ORT inserts casts around unsupported "
@@ -191,31 +219,48 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"ratios are measured side by side, interleaved over {report['rounds']} rounds, median). "
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}, {m['utc']}.", "",
              f"Threads: torch.set_num_threads({report['threads']}), ORT intra_op_num_threads="
-             f"{report['threads']}. Gate: mean cosine >= {gate['min_mean_cosine']} for cls and "
-             f"patch_tokens vs fp32 PyTorch, k-NN drop <= {gate['max_knn_drop_points']} points "
-             "(28x28 models only).", ""]
+             f"{report['threads']}. Gate: mean cosine >= {gate['min_mean_cosine']} for every output "
+             f"(here cls and patch_tokens: the benchmark exports the default outputs) vs fp32 PyTorch, k-NN "
+             f"drop <= {gate['max_knn_drop_points']} points (28x28 models only), with its paired bootstrap "
+             "95% interval and McNemar's exact p over the query images.", ""]
     lines += NOTES
+    kernels = report.get("ort_bf16_kernels")
+    if kernels:
+        have = [op for op, v in kernels.items() if v == "yes"]
+        missing = [op for op, v in kernels.items() if v != "yes"]
+        lines += [f"bf16 on this CPU: PyTorch eager under `torch.autocast('cpu', torch.bfloat16)` (oneDNN bf16 "
+                  "kernels; this CPU has AVX-512 BF16 dot products but no AMX tiles) is the *pytorch bf16 "
+                  f"autocast* row. ONNX Runtime {m['onnxruntime']}'s CPU provider, probed on this run with one "
+                  f"bf16 node per op: kernels for {', '.join(have) or 'none'}; NOT_IMPLEMENTED for "
+                  f"{', '.join(missing) or 'none'} — "
+                  + ("the ops needed exist, but this benchmark builds no ORT bf16 graph (not implemented)."
+                     if report.get("ort_bf16_path") else
+                     "so there is no ONNX Runtime bf16 path on this CPU and no such row (a bf16 graph would "
+                     "not load; ORT's bf16 GEMM fast-math option is for ARM64 only)."), ""]
     for model in report["models"]:
         batches = report["batches"]
         lines += [f"## {model['label']}: `{model['model_name']}` {model['overrides']} "
                   f"({model['img_size'][0]}x{model['img_size'][1]}x{model['in_chans']})", "",
                   f"Quality data: {model['data']}", "",
                   "| path | " + " | ".join(f"img/s b{b} median [min-max] (x eager)" for b in batches)
-                  + " | cos cls | cos patches | max abs err | k-NN drop (pt) | gate |",
-                  "|---|" + "---|" * len(batches) + "---|---|---|---|---|"]
+                  + " | cos cls | cos patches | max abs err | k-NN drop (pt) | k-NN drop 95% CI, McNemar p | gate |",
+                  "|---|" + "---|" * len(batches) + "---|---|---|---|---|---|"]
         for r in model["rows"]:
             q = r["quality"]
             speeds = " | ".join(f"{r[f'b{b}']['img_per_s']:.1f} [{r[f'b{b}']['min']:.1f}-{r[f'b{b}']['max']:.1f}]"
                                 f" ({r[f'b{b}_speedup']:.2f}x)" for b in batches)
             if q is None:
-                lines.append(f"| {r['path']} | {speeds} | reference | | | | |")
+                lines.append(f"| {r['path']} | {speeds} | reference | | | | | |")
                 continue
             knn = q.get("knn")
             knn_text = (f"{knn['drop_points']:+.2f} ({100 * knn['fp32_accuracy']:.1f}% -> "
                         f"{100 * knn['variant_accuracy']:.1f}%)" if knn else "n/a")
+            conf = (knn or {}).get("confidence")
+            ci_text = (f"[{conf['ci_points'][0]:+.2f}, {conf['ci_points'][1]:+.2f}], p={conf['mcnemar_p']:.2g}"
+                       if conf else "n/a")
             lines.append(f"| {r['path']} | {speeds} | {q['mean_cosine']['cls']:.5f} | "
                          f"{q['mean_cosine']['patch_tokens']:.5f} | {max(q['max_abs_err'].values()):.3g} | "
-                         f"{knn_text} | {'pass' if r['passes_gate'] else 'FAIL'} |")
+                         f"{knn_text} | {ci_text} | {'pass' if r['passes_gate'] else 'FAIL'} |")
         lines += [""] + [_verdict(model["rows"], b) for b in batches] + [""]
     return "\n".join(lines) + "\n"
 
@@ -268,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("benchmarking %s", label)
             results.append(bench_model(label, model, spec, gate, a.threads, batches, a.rounds,
                                        a.min_seconds, Path(tmp)))
+    kernels = ort_bf16_kernels()
     report = {"command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "load_start": load_start, "threads": a.threads, "batches": batches,
+              "machine": machine(), "load_start": load_start, "ort_bf16_kernels": kernels,
+              "ort_bf16_path": ort_bf16_path(kernels), "threads": a.threads, "batches": batches,
               "rounds": a.rounds, "gate": asdict(VariantGate()), "models": results}
     text = to_markdown(report)
     out = Path(a.out)
