@@ -176,8 +176,9 @@ class TritonLauncher:
         self.stop_grace = stop_grace
         # Explicit: every model is loaded at start (--load-model=*), and clients may load/unload.
         self.explicit_model_control = explicit_model_control
-        # Explicit control: the models to load when (re)starting; None: all of the repository. The
-        # gateway reports each admin load/unload here, so a restart brings back what was loaded.
+        # Explicit control: the models to load when (re)starting; None: all of the repository (the
+        # first start). Then the models loaded at start, updated by the gateway after each admin
+        # load/unload, so a restart brings back what was loaded (and no model added since).
         self._load_set: tuple[str, ...] | None = None
         self.log_path = Path(log_path) if log_path else (
             Path(tempfile.mkdtemp(prefix="vitserve-triton-")) / "tritonserver.log")
@@ -256,11 +257,14 @@ class TritonLauncher:
         auto_ports = not any(self._fixed_ports)
         self._stopping.clear()
         self.gave_up = False
+        self._load_set = None  # a (re)start by hand loads the whole repository
         for attempt in range(3):
             with self._spawn_lock:
                 self._spawn(server_tree, libs_dir)
             try:
                 self.models = self._wait_ready(timeout)
+                if self.explicit_model_control:  # a restart loads these (and what admin changes later)
+                    self._load_set = tuple(self.models)
                 return self.models
             except TritonLaunchError as e:
                 port_clash = self.process is not None and self.process.poll() is not None and \

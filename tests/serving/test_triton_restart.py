@@ -182,6 +182,11 @@ def test_restart_reloads_only_the_models_that_were_loaded(exported, torch_refere
     launcher = TritonLauncher(repo, stop_grace=5, explicit_model_control=True)
     try:
         assert launcher.start(timeout=120) == ["drop", "keep"]
+        assert launcher.loaded_models == ["drop", "keep"]
+        # A model exported after the start is not loaded by a restart either (it was not loaded).
+        shutil.copytree(repo / "keep", repo / "later")
+        config = repo / "later" / "config.pbtxt"
+        config.write_text(config.read_text().replace('name: "keep"', 'name: "later"'))
         options = ServerOptions(enable_admin=True, health_interval=3600)
         supervise_embedded(launcher, options, max_restarts=2, backoff=0.5, ready_timeout=120)
         with BackgroundGateway(launcher.grpc_url, options=options) as gw, \
@@ -194,7 +199,7 @@ def test_restart_reloads_only_the_models_that_were_loaded(exported, torch_refere
             wait_for(lambda: health(channel) == SERVING, 15, "SERVING after the restart")
             assert launcher.process.pid != first_pid and launcher.models == ["keep"]
             states = {m["name"]: m["state"] for m in client.list_repository()}
-            assert states["keep"] == "READY" and states["drop"] != "READY", states
+            assert states["keep"] == "READY" and states["drop"] != "READY" and states["later"] != "READY", states
             assert [m.name for m in client.list_models()] == ["keep"]
             with pytest.raises(VitServeError) as e:
                 client.embed(images, model="drop")
