@@ -16,8 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import vitserve_pb2_grpc
 from serving.errors import GatewayError
-from serving.gateway import DEFAULT_MAX_IMAGES, VisionEncoderGateway
-from serving.images import DEFAULT_MAX_PIXELS
+from serving.gateway import VisionEncoderGateway
 from serving.interceptors import (SERVICE_NAME, BearerTokenAuth, InFlightLimit, MetricsInterceptor, RequestDecodeCheck,
                                   read_token)
 from serving.metrics import GatewayMetrics
@@ -48,8 +47,10 @@ class ServerOptions:
     # Told which models Triton has loaded after each admin load/unload/reload (the launcher restarts
     # a Triton that died with that set).
     on_models_loaded: "Callable[[list[str]], None] | None" = None
-    max_images: int = DEFAULT_MAX_IMAGES  # images per request; more: INVALID_ARGUMENT
-    max_pixels: int = DEFAULT_MAX_PIXELS  # pixels per image, checked before decoding
+    # Images per request (more: INVALID_ARGUMENT) and pixels per image (checked before decoding);
+    # None: the gateway's own (its constructor's, by default 1024 and 8192x8192).
+    max_images: int | None = None
+    max_pixels: int | None = None
 
     @classmethod
     def from_files(cls, *, auth_token_file: str | Path | None = None, tls_cert_file: str | Path | None = None,
@@ -99,7 +100,10 @@ def create_server(
     """A ``grpc.aio`` server with the gateway, health (NOT_SERVING until set) and reflection."""
     options = options or ServerOptions()
     gateway.enable_admin = options.enable_admin
-    gateway.max_images, gateway.max_pixels = options.max_images, options.max_pixels
+    if options.max_images is not None:
+        gateway.max_images = options.max_images
+    if options.max_pixels is not None:
+        gateway.max_pixels = options.max_pixels
     if options.on_models_loaded is not None:
         gateway.on_models_loaded = options.on_models_loaded
     if options.metrics is not None:
