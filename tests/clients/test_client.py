@@ -148,3 +148,21 @@ def test_pooling_names_and_token_metadata(fake_service):
     with VitServeClient(fake_service[0]) as client:
         client.embed(image)
     assert "authorization" not in fake_service[1].metadata[-1]
+
+
+def test_bucket_and_version_options_build_the_request():
+    from clients.client import features_request, stream_request
+
+    image = np.zeros((28, 28, 1), np.uint8)
+    request = embed_request(image, "m", False, "float32", bucket="auto", version=2)
+    assert (request.bucket, request.version) == (vitserve_pb2.BUCKET_AUTO, "2")
+    request = features_request(image, "m", "grid", False, "float32", bucket="AUTO", version="3")
+    assert (request.bucket, request.version) == (vitserve_pb2.BUCKET_AUTO, "3")
+    frame = stream_request((5, image), "m", "grid", False, "float32", False, version=1)
+    assert (frame.request.bucket, frame.request.version) == (vitserve_pb2.BUCKET_UNSPECIFIED, "1")
+    assert embed_request(image, "m", False, "float32").version == ""  # the newest
+    with pytest.raises(ValueError, match="bucket must be one of default, auto"):
+        embed_request(image, "m", False, "float32", bucket="largest")
+    for bad in (0, "-1", "v2"):
+        with pytest.raises(ValueError, match="version must be an integer >= 1"):
+            embed_request(image, "m", False, "float32", version=bad)

@@ -84,3 +84,19 @@ def test_lane_resize_op_and_outputs_reach_the_request(fake_service, image_files)
     request = fake_service[1].requests[-1]
     assert list(request.outputs) == ["patch_tokens"] and request.resize_op == vitserve_pb2.CENTER_CROP
     assert embed_main([image_files[0], "--target", fake_service[0], "--lane", "fast"]) == 2
+
+
+def test_bucket_and_version_reach_the_request(fake_service, image_files, capsys):
+    from protos import vitserve_pb2
+
+    assert embed_main([image_files[0], "--target", fake_service[0], "--bucket", "auto", "--version", "2"]) == 0
+    request = fake_service[1].requests[-1]
+    assert (request.bucket, request.version) == (vitserve_pb2.BUCKET_AUTO, "2")
+    assert features_main([image_files[0], "--target", fake_service[0], "--version", "1"]) == 0
+    request = fake_service[1].requests[-1]
+    assert (request.bucket, request.version) == (vitserve_pb2.BUCKET_UNSPECIFIED, "1")
+    n = len(fake_service[1].requests)
+    assert embed_main([image_files[0], "--target", fake_service[0], "--version", "latest"]) == 2
+    assert "--version must be an integer >= 1, got 'latest'" in capsys.readouterr().err
+    assert embed_main([image_files[0], "--target", fake_service[0], "--bucket", "smallest"]) == 2
+    assert len(fake_service[1].requests) == n  # nothing was sent
