@@ -186,8 +186,9 @@ def write_tensorrt_entry(repository: str | Path, name: str, base: str | Path,
                            "profile": record.get("profile"), "precision": record.get("precision"),
                            "sha256": sha256_file(version_dir / filename)}
             cc_files.append((cc, filename))
-        kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "variant")}
-        manifest = {**kept, "name": name, "files": {r["file"]: r["sha256"] for r in records.values()},
+        # lanes and buckets name the base's ONNX entries; probe scores were measured on fp32
+        kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "buckets", "bucket", "variant")}
+        manifest = {**kept, "name": name, "probes": {}, "files": {r["file"]: r["sha256"] for r in records.values()},
                     "exporter": {**base_manifest["exporter"], "backend": "tensorrt", "target": "tensorrt_plan"},
                     "tensorrt": {"engines": records, "gate": gate_record, "base_model": base.name,
                                  "base_files": base_manifest["files"]},
@@ -245,7 +246,12 @@ def export_tensorrt(model: Any, spec: Any, base: str | Path, name: str | None = 
                               min_batch=1, opt_batch=min(opt_batch, max_batch), max_batch=max_batch, fp16=fp16,
                               workspace_bytes=workspace_bytes)
         data = gate_data(model, spec, gate, selection_from_manifest(manifest))
-        figures, failure = judge(None, data, gate, runner=lambda images, names: run_engine(plan, images, names))
+        batch = min(8, max_batch)  # inside the engine's profile
+
+        def runner(images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+            return run_engine(plan, images, names, batch=batch)
+
+        figures, failure = judge(None, data, gate, runner=runner)
         figures["gate"] = asdict(gate)
         written = failure is None or force_gate
         path = None

@@ -43,6 +43,7 @@ def test_tensorrt_entry_layout_config_and_manifest(exported, tmp_path):
     assert engine["sha256"] == sha256_file(path / engine["file"]) == manifest["files"][engine["file"]]
     assert manifest["exporter"]["target"] == "tensorrt_plan" and manifest["tensorrt"]["base_model"] == "fmnist"
     assert manifest["outputs"] == base["outputs"] and manifest["preprocessing"] == base["preprocessing"]
+    assert manifest["probes"] == {} and not {"lanes", "lane", "buckets", "bucket"} & set(manifest)
     config = parse_pbtxt((path / "config.pbtxt").read_text())
     assert config.platform == "tensorrt_plan" and dict(config.cc_model_filenames) == {
         "9.0": "model_cc9.0_trt10.3.0.plan"}
