@@ -51,7 +51,8 @@ def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], Any]:
     return lambda images: session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
 
 
-def _bf16_quality(model: nn.Module, spec: EncoderSpec, data: Any, gate: VariantGate) -> tuple[dict[str, Any], str | None]:
+def _bf16_quality(model: nn.Module, spec: EncoderSpec, data: Any,
+                  gate: VariantGate) -> tuple[dict[str, Any], str | None]:
     """The gate figures of PyTorch bf16 autocast: ``variants.judge`` with the autocast model as runner."""
     run = _torch_runner(model, spec, bf16=True)
 

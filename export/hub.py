@@ -125,7 +125,8 @@ def pretrained_plan(name: str, timeout: float = CONNECT_TIMEOUT_S) -> Pretrained
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
         reason = None if path.is_file() else unreachable_reason(cfg.url, timeout)
         return PretrainedPlan(name, cfg.url, [path.name], str(path) if path.is_file() else None,
-                              f"torch hub cache {path.parent}", f"{cfg.url} is unreachable: {reason}" if reason else None)
+                              f"torch hub cache {path.parent}",
+                              f"{cfg.url} is unreachable: {reason}" if reason else None)
     return None
 
 

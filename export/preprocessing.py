@@ -113,6 +113,17 @@ def run_preprocessing(run_dir: str | Path, spec: EncoderSpec) -> dict[str, Any]:
                         "so other sizes are stretched (bilinear)")
 
 
+def check_preprocessing(entry: dict[str, Any], spec: EncoderSpec) -> None:
+    """Refuse a ``preprocessing`` entry the gateway (``serving.preprocess``) would reject."""
+    from export.onnx_export import ExportUsageError
+    from serving.preprocess import PreprocessSpec, PreprocessSpecError
+
+    try:
+        PreprocessSpec.from_manifest({"encoder_spec": spec.to_dict(), "preprocessing": entry}, spec.in_chans)
+    except PreprocessSpecError as e:
+        raise ExportUsageError(f"preprocessing entry {entry!r} would be refused by the gateway: {e}") from e
+
+
 def default_preprocessing(spec: EncoderSpec) -> dict[str, Any]:
     """For an in-memory model nobody described: plain bilinear resize, saying so."""
     return plain_resize(f"default: no data config given for in-memory {spec.model_name}; plain resize")

@@ -37,7 +37,7 @@ from export.buckets import bucket_names, bucket_table, resize_encoder
 from export.onnx_export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, TORCH_EXPORTER,
                                 ExportUsageError, check_parity, export_onnx)
 from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs, output_dims, validate_selection
-from export.preprocessing import default_preprocessing
+from export.preprocessing import check_preprocessing, default_preprocessing
 from export.publish import exists_message, fsync_tree, publish, staging_directory
 from export.triton_config import (BACKENDS, DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
                                   TritonConfigError, TritonModelConfig, VersionPolicy)
@@ -189,16 +189,6 @@ def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_ba
         cc_model_filenames=tuple((str(cc), str(f)) for cc, f in cc_model_filenames))
 
 
-def check_preprocessing(entry: dict[str, Any], spec: EncoderSpec) -> None:
-    """Refuse a ``preprocessing`` entry the gateway (``serving.preprocess``) would reject."""
-    from serving.preprocess import PreprocessSpec, PreprocessSpecError
-
-    try:
-        PreprocessSpec.from_manifest({"encoder_spec": spec.to_dict(), "preprocessing": entry}, spec.in_chans)
-    except PreprocessSpecError as e:
-        raise ExportUsageError(f"preprocessing entry {entry!r} would be refused by the gateway: {e}") from e
-
-
 def _resized_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 ``[N, H, W, C]`` bilinearly resized to ``size`` (parity images for another bucket)."""
     if tuple(images.shape[1:3]) == tuple(size):
@@ -252,10 +242,11 @@ def export_entries(
     The first path is ``repository/<name>`` (first resolution, throughput lane). Each bucket is its
     own ONNX graph with its own parity gate; a lane entry holds the same graph as its bucket with
     other batching. ``weights_sha256`` defaults to a hash of the state dict; ``parity_images`` to
-    ``default_parity_images(spec)`` (resized for other buckets); ``preprocessing`` (the manifest entry
-    the gateway reads, ``export.preprocessing``) to a plain bilinear resize that says so. Raises ``ExportUsageError`` for bad
-    arguments or an existing entry (without ``force``), ``ExportError`` when a check fails; in both
-    cases nothing is published (all entries are staged and checked before the first one is moved in).
+    ``default_parity_images(spec)`` (resized for other buckets); ``preprocessing`` (the manifest
+    entry the gateway reads, ``export.preprocessing``) to a plain bilinear resize that says so.
+    Raises ``ExportUsageError`` for bad arguments or an existing entry (without ``force``),
+    ``ExportError`` when a check fails; in both cases nothing is published (all entries are staged
+    and checked before the first one is moved in).
     """
     validate_model_name(name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:

@@ -332,8 +332,8 @@ def _write_entry(repository: Path, name: str, base: Path, onnx_path: Path, varia
         kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "buckets", "bucket")}
         manifest = {**kept, "name": name, "files": files, "variant": variant, "probes": {},
                     "parity": {"max_abs_err": figures["max_abs_err"], "mean_cosine": figures["mean_cosine"],
-                               "outputs": figures["outputs"], "n_images": figures["n_images"], "tolerance": None, "data": figures["data"],
-                               "reference": "fp32 PyTorch"}}
+                               "outputs": figures["outputs"], "n_images": figures["n_images"], "tolerance": None,
+                               "data": figures["data"], "reference": "fp32 PyTorch"}}
         config = parse_pbtxt((base / CONFIG_FILENAME).read_text())
         config.name = name
         config.parameters[MANIFEST_PARAMETER].string_value = json.dumps(

@@ -9,8 +9,8 @@ from google.protobuf import json_format
 
 from export.cli import main as cli_main
 from export.onnx_export import ExportUsageError
-from export.preprocessing import run_preprocessing, timm_preprocessing
-from export.repository import check_preprocessing, read_manifest
+from export.preprocessing import check_preprocessing, run_preprocessing, timm_preprocessing
+from export.repository import read_manifest
 from export.triton_config import parse_pbtxt
 from protos import vitserve_pb2
 from serving.catalog import model_from_config

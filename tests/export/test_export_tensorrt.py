@@ -69,7 +69,8 @@ def test_gate_runner_hook_judges_what_the_runner_returns(encoder, exported):
     assert failure is None and figures["max_abs_err"]["cls"] < 1e-4  # the fp32 graph itself
 
     def half(images, names):  # what an fp16 engine does to the numbers
-        return {k: v.astype(np.float16).astype(np.float32) for k, v in _run_onnx(onnx_path, images, names=names).items()}
+        outputs = _run_onnx(onnx_path, images, names=names)
+        return {k: v.astype(np.float16).astype(np.float32) for k, v in outputs.items()}
 
     figures, failure = judge(None, data, gate, runner=half)
     assert failure is None and 1e-5 < figures["max_abs_err"]["patch_tokens"] < 1e-1
