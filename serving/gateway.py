@@ -248,13 +248,14 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
                               stream: bool = False) -> ServedModel:
         """The model entry and version that run an Embed/Features request: its lane, resolution
         bucket (``bucket``) and ``version``."""
-        if request.bucket not in vitserve_pb2.BucketSelection.values():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"unknown bucket {request.bucket}; use BUCKET_UNSPECIFIED or BUCKET_AUTO")
-        if request.bucket == vitserve_pb2.BUCKET_AUTO:
+        bucket = request.bucket
+        if not bucket:  # the common case first: one int test on the hot path
+            model = await self.resolve_lane(request.model, request.lane, stream)
+        elif bucket == vitserve_pb2.BUCKET_AUTO:
             model = await self._resolve_bucket(request.model, request.lane, request.images, stream)
         else:
-            model = await self.resolve_lane(request.model, request.lane, stream)
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unknown bucket {bucket}; use BUCKET_UNSPECIFIED or BUCKET_AUTO")
         return await self.resolve_version(model, request.version) if request.version else model
 
     async def _resolve_bucket(self, name: str, lane: int, images: Sequence[vitserve_pb2.Image],
