@@ -37,6 +37,9 @@ from probes.sources import (POOLINGS, FeatureSource, RawPixelSource, SourceError
 log = logging.getLogger(__name__)
 
 CONTRASTIVE = ("simclr", "moco")
+# Images per forward pass in process: batches of 32-64 ran ~400 img/CPU-s on this CPU against ~300 at 256
+# (6-block 192-d ViT at 28 px, one thread; docs/PROBES.md).
+DEFAULT_COMPARE_BATCH = 64
 SCORE_COLUMNS = (("knn_cls_top1", "k-NN CLS"), ("knn_mean_top1", "k-NN mean"), ("knn_last4_top1", "k-NN last4"),
                  ("linear_cls_top1", "linear CLS"), ("linear_mean_top1", "linear mean"),
                  ("linear_last4_top1", "linear last4"), ("dense_patch_acc", "dense patch acc"),
@@ -322,25 +325,39 @@ def _source(kind: str, run_dir: str | Path) -> FeatureSource:
 
 
 def _probe_task(kind: str, run_dir: str, data_args: tuple, protocol: LinearProtocol, batch: int,
-                threads: int | None, data: ProbeData | None = None,
-                poolings: Sequence[str] = POOLINGS) -> tuple[ProbeReport, dict[str, Any]]:
-    """One source's report and the protocol record; loads the (deterministic) data when not given, so
-    that it can run in a worker process."""
+                threads: int | None, data: ProbeData | None = None, poolings: Sequence[str] = POOLINGS,
+                probes: Sequence[str] = PROBES) -> tuple[ProbeReport, dict[str, Any]]:
+    """One source's report on ``probes`` and the protocol record; loads the (deterministic) data when
+    not given, so that it can run in a worker process."""
     if data is None:
         data = load_probe_data(*data_args)
-    report = probe_source(_source(kind, run_dir), data, PROBES, protocol, batch, threads, poolings)
+    report = probe_source(_source(kind, run_dir), data, probes, protocol, batch, threads, poolings)
     return report, protocol_record(data, PROBES, protocol, poolings)
+
+
+def _merge(parts: list[ProbeReport]) -> ProbeReport:
+    """One source's report from the reports of its global and dense tasks (CPU times add up)."""
+    merged = ProbeReport(parts[0].source)
+    for part in parts:
+        merged.scores.update(part.scores)
+        merged.details.update(part.details)
+        merged.skipped.update(part.skipped)
+        for k, v in part.timings.items():
+            merged.timings[k] = merged.timings.get(k, 0.0) + v
+    return merged
 
 
 def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None, limit_test: int | None = None,
                  train_scenes: int | None = DEFAULT_TRAIN_SCENES, test_scenes: int | None = DEFAULT_TEST_SCENES,
                  baselines: bool = True, threads: int | None = None, write_runs: bool = True,
-                 protocol: LinearProtocol = LinearProtocol(), batch: int = 256, jobs: int = 1,
+                 protocol: LinearProtocol = LinearProtocol(), batch: int = DEFAULT_COMPARE_BATCH, jobs: int = 1,
                  poolings: Sequence[str] = POOLINGS) -> dict[str, Any]:
     """Probe every run (and the baselines) on one data set; the result ``write_outputs`` renders.
 
     ``limit_train``/``limit_test`` None: the full splits (60k bank / linear train set, 10k test).
-    ``jobs`` > 1 probes that many sources at once in worker processes (each loads the same data).
+    ``jobs`` > 1 runs that many tasks at once in worker processes (each loads the same data); each
+    source is then two tasks, its global probes (k-NN, linear) and its dense probe, queued encoders'
+    global probes first and raw pixels last, so that the pool stays busy to the end.
     """
     sources = [TorchEncoderSource.from_run_dir(r) for r in run_dirs]  # fail early on a bad run dir
     specs = {json.dumps(s.spec.to_dict(), sort_keys=True) for s in sources}
@@ -349,20 +366,28 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
     del sources
     t_start = time.perf_counter()
     data_args = (limit_train, limit_test, train_scenes, test_scenes)
-    tasks = [("run", str(r)) for r in run_dirs]
+    named = [("run", str(r)) for r in run_dirs]
     if baselines and run_dirs:
-        tasks += [("raw-pixels", str(run_dirs[0])), ("random-init", str(run_dirs[0]))]
+        named += [("raw-pixels", str(run_dirs[0])), ("random-init", str(run_dirs[0]))]
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        # longest first: an encoder's global probes take ~4x its dense probe; raw pixels are cheap
+        encoders = [n for n in named if n[0] != "raw-pixels"]
+        raw = [n for n in named if n[0] == "raw-pixels"]
+        tasks = ([(n, ("knn", "linear")) for n in encoders] + [(n, ("dense",)) for n in encoders]
+                 + [(n, ("knn", "linear")) for n in raw] + [(n, ("dense",)) for n in raw])
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_probe_task, k, r, data_args, protocol, batch, threads, None, tuple(poolings))
-                       for k, r in tasks]
-            results = [f.result() for f in futures]
+            futures = [pool.submit(_probe_task, k, r, data_args, protocol, batch, threads, None, tuple(poolings),
+                                   probes) for (k, r), probes in tasks]
+            done = [(n, f.result()) for (n, _), f in zip(tasks, futures)]
+        results = [(_merge([rep for m, (rep, _) in done if m == n]), next(rec for m, (_, rec) in done if m == n))
+                   for n in named]
     else:
         data = load_probe_data(*data_args)
-        results = [_probe_task(k, r, data_args, protocol, batch, threads, data, poolings) for k, r in tasks]
+        results = [_probe_task(k, r, data_args, protocol, batch, threads, data, poolings) for k, r in named]
+    tasks = named
     rows = []
     record_protocol = results[0][1] if results else {}
     for (kind, run_dir), (report, _) in zip(tasks, results):
@@ -392,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="linear/dense probe: L2 strengths searched on the held-out train split")
     p.add_argument("--max-iter", type=int, default=LinearProtocol().max_iter,
                    help="linear/dense probe: L-BFGS iterations per fit")
-    p.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch", type=int, default=DEFAULT_COMPARE_BATCH, help="images per forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a loaded machine")
     p.add_argument("--jobs", type=int, default=1,
                    help="sources probed at once in worker processes (with --threads 1: one per free core)")

@@ -108,4 +108,9 @@ def test_compare_runs_in_worker_processes_matches_in_process(small_run, tmp_path
     for s, p in zip(serial["rows"], [parallel["rows"][i] for i in (0, 2, 3)]):
         assert s["scores"] == p["scores"]
     assert parallel["rows"][0]["scores"] == parallel["rows"][1]["scores"]  # the same weights
+    # in the pool each source is two tasks (global, dense), merged back into one row
+    assert {"knn_last4_top1", "linear_last4_top1", "dense_miou"} <= set(parallel["rows"][0]["scores"])
+    assert {"global_features_s", "dense_probe_s"} <= set(parallel["rows"][0]["timings"])
+    assert "last4" in parallel["rows"][2]["skipped"] and serial["rows"][1]["skipped"] == parallel["rows"][2]["skipped"]
+    assert json.loads((runs[1] / "probes.json").read_text())["full_split"] is False
     assert json.loads((runs[1] / "probes.json").read_text())["scores"] == parallel["rows"][1]["scores"]
