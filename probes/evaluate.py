@@ -129,6 +129,16 @@ def parse_poolings(text: str | Sequence[str]) -> list[str]:
     return [p for p in POOLINGS if p in names]
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _record(report: ProbeReport, name: str, start: tuple[float, float]) -> None:
+    """``NAME_s`` (wall, includes contention on a shared machine) and ``NAME_cpu_s`` (this process's CPU)."""
+    report.timings[name] = time.perf_counter() - start[0]
+    report.timings[name[:-2] + "_cpu_s"] = time.process_time() - start[1]
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Run the block with ``n`` torch intra-op threads (``None``/0: leave torch's setting), then restore.
@@ -173,35 +183,35 @@ def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],
                 report.skipped[p] = reason
                 log.info("%s: skipping the %s pooling: %s", source.name, p, reason)
         usable = tuple(p for p in poolings if p not in report.skipped)
-        t0 = time.perf_counter()
+        t0 = _clock()
         train = extract_pooled(source, data.train_images, usable, batch, f"{tag} train features")
         test = extract_pooled(source, data.test_images, usable, batch, f"{tag} test features")
-        report.timings["global_features_s"] = time.perf_counter() - t0
+        _record(report, "global_features_s", t0)
         for pooling in usable:
             tr, te = train[pooling], test[pooling]
             if "knn" in probes:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 acc = knn_accuracy(tr, data.train_labels, te, data.test_labels, KNN_K, KNN_T)
                 report.scores[f"knn_{pooling}_top1"] = 100.0 * acc
-                report.timings[f"knn_{pooling}_s"] = time.perf_counter() - t0
+                _record(report, f"knn_{pooling}_s", t0)
             if "linear" in probes:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 res = linear_probe(tr, data.train_labels, te, data.test_labels, protocol)
                 report.scores[f"linear_{pooling}_top1"] = 100.0 * res.accuracy
                 report.details[f"linear_{pooling}"] = res.summary()
-                report.timings[f"linear_{pooling}_s"] = time.perf_counter() - t0
+                _record(report, f"linear_{pooling}_s", t0)
             log.info("%s %s: %s", source.name, pooling,
                      ", ".join(f"{k}={v:.2f}" for k, v in report.scores.items() if f"_{pooling}_" in k))
     if "dense" in probes:
         if data.train_scenes is None or data.test_scenes is None:
             raise ValueError("the dense probe needs scene sets: load_probe_data(dense=True)")
-        t0 = time.perf_counter()
+        t0 = _clock()
         ftr = scene_patch_features(source, data.train_scenes, batch, f"{tag} train scenes")
         fte = scene_patch_features(source, data.test_scenes, batch, f"{tag} test scenes")
-        report.timings["dense_features_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        _record(report, "dense_features_s", t0)
+        t0 = _clock()
         res = dense_probe(ftr, data.train_scenes.patch_labels, fte, data.test_scenes.patch_labels, protocol)
-        report.timings["dense_probe_s"] = time.perf_counter() - t0
+        _record(report, "dense_probe_s", t0)
         report.scores["dense_patch_acc"] = 100.0 * res.patch_accuracy
         report.scores["dense_miou"] = 100.0 * res.miou
         report.details["dense"] = {"l2": res.l2, "val_accuracy": {f"{k:g}": v for k, v in res.val_accuracy.items()},
