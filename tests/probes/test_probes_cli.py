@@ -85,3 +85,13 @@ def test_unreachable_service_exits_1(capsys):
     assert main(["--service", "127.0.0.1:9", "--model", "m", "--timeout", "2", *SMALL]) == 1
     err = capsys.readouterr().err
     assert "127.0.0.1:9" in err and "UNAVAILABLE" in err
+
+
+def test_full_split_is_recorded_only_for_the_whole_splits(fmnist):
+    from probes.evaluate import load_probe_data
+
+    full = load_probe_data(dense=False)
+    assert full.full_split is True and full.protocol()["n_train"] == len(fmnist[0]) == 60000
+    assert load_probe_data(limit_train=100, dense=False).full_split is False
+    assert load_probe_data(limit_test=100, dense=False).full_split is False
+    assert load_probe_data(limit_train=10 ** 6, limit_test=10 ** 6, dense=False).full_split is True  # caps: all
