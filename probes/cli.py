@@ -3,7 +3,7 @@
     vitserve probe --run RUN_DIR [--write-run]              # in-process PyTorch encoder
     vitserve probe --onnx REPO/NAME/1/model.onnx            # exported model on ONNX Runtime (CPU)
     vitserve probe --service HOST:PORT --model NAME         # a running vitserve service
-      [--baselines] [--probes knn,linear,dense] [--poolings cls,mean,last4]
+      [--baselines] [--probes knn,linear,dense] [--poolings cls,mean,last4] [--knn-poolings cls,mean]
       [--limit-train N --limit-test N] [--out results.json]
 
 Exit codes: 0 done, 2 a usage error (missing run dir or ONNX file, bad arguments), 1 missing data, an
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, PROBES, ProbeReport, load_probe_data,
+from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, KNN_POOLINGS, PROBES, ProbeReport, load_probe_data,
                              parse_poolings, parse_probes, probe_source, probes_record, protocol_record,
                              write_probes_json)
 from probes.linear import LinearProtocol
@@ -49,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="also probe raw pixels and a randomly initialised encoder of the same architecture")
     p.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)}")
     p.add_argument("--poolings", default=",".join(POOLINGS),
-                   help="global features for k-NN and linear: cls, mean (of patch tokens), last4 (CLS of the "
+                   help="global features for the linear probe: cls, mean (of patch tokens), last4 (CLS of the "
                         "last 4 blocks + mean patch, in-process encoders only; docs/PROBES.md)")
+    p.add_argument("--knn-poolings", default=",".join(KNN_POOLINGS),
+                   help="global features for the k-NN (default the final layer's, as DINO's eval_knn)")
     p.add_argument("--limit-train", type=int, metavar="N", help="a seeded random subset of N train images")
     p.add_argument("--limit-test", type=int, metavar="N", help="a seeded random subset of N test images")
     p.add_argument("--train-scenes", type=int, metavar="N",
@@ -125,6 +127,10 @@ def run(a: argparse.Namespace) -> int:
         poolings = parse_poolings(a.poolings)
     except ValueError as e:
         raise UsageError(f"--poolings: {e}") from e
+    try:
+        knn_poolings = parse_poolings(a.knn_poolings)
+    except ValueError as e:
+        raise UsageError(f"--knn-poolings: {e}") from e
     for flag in ("limit_train", "limit_test", "train_scenes", "test_scenes"):
         v = getattr(a, flag)
         if v is not None and v < 1:
@@ -150,12 +156,12 @@ def run(a: argparse.Namespace) -> int:
         data = load_probe_data(a.limit_train, a.limit_test, a.train_scenes, a.test_scenes, scene_spec,
                                dense="dense" in probes, data_dir=a.data_dir)
         protocol = LinearProtocol(l2_grid=l2_grid, max_iter=a.max_iter)
-        record_protocol = protocol_record(data, probes, protocol, poolings)
+        record_protocol = protocol_record(data, probes, protocol, poolings, knn_poolings)
         sources = [source] + (baseline_sources(source) if a.baselines else [])
         reports = []
         t0 = time.perf_counter()
         for s in sources:
-            reports.append(probe_source(s, data, probes, protocol, a.batch, a.threads, poolings))
+            reports.append(probe_source(s, data, probes, protocol, a.batch, a.threads, poolings, knn_poolings))
         elapsed = time.perf_counter() - t0
     finally:
         if hasattr(source, "close"):

@@ -9,9 +9,9 @@ throughput and budget from ``config.json`` and ``metrics.jsonl``, writes ``OUT.j
 ``OUT.png``, and (unless ``--no-write-runs``) each run's ``probes.json``. ``--render OUT.json``
 re-renders the table and plot from a saved JSON without probing again.
 
-The global probes run on three poolings (``probes.sources.POOLING_TENSORS``): CLS, the mean patch
+The linear probe runs on three poolings (``probes.sources.POOLING_TENSORS``): CLS, the mean patch
 token and ``last4`` (DINOv2's linear-eval input: the CLS of the last 4 blocks + the mean patch token);
-raw pixels have no ``last4`` (recorded as skipped). The online k-NN curve a run logged while training
+the k-NN on CLS and mean (``--knn-poolings``); raw pixels have no ``last4`` (recorded as skipped). The online k-NN curve a run logged while training
 (``knn_val_top1`` records of ``metrics.jsonl``, from ``vitserve train ... knn_val=N knn_every=E``) is
 drawn against images seen, and its last value is in the table.
 """
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, HEADLINE, PROBES, ProbeData, ProbeReport,
+from probes.evaluate import (DEFAULT_TEST_SCENES, DEFAULT_TRAIN_SCENES, HEADLINE, KNN_POOLINGS, PROBES, ProbeData, ProbeReport,
                              load_probe_data, parse_poolings, probe_source, probes_record, protocol_record,
                              utc_now, write_probes_json)
 from probes.linear import LinearProtocol
@@ -163,14 +163,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         out += ["Global features (poolings):", "", *pooling_lines, *skipped, ""]
     out += ["## Targets (issue 4)", "", *[f"- {c}" for c in check_targets(rows)], "",
             "## The lecture's property table, and what we measured", "", LECTURE_TABLE, "",
-            f"Orderings the table implies, tested on our numbers (best of {_pooling_names(rows)} pooling per method):",
+            f"Orderings the table implies, tested on our numbers (best pooling per method: k-NN of "
+            f"{_pooling_names(rows, 'knn')}, linear of {_pooling_names(rows, 'linear')}):",
             "", *[f"- {c}" for c in check_claims(rows)], ""]
     return "\n".join(out)
 
 
-def _pooling_names(rows: list[dict[str, Any]]) -> str:
-    present = [p for p in POOLINGS if any(f"knn_{p}_top1" in r["scores"] or f"linear_{p}_top1" in r["scores"]
-                                           for r in rows if r["kind"] == "run")]
+def _pooling_names(rows: list[dict[str, Any]], probe: str) -> str:
+    present = [p for p in POOLINGS if any(f"{probe}_{p}_top1" in r["scores"] for r in rows if r["kind"] == "run")]
     return " / ".join("CLS" if p == "cls" else p for p in present) or "CLS / mean"
 
 
@@ -196,20 +196,19 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
                   for r in runs for k in r["scores"] if k in rand["scores"] and not r["scores"][k] > rand["scores"][k]]
         out.append("every method beats the random-init encoder on every probe (each probe and pooling against the "
                    "same one of random-init): " + ("**yes**" if not misses else "**no** (" + "; ".join(misses) + ")"))
-    poolings = _pooling_names(rows)
     if raw and runs and "knn_cls_top1" in raw["scores"]:
         best = max(runs, key=lambda r: _best_value(r["scores"], "knn") or -1)
         b = _best(best["scores"], "knn")
         if b is not None:
             out.append(f"the best method beats raw-pixel k-NN ({raw['scores']['knn_cls_top1']:.2f}, the 784 pixels): "
                        f"{'**yes**' if b[0] > raw['scores']['knn_cls_top1'] else '**no**'} ({best['label']} "
-                       f"{b[0]:.2f} with {b[1]} pooling; best of {poolings})")
+                       f"{b[0]:.2f} with {b[1]} pooling; best of {_pooling_names(rows, 'knn')})")
     if runs:
         best = max(runs, key=lambda r: _best_value(r["scores"], "linear") or -1)
         b = _best(best["scores"], "linear")
         if b is not None:
             out.append(f"the best method reaches >= 88% linear-probe accuracy: {'**yes**' if b[0] >= 88 else '**no**'} "
-                       f"({best['label']} {b[0]:.2f} with {b[1]} pooling; best of {poolings})")
+                       f"({best['label']} {b[0]:.2f} with {b[1]} pooling; best of {_pooling_names(rows, 'linear')})")
     return out
 
 
@@ -326,13 +325,14 @@ def _source(kind: str, run_dir: str | Path) -> FeatureSource:
 
 def _probe_task(kind: str, run_dir: str, data_args: tuple, protocol: LinearProtocol, batch: int,
                 threads: int | None, data: ProbeData | None = None, poolings: Sequence[str] = POOLINGS,
-                probes: Sequence[str] = PROBES) -> tuple[ProbeReport, dict[str, Any]]:
+                probes: Sequence[str] = PROBES,
+                knn_poolings: Sequence[str] = KNN_POOLINGS) -> tuple[ProbeReport, dict[str, Any]]:
     """One source's report on ``probes`` and the protocol record; loads the (deterministic) data when
     not given, so that it can run in a worker process."""
     if data is None:
         data = load_probe_data(*data_args)
-    report = probe_source(_source(kind, run_dir), data, probes, protocol, batch, threads, poolings)
-    return report, protocol_record(data, PROBES, protocol, poolings)
+    report = probe_source(_source(kind, run_dir), data, probes, protocol, batch, threads, poolings, knn_poolings)
+    return report, protocol_record(data, PROBES, protocol, poolings, knn_poolings)
 
 
 def _merge(parts: list[ProbeReport]) -> ProbeReport:
@@ -351,7 +351,7 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
                  train_scenes: int | None = DEFAULT_TRAIN_SCENES, test_scenes: int | None = DEFAULT_TEST_SCENES,
                  baselines: bool = True, threads: int | None = None, write_runs: bool = True,
                  protocol: LinearProtocol = LinearProtocol(), batch: int = DEFAULT_COMPARE_BATCH, jobs: int = 1,
-                 poolings: Sequence[str] = POOLINGS) -> dict[str, Any]:
+                 poolings: Sequence[str] = POOLINGS, knn_poolings: Sequence[str] = KNN_POOLINGS) -> dict[str, Any]:
     """Probe every run (and the baselines) on one data set; the result ``write_outputs`` renders.
 
     ``limit_train``/``limit_test`` None: the full splits (60k bank / linear train set, 10k test).
@@ -380,13 +380,14 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
                  + [(n, ("knn", "linear")) for n in raw] + [(n, ("dense",)) for n in raw])
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_probe_task, k, r, data_args, protocol, batch, threads, None, tuple(poolings),
-                                   probes) for (k, r), probes in tasks]
+                                   probes, tuple(knn_poolings)) for (k, r), probes in tasks]
             done = [(n, f.result()) for (n, _), f in zip(tasks, futures)]
         results = [(_merge([rep for m, (rep, _) in done if m == n]), next(rec for m, (_, rec) in done if m == n))
                    for n in named]
     else:
         data = load_probe_data(*data_args)
-        results = [_probe_task(k, r, data_args, protocol, batch, threads, data, poolings) for k, r in named]
+        results = [_probe_task(k, r, data_args, protocol, batch, threads, data, poolings, PROBES, knn_poolings)
+                   for k, r in named]
     tasks = named
     rows = []
     record_protocol = results[0][1] if results else {}
@@ -412,7 +413,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"dense-probe train scenes (default {DEFAULT_TRAIN_SCENES})")
     p.add_argument("--test-scenes", type=int, default=DEFAULT_TEST_SCENES, metavar="N",
                    help=f"dense-probe test scenes (default {DEFAULT_TEST_SCENES})")
-    p.add_argument("--poolings", default=",".join(POOLINGS), help="global poolings for k-NN and linear probes")
+    p.add_argument("--poolings", default=",".join(POOLINGS), help="global poolings for the linear probe")
+    p.add_argument("--knn-poolings", default=",".join(KNN_POOLINGS), help="global poolings for the k-NN")
     p.add_argument("--l2-grid", default=",".join(f"{v:g}" for v in LinearProtocol().l2_grid), metavar="L2S",
                    help="linear/dense probe: L2 strengths searched on the held-out train split")
     p.add_argument("--max-iter", type=int, default=LinearProtocol().max_iter,
@@ -442,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             poolings = parse_poolings(a.poolings)
+            knn_poolings = parse_poolings(a.knn_poolings)
             l2_grid = tuple(float(v) for v in a.l2_grid.split(",") if v.strip())
             if not l2_grid or any(not v >= 0 for v in l2_grid) or a.max_iter < 1 or a.batch < 1:
                 raise ValueError("--l2-grid needs strengths >= 0, --max-iter and --batch >= 1")
@@ -452,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = compare_runs(a.run_dirs, a.limit_train, a.limit_test, a.train_scenes, a.test_scenes,
                                   not a.no_baselines, a.threads, not a.no_write_runs,
                                   LinearProtocol(l2_grid=l2_grid, max_iter=a.max_iter), a.batch, max(1, a.jobs),
-                                  poolings)
+                                  poolings, knn_poolings)
         except SourceError as e:
             print(f"probes.compare: error: {e}", file=sys.stderr)
             return 2

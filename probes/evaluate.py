@@ -5,8 +5,8 @@ a source and runs the k-NN, linear and dense probes on them; ``probes_record`` i
 (format below), ``write_probes_json`` writes it atomically next to a run::
 
     {"format_version": 1,
-     "scores": {"knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_top1", "linear_mean_top1",
-                "linear_last4_top1", "dense_patch_acc", "dense_miou"},  # percent, only what ran
+     "scores": {"knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1", "linear_last4_top1",
+                "dense_patch_acc", "dense_miou"},      # percent, only what ran (knn_last4_top1 if asked)
      "skipped": {"last4": "<why this source cannot give it>"},          # poolings asked for but not given
      "n_train": 60000, "n_test": 10000, "full_split": true,             # the images behind the scores
      "protocol": {...}, "data": "fashion-mnist", "source": "...", "created": "<ISO UTC>"}
@@ -46,7 +46,8 @@ DEFAULT_TRAIN_SCENES = 2000
 DEFAULT_TEST_SCENES = 1000
 TRAIN_SCENE_SEED, TEST_SCENE_SEED = 0, 1
 SUBSET_SEED = 0
-HEADLINE = "cls"  # the global feature the summary leads with (what Embed returns by default)
+HEADLINE = "cls"
+KNN_POOLINGS = ("cls", "mean")  # DINO's eval_knn uses the final layer; last4 is a linear-eval input  # the global feature the summary leads with (what Embed returns by default)
 
 
 @dataclass(frozen=True)
@@ -160,41 +161,44 @@ def torch_threads(n: int | None):
 
 def probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str] = PROBES,
                  protocol: LinearProtocol = LinearProtocol(), batch: int = DEFAULT_BATCH,
-                 threads: int | None = None, poolings: Sequence[str] = POOLINGS) -> ProbeReport:
+                 threads: int | None = None, poolings: Sequence[str] = POOLINGS,
+                 knn_poolings: Sequence[str] = KNN_POOLINGS) -> ProbeReport:
     """Extract features from ``source`` and run ``probes`` on them (with ``threads`` torch threads).
 
-    The global probes run on each of ``poolings`` the source can give; the others are skipped and
-    their reasons recorded in ``report.skipped``.
+    The linear probe runs on each of ``poolings``, the k-NN on each of ``knn_poolings`` (by default
+    the final layer's, as DINO's ``eval_knn``; last4 is a linear-evaluation input), where the source
+    can give them; the others are skipped and their reasons recorded in ``report.skipped``.
     """
     cpu0 = time.process_time()
     with torch_threads(threads):
-        report = _probe_source(source, data, probes, protocol, batch, poolings)
+        report = _probe_source(source, data, probes, protocol, batch, poolings, knn_poolings)
     report.timings["process_cpu_s"] = time.process_time() - cpu0  # wall times above include contention
     return report
 
 
-def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],
-                  protocol: LinearProtocol, batch: int, poolings: Sequence[str]) -> ProbeReport:
+def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str], protocol: LinearProtocol,
+                  batch: int, poolings: Sequence[str], knn_poolings: Sequence[str]) -> ProbeReport:
     report = ProbeReport(source.name)
     tag = source.name.split(":")[0]
     if "knn" in probes or "linear" in probes:
-        for p in poolings:
+        wanted = set(knn_poolings if "knn" in probes else ()) | set(poolings if "linear" in probes else ())
+        for p in (p for p in POOLINGS if p in wanted):
             if (reason := pooling_unavailable(source, p)) is not None:
                 report.skipped[p] = reason
                 log.info("%s: skipping the %s pooling: %s", source.name, p, reason)
-        usable = tuple(p for p in poolings if p not in report.skipped)
+        usable = tuple(p for p in POOLINGS if p in wanted and p not in report.skipped)
         t0 = _clock()
         train = extract_pooled(source, data.train_images, usable, batch, f"{tag} train features")
         test = extract_pooled(source, data.test_images, usable, batch, f"{tag} test features")
         _record(report, "global_features_s", t0)
         for pooling in usable:
             tr, te = train[pooling], test[pooling]
-            if "knn" in probes:
+            if "knn" in probes and pooling in knn_poolings:
                 t0 = _clock()
                 acc = knn_accuracy(tr, data.train_labels, te, data.test_labels, KNN_K, KNN_T)
                 report.scores[f"knn_{pooling}_top1"] = 100.0 * acc
                 _record(report, f"knn_{pooling}_s", t0)
-            if "linear" in probes:
+            if "linear" in probes and pooling in poolings:
                 t0 = _clock()
                 res = linear_probe(tr, data.train_labels, te, data.test_labels, protocol)
                 report.scores[f"linear_{pooling}_top1"] = 100.0 * res.accuracy
@@ -222,12 +226,14 @@ def _probe_source(source: FeatureSource, data: ProbeData, probes: Sequence[str],
 
 
 def protocol_record(data: ProbeData, probes: Sequence[str], protocol: LinearProtocol,
-                    poolings: Sequence[str] = POOLINGS) -> dict[str, Any]:
+                    poolings: Sequence[str] = POOLINGS, knn_poolings: Sequence[str] = KNN_POOLINGS) -> dict[str, Any]:
     """The ``protocol`` entry of ``probes.json``: every setting that shapes the scores."""
+    used = [p for p in POOLINGS if p in set(poolings) | set(knn_poolings)]
     return {"probes": list(probes), "knn": {"k": KNN_K, "temperature": KNN_T, "similarity": "cosine",
-                                            "votes": "exp(sim / T) weighted"},
-            "linear": protocol.to_dict(), "dense_classifier": "the linear protocol on per-patch tokens",
-            "global_features": {**{p: POOLING_TENSORS[p] for p in poolings}, "headline": HEADLINE},
+                                            "votes": "exp(sim / T) weighted", "poolings": list(knn_poolings)},
+            "linear": {**protocol.to_dict(), "poolings": list(poolings)},
+            "dense_classifier": "the linear protocol on per-patch tokens",
+            "global_features": {**{p: POOLING_TENSORS[p] for p in used}, "headline": HEADLINE},
             **data.protocol()}
 
 

@@ -15,8 +15,9 @@ def test_probe_run_writes_probes_json_and_results(small_run, tmp_path, capsys):
     assert main(["--run", str(small_run), "--baselines", "--write-run", "--out", str(out), *SMALL]) == 0
     record = json.loads((small_run / "probes.json").read_text())
     assert record["format_version"] == 1 and record["data"] == "fashion-mnist"
-    assert set(record["scores"]) == {"knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_top1",
-                                     "linear_mean_top1", "linear_last4_top1", "dense_patch_acc", "dense_miou"}
+    # k-NN on the final layer (DINO's eval_knn), the linear probe also on last4 (DINOv2's linear eval)
+    assert set(record["scores"]) == {"knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1",
+                                     "linear_last4_top1", "dense_patch_acc", "dense_miou"}
     assert all(0 <= v <= 100 for v in record["scores"].values())
     assert record["skipped"] == {}
     # a subset, recorded as such (export copies it and warns)
@@ -24,12 +25,13 @@ def test_probe_run_writes_probes_json_and_results(small_run, tmp_path, capsys):
     p = record["protocol"]
     assert (p["knn"]["k"], p["knn"]["temperature"], p["n_train"], p["n_test"]) == (20, 0.07, 300, 100)
     assert p["full_split"] is False and "last 4 blocks" in p["global_features"]["last4"]
+    assert p["knn"]["poolings"] == ["cls", "mean"] and p["linear"]["poolings"] == ["cls", "mean", "last4"]
     assert p["scenes"]["n_train_scenes"] == 20 and p["scenes"]["grid"] == 14
     assert record["source"].startswith("torch:") and record["created"].endswith("Z")
     results = json.loads(out.read_text())
     assert [r["source"].split(":")[0] for r in results["records"]] == ["torch", "raw-pixels", "random-init"]
     raw = results["records"][1]
-    assert "knn_last4_top1" not in raw["scores"] and "no transformer blocks" in raw["skipped"]["last4"]
+    assert "linear_last4_top1" not in raw["scores"] and "no transformer blocks" in raw["skipped"]["last4"]
     assert "linear_last4_top1" in results["records"][2]["scores"]  # the random-init encoder has 4 blocks
     printed = capsys.readouterr().out
     assert "a subset, not the full Fashion-MNIST split" in printed
@@ -39,15 +41,15 @@ def test_probe_run_writes_probes_json_and_results(small_run, tmp_path, capsys):
 def test_probe_subset_of_probes(small_run, tmp_path):
     out = tmp_path / "r.json"
     assert main(["--run", str(small_run), "--probes", "knn", "--out", str(out), *SMALL]) == 0
-    assert set(json.loads(out.read_text())["records"][0]["scores"]) == {"knn_cls_top1", "knn_mean_top1",
-                                                                        "knn_last4_top1"}
-    assert main(["--run", str(small_run), "--probes", "knn", "--poolings", "last4", "--out", str(out), *SMALL]) == 0
+    assert set(json.loads(out.read_text())["records"][0]["scores"]) == {"knn_cls_top1", "knn_mean_top1"}
+    assert main(["--run", str(small_run), "--probes", "knn", "--knn-poolings", "last4", "--out", str(out), *SMALL]) == 0
     assert set(json.loads(out.read_text())["records"][0]["scores"]) == {"knn_last4_top1"}
 
 
 def test_onnx_source_records_why_it_has_no_last4(small_export, tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["--onnx", str(small_export), "--probes", "knn", "--out", str(out), *SMALL]) == 0
+    assert main(["--onnx", str(small_export), "--probes", "knn", "--knn-poolings", "cls,mean,last4",
+                 "--out", str(out), *SMALL]) == 0
     record = json.loads(out.read_text())["records"][0]
     assert set(record["scores"]) == {"knn_cls_top1", "knn_mean_top1"}
     assert "not the CLS token of earlier blocks" in record["skipped"]["last4"]
