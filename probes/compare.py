@@ -1,6 +1,6 @@
 """Compare trained runs (and the baselines) on every probe: a markdown table, JSON and a PNG scatter.
 
-    python -m probes.compare runs/compare/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1 --jobs 2
+    python -m probes.compare runs/compare2/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1 --jobs 2
 
 probes each run directory's encoder in process on the full Fashion-MNIST split (60k train / 10k test;
 ``--limit-*`` for subsets), plus raw pixels and a randomly initialised encoder of the same
