@@ -311,7 +311,7 @@ class RawPixelSource:
 
     def pooling_unavailable(self, pooling: str) -> str | None:
         if pooling == "last4":
-            return "raw pixels have no transformer blocks, so no CLS token of the last 4 blocks (last4)"
+            return "raw pixels have no transformer blocks, so no CLS token of the last 4 blocks"
         return _unknown_pooling(pooling)
 
 
