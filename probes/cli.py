@@ -33,6 +33,9 @@ SCORE_COLUMNS = ("knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_
                  "linear_last4_top1", "dense_patch_acc", "dense_miou")
 
 
+IN_PROCESS_BATCH = 64  # torch forward passes of 32-64 images ran fastest here (docs/PROBES.md)
+
+
 class UsageError(ValueError):
     """Bad arguments or a missing input file: exit 2."""
 
@@ -59,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"dense train scenes (default {DEFAULT_TRAIN_SCENES}, at most limit-train/4)")
     p.add_argument("--test-scenes", type=int, metavar="N",
                    help=f"dense test scenes (default {DEFAULT_TEST_SCENES}, at most limit-test/4)")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="images per forward pass / request")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"images per forward pass / request (default {IN_PROCESS_BATCH} in process: ~400 vs "
+                        f"~300 img/CPU-s at 256 on this CPU; {DEFAULT_BATCH} for --onnx/--service)")
     p.add_argument("--data-dir", help="directory of the four Fashion-MNIST IDX .gz files")
     p.add_argument("--out", metavar="JSON", help="write every source's record, details and timings here")
     p.add_argument("--write-run", action="store_true", help="write the encoder's record to RUN_DIR/probes.json")
@@ -141,6 +146,8 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"--l2-grid must be comma-separated numbers, got {a.l2_grid!r}") from None
     if not l2_grid or any(not v >= 0 for v in l2_grid):
         raise UsageError(f"--l2-grid needs at least one strength >= 0, got {a.l2_grid!r}")
+    if a.batch is None:
+        a.batch = IN_PROCESS_BATCH if a.run is not None else DEFAULT_BATCH
     if a.max_iter < 1 or a.threads < 0 or a.batch < 1:
         raise UsageError("--max-iter and --batch must be >= 1 and --threads >= 0")
     if a.write_run and a.run is None:
