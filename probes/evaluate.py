@@ -112,22 +112,24 @@ class ProbeReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+def _parse_choices(text: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
+    """A comma list (or sequence) of names from ``allowed``, in ``allowed``'s order; ValueError naming
+    the unknown ones (``what``: "probe", "pooling")."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}(s) {unknown or names}; choose from {', '.join(allowed)}")
+    return [p for p in allowed if p in names]
+
+
 def parse_probes(text: str | Sequence[str]) -> list[str]:
     """``"knn,linear"`` -> ``["knn", "linear"]``; ValueError naming an unknown probe."""
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [n for n in names if n not in PROBES]
-    if unknown or not names:
-        raise ValueError(f"unknown probe(s) {unknown or names}; choose from {', '.join(PROBES)}")
-    return [p for p in PROBES if p in names]
+    return _parse_choices(text, PROBES, "probe")
 
 
 def parse_poolings(text: str | Sequence[str]) -> list[str]:
     """``"cls,last4"`` -> ``["cls", "last4"]``; ValueError naming an unknown pooling."""
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [n for n in names if n not in POOLINGS]
-    if unknown or not names:
-        raise ValueError(f"unknown pooling(s) {unknown or names}; choose from {', '.join(POOLINGS)}")
-    return [p for p in POOLINGS if p in names]
+    return _parse_choices(text, POOLINGS, "pooling")
 
 
 def _clock() -> tuple[float, float]:

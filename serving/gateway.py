@@ -124,6 +124,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self.in_flight_limit: Any = None  # serving.interceptors.InFlightLimit, set by create_server
         self.models: dict[str, ServedModel] = {}
         self.versions: dict[str, dict[str, ServedModel]] = {}  # name -> version -> model (all ready)
+        self.ready_names: list[str] = []  # every model Triton has READY at the last refresh (served or not)
         self._client: tritonaio.InferenceServerClient | None = None
         self._last_refresh = 0.0
         self.on_batch: Callable[[str, int], None] | None = None  # (model, images) per Triton call
@@ -179,7 +180,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             models[name] = versions[name][vers[-1]]
         if sorted(models) != sorted(self.models):
             log.info("serving models: %s", ", ".join(sorted(models)) or "(none)")
-        self.models, self.versions = models, versions
+        self.models, self.versions, self.ready_names = models, versions, sorted(ready)
         return list(models.values())
 
     async def close(self) -> None:
@@ -564,8 +565,7 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         try:
             await self.refresh()
             if self.on_models_loaded is not None:
-                loaded = sorted({str(m["name"]) for m in await self.repository_index() if m.get("state") == "READY"})
-                self.on_models_loaded(loaded)
+                self.on_models_loaded(self.ready_names)
         except InferenceServerException as e:
             log.warning("could not refresh the model list after a model control call: %s", e)
 

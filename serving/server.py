@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from serving.errors import GatewayError
-from serving.gateway import VisionEncoderGateway
-from serving.gateway import DEFAULT_MAX_IMAGES
+from serving.gateway import DEFAULT_MAX_IMAGES, VisionEncoderGateway
 from serving.grpc_server import (DEFAULT_MAX_IN_FLIGHT, ServerOptions, TritonEvents, create_server, set_serving,
                                  watch_triton)
 from serving.images import DEFAULT_MAX_PIXELS
