@@ -119,10 +119,49 @@ async def _bench_service_async(target: str, model: str, images: np.ndarray, conc
     return _summary(lat, len(lat) * len(images), elapsed)
 
 
+def _bench_service_sync(target: str, model: str, images: np.ndarray, concurrency: int,
+                        duration: float, warmup: float, timeout: float) -> dict[str, Any]:
+    from clients.client import VitServeClient
+
+    with VitServeClient(target, timeout=timeout) as client:
+        def worker(deadline: float, out: list[float] | None) -> None:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= deadline:
+                    return
+                client.embed(images, model=model)
+                if out is not None:
+                    out.append(time.perf_counter() - t0)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            if warmup > 0:
+                end = time.perf_counter() + warmup
+                list(pool.map(lambda _: worker(end, None), range(concurrency)))
+            per_thread: list[list[float]] = [[] for _ in range(concurrency)]
+            start = time.perf_counter()
+            end = start + duration
+            list(pool.map(lambda i: worker(end, per_thread[i]), range(concurrency)))
+            elapsed = time.perf_counter() - start
+    lat = [x for xs in per_thread for x in xs]
+    return _summary(lat, len(lat) * len(images), elapsed)
+
+
+CLIENT_KINDS = ("sync", "aio")
+
+
 def bench_service(target: str, model: str, images: np.ndarray, concurrency: int, duration: float,
-                  warmup: float = 0.0, timeout: float = 60.0) -> dict[str, Any]:
-    """C concurrent ``Embed`` calls of ``images`` over one grpc.aio channel for ``duration`` seconds."""
-    return asyncio.run(_bench_service_async(target, model, images, concurrency, duration, warmup, timeout))
+                  warmup: float = 0.0, timeout: float = 60.0, client: str = "sync") -> dict[str, Any]:
+    """C concurrent ``Embed`` calls of ``images`` for ``duration`` seconds.
+
+    ``client="sync"``: C threads share one ``VitServeClient`` (the thin client a control loop
+    calls), the same structure as the in-process side; ``"aio"``: C tasks on one
+    ``AsyncVitServeClient`` (grpc.aio) channel.
+    """
+    if client == "sync":
+        return _bench_service_sync(target, model, images, concurrency, duration, warmup, timeout)
+    if client == "aio":
+        return asyncio.run(_bench_service_async(target, model, images, concurrency, duration, warmup, timeout))
+    raise ValueError(f"client must be one of {CLIENT_KINDS}, got {client!r}")
 
 
 def _conditions(target: str, model: str, onnx_path: Path | None, threads: int,
@@ -146,7 +185,7 @@ def _conditions(target: str, model: str, onnx_path: Path | None, threads: int,
 def run_bench(target: str, model: str, *, onnx_path: str | Path | None = None, intra_op_threads: int = 0,
               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
               concurrencies: Sequence[int] = DEFAULT_CONCURRENCIES, duration: float = 5.0,
-              warmup: float = 0.5, seed: int = 0, started: bool = False,
+              warmup: float = 0.5, seed: int = 0, started: bool = False, client_kind: str = "sync",
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sweep ``batch_sizes`` x ``concurrencies`` against ``target`` and, with ``onnx_path``, in-process.
 
@@ -174,7 +213,7 @@ def run_bench(target: str, model: str, *, onnx_path: str | Path | None = None, i
         order = ["service", "in_process"] if i % 2 == 0 else ["in_process", "service"]
         for side in order:
             if side == "service":
-                sides[side] = bench_service(target, model, images, c, duration, warmup)
+                sides[side] = bench_service(target, model, images, c, duration, warmup, client=client_kind)
             elif session is not None:
                 sides[side] = bench_in_process(session, images, c, duration, warmup)
         svc, inp = sides["service"], sides["in_process"]
@@ -184,9 +223,10 @@ def run_bench(target: str, model: str, *, onnx_path: str | Path | None = None, i
         points.append(point)
         if progress is not None:
             progress(_row(point))
-    return {"conditions": _conditions(target, model, Path(onnx_path) if onnx_path else None,
-                                      intra_op_threads, item_shape, duration, warmup, started),
-            "points": points}
+    conditions = _conditions(target, model, Path(onnx_path) if onnx_path else None,
+                             intra_op_threads, item_shape, duration, warmup, started)
+    conditions["client"] = client_kind
+    return {"conditions": conditions, "points": points}
 
 
 _HEADER = (f"{'batch':>5} {'conc':>4} | {'svc img/s':>9} {'p50':>7} {'p95':>7} {'p99':>7} | "
@@ -267,6 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
     p.add_argument("--intra-op-threads", type=int,
                    help="in-process ORT threads (default: the served model's config.pbtxt value)")
+    p.add_argument("--client", choices=CLIENT_KINDS, default="sync",
+                   help="service side: C threads on the sync thin client (VitServeClient, as a control loop "
+                   "calls it; the in-process side is C threads too) or C tasks on one grpc.aio channel")
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
     p.add_argument("--plot", default=None, help="PNG path (default: the --json path with .png)")
     p.add_argument("--triton-timeout", type=float, default=180.0)
@@ -312,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_bench(target, model, onnx_path=onnx_path, intra_op_threads=threads,
                            batch_sizes=args.batch_sizes, concurrencies=args.concurrency,
                            duration=args.duration, warmup=args.warmup, started=launcher is not None,
+                           client_kind=args.client,
                            progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"vitserve bench: {e}", file=sys.stderr)

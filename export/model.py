@@ -37,6 +37,7 @@ def make_session(onnx_path: str, intra_op_threads: int = 0, providers: Sequence[
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(onnx_path, options, providers=list(providers or ["CPUExecutionProvider"]))
 
 

@@ -166,3 +166,42 @@ def test_bucket_and_version_options_build_the_request():
     for bad in (0, "-1", "v2"):
         with pytest.raises(ValueError, match="version must be an integer >= 1"):
             embed_request(image, "m", False, "float32", version=bad)
+
+
+def _full_responses():
+    """Every response message the client turns into dicts, with every field set (and a few unset)."""
+    pre = vitserve_pb2.Preprocessing(height=224, width=224, channels=3, resized=2, converted=1,
+                                     resize_mode="bicubic", normalization="(x/255 - mean)/std",
+                                     resize_op=vitserve_pb2.CENTER_CROP, crop_pct=0.875)
+    for i in range(2):
+        im = pre.images.add()
+        for f in im.DESCRIPTOR.fields:  # every field of the per-image record, whatever its type
+            if f.type == f.TYPE_MESSAGE:
+                for g in f.message_type.fields:
+                    setattr(getattr(im, f.name), g.name, 0.25 * (i + 1))
+            elif f.type == f.TYPE_ENUM:
+                setattr(im, f.name, f.enum_type.values[-1].number)
+            elif f.type == f.TYPE_BOOL:
+                setattr(im, f.name, True)
+            elif f.type == f.TYPE_STRING:
+                setattr(im, f.name, f"s{i}")
+            else:
+                setattr(im, f.name, 3 + i)
+    model = vitserve_pb2.ModelRef(name="m", version="2", weights_sha256="ab" * 32, lane="latency")
+    bucketed = vitserve_pb2.ModelRef(name="m_224", version="1")
+    for g in bucketed.bucket.DESCRIPTOR.fields:
+        setattr(bucketed.bucket, g.name, 224 if g.type != g.TYPE_STRING else "m_224")
+    timing = vitserve_pb2.Timing(decode_ms=0.1, inference_ms=1.5, total_ms=float("inf"), queue_ms=0.0)
+    return [pre, vitserve_pb2.Preprocessing(), model, bucketed, vitserve_pb2.ModelRef(), timing,
+            vitserve_pb2.Timing(total_ms=float("nan"))]
+
+
+def test_message_dict_matches_protobuf_json_format():
+    from google.protobuf import json_format
+
+    from clients.client import _message_dict
+    for message in _full_responses():
+        want = json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
+                                         preserving_proto_field_name=True)
+        assert _message_dict(message) == want, type(message).__name__
+        assert _message_dict(message) == want  # the cached plan gives the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clients import bench
@@ -55,12 +56,15 @@ def test_model_files_reads_the_served_thread_count(repository: Path) -> None:
     assert onnx_path == repository / "bench_tiny" / "1" / "model.onnx" and threads == 1
 
 
-def test_one_point_sweep_against_a_real_service(repository: Path, target: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", bench.CLIENT_KINDS)
+def test_one_point_sweep_against_a_real_service(repository: Path, target: str, tmp_path: Path,
+                                                client: str) -> None:
     onnx_path, threads = bench.model_files(repository, "bench_tiny")
     result = bench.run_bench(target, "bench_tiny", onnx_path=onnx_path, intra_op_threads=threads,
-                             batch_sizes=[2], concurrencies=[2], duration=0.5, warmup=0.1)
+                             batch_sizes=[2], concurrencies=[2], duration=0.5, warmup=0.1, client_kind=client)
     json.loads(json.dumps(result))  # JSON-serialisable
     cond = result["conditions"]
+    assert cond["client"] == client
     assert cond["model"] == "bench_tiny" and cond["image_shape"] == [28, 28, 1]
     assert cond["intra_op_threads"] == 1 and cond["duration_s_per_point"] == 0.5
     (point,) = result["points"]
@@ -88,3 +92,7 @@ def test_usage_errors() -> None:
     assert bench.main([]) == 2
     with pytest.raises(SystemExit):
         bench.main(["--target", "x:1", "--batch-sizes", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--target", "x:1", "--client", "threads"])
+    with pytest.raises(ValueError, match="client must be one of"):
+        bench.bench_service("x:1", "m", np.zeros((1, 28, 28, 1), np.uint8), 1, 0.1, client="threads")

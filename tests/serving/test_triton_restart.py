@@ -127,6 +127,8 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
                 wait_for(lambda: health(channel) == NOT_SERVING, 10, "NOT_SERVING after kill -9")
                 wait_for(lambda: launcher.restarts == 1, 120, "the restart")
                 wait_for(lambda: health(channel) == SERVING, 15, "SERVING after the restart")
+                # The Watch stream's thread may record that change a moment after the unary check sees it.
+                wait_for(lambda: watch.statuses[-1:] == [SERVING], 5, "the Watch stream's SERVING")
                 assert watch.statuses[-3:] == [SERVING, NOT_SERVING, SERVING], watch.statuses
                 n = len(loop.codes)
                 wait_for(lambda: len(loop.codes) > n and loop.codes[-1] == grpc.StatusCode.OK, 15,
