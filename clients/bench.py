@@ -150,7 +150,7 @@ CLIENT_KINDS = ("sync", "aio")
 
 
 def bench_service(target: str, model: str, images: np.ndarray, concurrency: int, duration: float,
-                  warmup: float = 0.0, timeout: float = 60.0, client: str = "sync") -> dict[str, Any]:
+                  warmup: float = 0.0, timeout: float = 60.0, client: str = "aio") -> dict[str, Any]:
     """C concurrent ``Embed`` calls of ``images`` for ``duration`` seconds.
 
     ``client="sync"``: C threads share one ``VitServeClient`` (the thin client a control loop
@@ -185,7 +185,7 @@ def _conditions(target: str, model: str, onnx_path: Path | None, threads: int,
 def run_bench(target: str, model: str, *, onnx_path: str | Path | None = None, intra_op_threads: int = 0,
               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
               concurrencies: Sequence[int] = DEFAULT_CONCURRENCIES, duration: float = 5.0,
-              warmup: float = 0.5, seed: int = 0, started: bool = False, client_kind: str = "sync",
+              warmup: float = 0.5, seed: int = 0, started: bool = False, client_kind: str = "aio",
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sweep ``batch_sizes`` x ``concurrencies`` against ``target`` and, with ``onnx_path``, in-process.
 
@@ -307,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
     p.add_argument("--intra-op-threads", type=int,
                    help="in-process ORT threads (default: the served model's config.pbtxt value)")
-    p.add_argument("--client", choices=CLIENT_KINDS, default="sync",
+    p.add_argument("--client", choices=CLIENT_KINDS, default="aio",
                    help="service side: C threads on the sync thin client (VitServeClient, as a control loop "
                    "calls it; the in-process side is C threads too) or C tasks on one grpc.aio channel")
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
