@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository")
     p.add_argument("--name", help="model name (default: the run directory's or timm model's name)")
     p.add_argument("--version", type=int, default=1, help="model version directory (default 1)")
-    p.add_argument("--force", action="store_true", help="replace existing models of those names")
+    p.add_argument("--force", action="store_true", help="replace existing models of those names "
+                   "(with --add-version: replace only that version directory)")
+    p.add_argument("--add-version", action="store_true",
+                   help="add --version N to existing entries instead of writing new ones (same config "
+                        "required: repeat the entries' export options)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default 64)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"parity gate: max abs error ONNX vs PyTorch (default {DEFAULT_TOLERANCE:g})")
@@ -206,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = _parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as e:  # argparse already printed the usage message
         return int(e.code or 0)
+    if a.add_version and (a.variants or a.tensorrt):
+        print("vitserve export: error: --add-version cannot be combined with --variants or --tensorrt: "
+              "precision variants and TensorRT engines are entries of their own, which this export would "
+              "replace whole; add the version without them, and export variants under a new --name. "
+              "Nothing was written.", file=sys.stderr)
+        return 2
     if a.tensorrt:
         from export.tensorrt_engine import tensorrt_unavailable_reason
 
@@ -225,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, spec, default_name, source = _load(a)
         name = validate_model_name(a.name) if a.name is not None else default_name
         paths = export_entries(model, spec, a.repository, name, a.version, a.force, a.max_batch_size,
-                               **options, **source)
+                               **options, **source, add_version=a.add_version)
     except ExportUsageError as e:
         print(f"vitserve export: error: {e}", file=sys.stderr)
         return 2
@@ -237,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parity = manifest["parity"]
         errs = " ".join(f"{k}={v:.2e}" for k, v in parity["max_abs_err"].items())
         extra = "".join(f"  {k} {manifest[k]}" for k in ("lane",) if k in manifest)
+        if a.add_version:
+            extra += f"  versions recorded {sorted(manifest.get('versions', {}), key=int)}"
         size = "x".join(map(str, manifest["encoder_spec"]["img_size"]))
         print(f"{path}  version {a.version}  {size}{extra}  parity max_abs_err {errs} "
               f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")

@@ -8,6 +8,11 @@ repository is a mount point, or its parent is read-only) does staging fall back 
 ``publish`` moves it into place with ``renameat2(RENAME_NOREPLACE)`` (never clobbers a model another
 export just wrote) or, with ``force``, ``renameat2(RENAME_EXCHANGE)`` (old and new swap in one step),
 falling back to plain renames where the kernel or file system lacks them.
+
+Adding a version to an existing entry (``vitserve export --add-version``) publishes in three steps,
+each atomic: ``publish_version`` renames the staged ``<N>`` directory into the entry, then
+``replace_file`` swaps in manifest.json and config.pbtxt. A crash between them leaves a version
+directory the manifest does not describe yet (served, with an empty weights hash), never a broken entry.
 """
 
 from __future__ import annotations
@@ -95,6 +100,77 @@ def publish(staging: Path, target: Path, force: bool) -> None:
             raise ExportUsageError(exists_message(target)) from e
         raise
     _fsync_dir(target.parent)
+
+
+def _version_appeared(target: Path) -> str:
+    return (f"version {target.name} of model {target.parent.name!r} appeared in {target.parent.parent} while "
+            "this export ran (another export?); it was left as it is")
+
+
+def publish_version(staged: Path, target: Path, force: bool) -> Path | None:
+    """Move the staged version directory ``staged`` to ``target`` (``<entry>/<N>``) in one rename.
+
+    Without ``force`` an existing ``target`` is refused (``renameat2(RENAME_NOREPLACE)``); with it the
+    old version is swapped out (``RENAME_EXCHANGE``, else two renames) and left at the returned path
+    beside ``staged`` (the staging directory's cleanup deletes it), so ``withdraw_version`` can undo.
+    """
+    replaced = staged.with_name(staged.name + ".replaced")
+    try:
+        if not (force and target.exists()):
+            if not _renameat2(staged, target, _RENAME_NOREPLACE):
+                if target.exists():
+                    raise ExportUsageError(_version_appeared(target))
+                os.rename(staged, target)  # fails with ENOTEMPTY if a version appeared meanwhile
+            _fsync_dir(target.parent)
+            return None
+        if _renameat2(staged, target, _RENAME_EXCHANGE):
+            os.rename(staged, replaced)  # staged now holds the old version
+        else:  # no atomic exchange here: two renames, rolled back if the second fails
+            os.rename(target, replaced)
+            try:
+                os.rename(staged, target)
+            except OSError:
+                os.rename(replaced, target)
+                raise
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise ExportUsageError(_version_appeared(target)) from e
+        raise
+    _fsync_dir(target.parent)
+    return replaced
+
+
+def withdraw_version(staged: Path, target: Path, replaced: Path | None) -> None:
+    """Undo ``publish_version``: the new version back to ``staged``, the replaced one (if any) back in.
+
+    Used when a later entry of the same export cannot be published; not atomic (the version is
+    briefly absent), which Triton sees as a version removed and added again, never as a broken one.
+    """
+    os.rename(target, staged)
+    if replaced is not None:
+        os.rename(replaced, target)
+    _fsync_dir(target.parent)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: a temporary file beside it, fsync, ``os.replace``.
+
+    The new file keeps the old one's permission bits (a Triton running as another user reads it).
+    """
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 _STAGING_PID = re.compile(r"\.pid(\d+)\.[^.]*$")

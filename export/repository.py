@@ -10,7 +10,8 @@ Layout (docs/CONTRACTS.md)::
 Everything is built in a hidden staging directory beside the repository (same file system; Triton
 would try to load anything inside it), checked (ONNX checker, parity gate), then renamed into place in one step. A
 failed export leaves nothing behind; an existing model is replaced only with ``force=True``, by an
-atomic exchange where the kernel offers one.
+atomic exchange where the kernel offers one. ``add_version=True`` adds a version directory to
+existing entries instead (same config required; the manifest gains a ``versions`` record).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,9 +40,10 @@ from export.onnx_export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, TO
                                 ExportUsageError, check_parity, export_onnx)
 from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs, output_dims, validate_selection
 from export.preprocessing import check_preprocessing, default_preprocessing
-from export.publish import exists_message, fsync_tree, publish, staging_directory
+from export.publish import (exists_message, fsync_tree, publish, publish_version, replace_file,
+                            staging_directory, withdraw_version)
 from export.triton_config import (BACKENDS, DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
-                                  TritonConfigError, TritonModelConfig, VersionPolicy)
+                                  TritonConfigError, TritonModelConfig, VersionPolicy, parse_pbtxt)
 from training.backbone import BackboneError, EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -236,6 +239,7 @@ def export_entries(
     target: str | None = None,
     weights: dict[str, Any] | None = None,
     preprocessing: dict[str, Any] | None = None,
+    add_version: bool = False,
 ) -> list[Path]:
     """Export ``model`` into ``repository``: one entry per resolution bucket and lane; return their paths.
 
@@ -247,6 +251,11 @@ def export_entries(
     Raises ``ExportUsageError`` for bad arguments or an existing entry (without ``force``),
     ``ExportError`` when a check fails; in both cases nothing is published (all entries are staged
     and checked before the first one is moved in).
+
+    ``add_version`` adds ``version`` to entries that already exist instead of writing new ones
+    (``force`` then replaces only that version directory): every entry must exist, its config must
+    equal the one this export generates except for the manifest (``config_differences``), and its
+    manifest gains a ``versions`` record (``merge_version``); see ``publish_versions`` for the order.
     """
     validate_model_name(name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -281,14 +290,66 @@ def export_entries(
     entry_name = {(i, lane): b + (LATENCY_SUFFIX if lane == "latency" else "") for b, lane, i in entries}
     for n in entry_name.values():
         validate_model_name(n)
-    repository.mkdir(parents=True, exist_ok=True)
-    for n in entry_name.values():
-        if (repository / n).exists() and not force:  # fail before the slow part; publish() re-checks
-            raise ExportUsageError(exists_message(repository / n))
+    existing: dict[str, ExistingEntry] = {}
+    if add_version:  # every entry must be there; nothing is created before the checks pass
+        if not repository.is_dir():
+            raise ExportUsageError(f"--add-version: model repository {repository} does not exist; "
+                                   "export the model first without --add-version")
+        existing = {n: read_existing_entry(repository / n, version, force) for n in entry_name.values()}
+    else:
+        repository.mkdir(parents=True, exist_ok=True)
+        for n in entry_name.values():
+            if (repository / n).exists() and not force:  # fail before the slow part; publish() re-checks
+                raise ExportUsageError(exists_message(repository / n))
 
     weights_hash = weights_sha256 or state_dict_sha256(model)
     preprocessing = dict(preprocessing) if preprocessing else default_preprocessing(spec)
     check_preprocessing(preprocessing, spec)
+
+    def entry_files(i: int, lane: str | None, files: dict[str, str], parity: dict[str, Any]
+                    ) -> tuple[dict[str, Any], str]:
+        """The manifest and config.pbtxt text of entry (bucket ``i``, ``lane``)."""
+        bucket_spec = encoders[i][1]
+        entry = entry_name[(i, lane)]
+        inputs, outputs = tensor_layout(bucket_spec, architecture, selection)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": entry,
+            "version": version,
+            "encoder_spec": bucket_spec.to_dict(),
+            "architecture": architecture,
+            "inputs": inputs,
+            "outputs": outputs,
+            "weights_sha256": weights_hash,
+            "files": files,
+            "parity": parity,
+            "exporter": {**exporter_info(opset, backend), "target": target},
+            # probe scores were measured at the encoder's own size; other buckets get none
+            "probes": dict(probes or {}) if tuple(bucket_spec.img_size) == tuple(spec.img_size) else {},
+            "source": source or f"in-memory {spec.model_name}",
+            "preprocessing": preprocessing,
+        }
+        if weights:
+            manifest["weights"] = dict(weights)
+        if buckets is not None:
+            manifest["buckets"] = buckets
+            manifest["bucket"] = {"size": list(bucket_spec.img_size), "grid": list(bucket_spec.grid_size)}
+        if lane is not None:
+            manifest["lanes"] = {"throughput": entry_name[(i, "throughput")],
+                                 "latency": entry_name[(i, "latency")]}
+            manifest["lane"] = lane
+        if add_version:
+            manifest = merge_version(existing[entry].manifest, manifest, version)
+        dims = output_dims(bucket_spec, architecture, selection)
+        pbtxt = triton_config(entry, bucket_spec, manifest, *config_args, outputs=dims, lane=lane,
+                              **config_kw).to_pbtxt()
+        if add_version:
+            check_compatible(existing[entry], manifest, pbtxt, version)
+        return manifest, pbtxt
+
+    if add_version:  # refuse an incompatible entry before the slow part (and again once staged)
+        for i, lane in entry_name:
+            entry_files(i, lane, {}, {})
     staged: list[tuple[Path, Path]] = []
     with contextlib.ExitStack() as stack:
         for i, (bucket_model, bucket_spec) in enumerate(encoders):
@@ -316,45 +377,208 @@ def export_entries(
                 if backend == "python":
                     shutil.copyfile(triton_model.__file__, version_dir / "model.py")
                     files[f"{version}/model.py"] = sha256_file(version_dir / "model.py")
-                inputs, outputs = tensor_layout(bucket_spec, architecture, selection)
-                manifest = {
-                    "format_version": FORMAT_VERSION,
-                    "name": entry,
-                    "version": version,
-                    "encoder_spec": bucket_spec.to_dict(),
-                    "architecture": architecture,
-                    "inputs": inputs,
-                    "outputs": outputs,
-                    "weights_sha256": weights_hash,
-                    "files": files,
-                    "parity": parity,
-                    "exporter": {**exporter_info(opset, backend), "target": target},
-                    # probe scores were measured at the encoder's own size; other buckets get none
-                    "probes": dict(probes or {}) if tuple(bucket_spec.img_size) == tuple(spec.img_size) else {},
-                    "source": source or f"in-memory {spec.model_name}",
-                    "preprocessing": preprocessing,
-                }
-                if weights:
-                    manifest["weights"] = dict(weights)
-                if buckets is not None:
-                    manifest["buckets"] = buckets
-                    manifest["bucket"] = {"size": list(bucket_spec.img_size), "grid": list(bucket_spec.grid_size)}
-                if lane is not None:
-                    manifest["lanes"] = {"throughput": entry_name[(i, "throughput")],
-                                         "latency": entry_name[(i, "latency")]}
-                    manifest["lane"] = lane
-                dims = output_dims(bucket_spec, architecture, selection)
-                pbtxt = triton_config(entry, bucket_spec, manifest, *config_args, outputs=dims, lane=lane,
-                                      **config_kw).to_pbtxt()
+                manifest, pbtxt = entry_files(i, lane, files, parity)
                 (staging / CONFIG_FILENAME).write_text(pbtxt)
                 (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
                 fsync_tree(staging)
                 staged.append((staging, repository / entry))
-        for staging, target_dir in staged:  # every entry passed its checks: move them in
-            publish(staging, target_dir, force)
+        if add_version:
+            publish_versions(staged, existing, version, force)
+        else:
+            for staging, target_dir in staged:  # every entry passed its checks: move them in
+                publish(staging, target_dir, force)
     for _, target_dir in staged:
         log.info("exported %s version %d to %s", target_dir.name, version, target_dir)
     return [t for _, t in staged]
+
+
+# --- adding a version to an existing entry (--add-version) -------------------------------------
+
+# Manifest fields that change what the gateway does for every version of an entry (it reads them
+# from the one config): they must not change when a version is added.
+_SERVING_SPEC_KEYS = ("img_size", "in_chans", "grid_size", "patch_size", "num_prefix_tokens")
+_OUTPUT_KEYS = ("dtype", "shape", "layer", "final_norm", "tokens", "pooling")
+_PREPROCESSING_KEYS = ("resize_op", "crop_pct", "interpolation")
+
+
+@dataclass(frozen=True)
+class ExistingEntry:
+    """A vitserve entry as read before a version is added to it (bytes kept to detect changes)."""
+
+    path: Path
+    config_text: str
+    manifest_text: str
+    manifest: dict[str, Any]
+
+    def unchanged(self) -> bool:
+        """Whether config.pbtxt and manifest.json still hold the bytes read at the start."""
+        try:
+            return ((self.path / CONFIG_FILENAME).read_text() == self.config_text
+                    and (self.path / MANIFEST_FILENAME).read_text() == self.manifest_text)
+        except OSError:
+            return False
+
+
+def entry_versions(path: Path) -> list[int]:
+    """The version directories of an entry, ascending."""
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()) if path.is_dir() else []
+
+
+def read_existing_entry(path: Path, version: int, force: bool) -> ExistingEntry:
+    """The entry at ``path`` that ``version`` is to be added to; ``ExportUsageError`` if it cannot be."""
+    config_path, manifest_path = path / CONFIG_FILENAME, path / MANIFEST_FILENAME
+    if not (config_path.is_file() and manifest_path.is_file()):
+        raise ExportUsageError(
+            f"--add-version: model {path.name!r} is not in {path.parent} (no vitserve entry with "
+            f"{CONFIG_FILENAME} and {MANIFEST_FILENAME}); export it first without --add-version")
+    config_text, manifest_text = config_path.read_text(), manifest_path.read_text()
+    try:
+        manifest = json.loads(manifest_text)
+        int(manifest["version"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportUsageError(f"--add-version: {manifest_path} is not a vitserve manifest ({e!r}); "
+                               "export under a new --name") from e
+    versions = entry_versions(path)
+    if (path / str(version)).exists() and not force:
+        raise ExportUsageError(
+            f"model {path.name!r} in {path.parent} already has version {version} (versions {versions}); "
+            f"pass --version {max(versions + [version]) + 1} to add a new one, or --force to replace "
+            f"version {version} only")
+    return ExistingEntry(path, config_text, manifest_text, manifest)
+
+
+def version_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """One manifest's version as a ``versions`` record: weights hash, its files, parity, source, probes."""
+    version = str(manifest["version"])
+    exporter = dict(manifest.get("exporter") or {})
+    record = {"weights_sha256": str(manifest.get("weights_sha256", "")),
+              "files": {f: h for f, h in (manifest.get("files") or {}).items() if f.startswith(version + "/")},
+              "parity": manifest.get("parity") or {},
+              "source": manifest.get("source", ""),
+              "probes": manifest.get("probes") or {},
+              "exported_at": exporter.pop("exported_at", ""),
+              "exporter": exporter}
+    if "weights" in manifest:
+        record["weights"] = manifest["weights"]
+    return record
+
+
+def merge_version(old: dict[str, Any], new: dict[str, Any], version: int) -> dict[str, Any]:
+    """``new`` (this export's manifest) with ``versions``: ``old``'s records plus this version's.
+
+    A manifest written before ``versions`` existed contributes one record built from its top-level
+    fields. The top level keeps describing the version just exported; top-level ``files`` lists
+    every recorded version's files.
+    """
+    versions = {str(k): v for k, v in (old.get("versions") or {}).items()} or {
+        str(old["version"]): version_record(old)}
+    versions[str(version)] = version_record(new)
+    versions = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
+    files = {f: h for record in versions.values() for f, h in record["files"].items()}
+    return {**new, "files": files, "versions": versions}
+
+
+def _tensor_differences(kind: str, old: Sequence[Any], new: Sequence[Any]) -> list[str]:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    def table(tensors: Sequence[Any]) -> dict[str, tuple[str, list[int]]]:
+        return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in tensors}
+
+    a, b = table(old), table(new)
+    if list(a) != list(b):
+        return [f"{kind}s {list(a)} in the entry, {list(b)} in this export"]
+    out = []
+    for name, (dtype, dims) in a.items():
+        if dims != b[name][1]:
+            out.append(f"{kind} {name!r} dims {dims} in the entry, {b[name][1]} in this export")
+        if dtype != b[name][0]:
+            out.append(f"{kind} {name!r} data type {dtype} in the entry, {b[name][0]} in this export")
+    return out
+
+
+def config_differences(old_pbtxt: str, new_pbtxt: str) -> list[str]:
+    """What differs between two config.pbtxt texts other than the ``vitserve_manifest`` parameter."""
+    from google.protobuf import text_format
+
+    old, new = parse_pbtxt(old_pbtxt), parse_pbtxt(new_pbtxt)
+    for config in (old, new):
+        if MANIFEST_PARAMETER in config.parameters:
+            del config.parameters[MANIFEST_PARAMETER]
+    out: list[str] = []
+    for field in old.DESCRIPTOR.fields:
+        if getattr(old, field.name) == getattr(new, field.name):
+            continue
+        if field.name in ("input", "output"):
+            out += _tensor_differences(field.name, getattr(old, field.name), getattr(new, field.name))
+            continue
+
+        def text(config: Any) -> str:
+            part = type(config)()
+            part.CopyFrom(config)
+            for other in part.DESCRIPTOR.fields:
+                if other.name != field.name:
+                    part.ClearField(other.name)
+            return text_format.MessageToString(part, as_one_line=True) or "(not set)"
+
+        out.append(f"{text(old)} in the entry, {text(new)} in this export")
+    return out
+
+
+def manifest_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Differences in what the gateway reads from the manifest for every version (not in the config)."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # as stored: tuples are lists
+    pairs: list[tuple[str, Any, Any]] = []
+    old_spec, new_spec = old.get("encoder_spec") or {}, new.get("encoder_spec") or {}
+    pairs += [(f"encoder_spec.{k}", old_spec.get(k), new_spec.get(k)) for k in _SERVING_SPEC_KEYS]
+    old_out, new_out = old.get("outputs") or {}, new.get("outputs") or {}
+    pairs += [(f"output {name!r} {k}", old_out[name].get(k), new_out[name].get(k))
+              for name in old_out if name in new_out for k in _OUTPUT_KEYS]
+    old_pre, new_pre = old.get("preprocessing") or {}, new.get("preprocessing") or {}
+    pairs += [(f"preprocessing.{k}", old_pre.get(k), new_pre.get(k)) for k in _PREPROCESSING_KEYS]
+    pairs += [(k, old.get(k), new.get(k)) for k in ("buckets", "lanes", "lane")]
+    return [f"{what} {_shown(a)} in the entry, {_shown(b)} in this export" for what, a, b in pairs if a != b]
+
+
+def _shown(value: Any) -> str:
+    return "(none)" if value is None else json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
+
+
+def check_compatible(entry: ExistingEntry, manifest: dict[str, Any], pbtxt: str, version: int) -> None:
+    """Raise ``ExportUsageError`` unless ``pbtxt``/``manifest`` may serve beside the entry's versions."""
+    diffs = config_differences(entry.config_text, pbtxt) + manifest_differences(entry.manifest, manifest)
+    if diffs:
+        raise ExportUsageError(
+            f"cannot add version {version} to model {entry.path.name!r}: Triton serves every version of an "
+            "entry with one config, and this export's differs from the entry's: " + "; ".join(diffs)
+            + ". Repeat the options of the entry's export, or export under a new --name")
+
+
+def publish_versions(staged: Sequence[tuple[Path, Path]], existing: dict[str, ExistingEntry], version: int,
+                     force: bool) -> None:
+    """Publish staged versions into existing entries: every ``<N>`` directory, then every manifest and config.
+
+    Each step is atomic (``publish_version``, ``replace_file``); the entries are re-read first, and if
+    one changed since the checks, or a version directory cannot be moved in, those already moved are
+    taken back out, so a failed add leaves every entry as it was.
+    """
+    changed = [e.path.name for e in existing.values() if not e.unchanged()]
+    if changed:
+        raise ExportUsageError(f"model(s) {changed} changed while this export ran (another export?); "
+                               "nothing was written")
+    moved: list[tuple[Path, Path, Path | None]] = []
+    try:
+        for staging, target in staged:
+            moved.append((staging / str(version), target / str(version),
+                          publish_version(staging / str(version), target / str(version), force)))
+    except BaseException:
+        for staged_dir, target_dir, replaced in reversed(moved):
+            withdraw_version(staged_dir, target_dir, replaced)
+        raise
+    # A crash from here on leaves version directories the manifests do not describe yet: served, with
+    # an empty weights hash, until the next step.
+    for staging, target in staged:
+        replace_file(target / MANIFEST_FILENAME, (staging / MANIFEST_FILENAME).read_bytes())
+        replace_file(target / CONFIG_FILENAME, (staging / CONFIG_FILENAME).read_bytes())
 
 
 def export_run(

@@ -48,6 +48,8 @@ class ServedModel:
     outputs: tuple[str, ...] = (CLS_OUTPUT, PATCH_OUTPUT)
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
+    # this version's probe results when the manifest records versions (None: the manifest's own)
+    probes: dict[str, Any] | None = None
 
     @property
     def encoder_spec(self) -> dict[str, Any]:
@@ -69,8 +71,8 @@ class ServedModel:
 
     @property
     def probe_scores(self) -> dict[str, float]:
-        """``manifest.probes.scores`` (numbers only); ``{}`` when the model was exported without probes."""
-        probes = self.manifest.get("probes") or {}
+        """``probes.scores`` of this version (numbers only); ``{}`` when it was exported without probes."""
+        probes = (self.manifest.get("probes") if self.probes is None else self.probes) or {}
         scores = probes.get("scores") if isinstance(probes, dict) else None
         if not isinstance(scores, dict):
             return {}
@@ -214,9 +216,7 @@ def model_from_config(config: dict[str, Any], version: str = "") -> ServedModel:
         raise CatalogError(f"model {name!r}: manifest grid {grid} / dims cls {cls_dims} disagree with "
                            f"output {PATCH_OUTPUT!r} dims {patch_dims}")
     version = str(version or manifest.get("version", ""))
-    # The manifest (in the config, shared by all version directories) describes the version its
-    # export wrote; another version directory's weights are not known here.
-    described = str(manifest.get("version", version))
+    weights_sha256, probes = version_weights(manifest, version)
     return ServedModel(
         name=name,
         version=version,
@@ -226,11 +226,31 @@ def model_from_config(config: dict[str, Any], version: str = "") -> ServedModel:
         patch_size=patch,
         num_prefix_tokens=prefix,
         max_batch_size=max_batch,
-        weights_sha256=str(manifest.get("weights_sha256", "")) if described == version else "",
+        weights_sha256=weights_sha256,
         normalization=normalization,
         manifest=manifest,
         preprocess=preprocess,
         outputs=outputs,
         preferred_batch_sizes=preferred,
         max_queue_delay_us=delay,
+        probes=probes,
     )
+
+
+def version_weights(manifest: dict[str, Any], version: str) -> tuple[str, dict[str, Any] | None]:
+    """(weights hash, probes) of ``version``: its record in the manifest's ``versions`` map.
+
+    The manifest travels in the config, shared by all version directories. With a ``versions`` map
+    (``vitserve export --add-version``) each recorded version has its own hash and probes; a version
+    directory the map does not record (copied by hand, or published by an export that stopped before
+    its manifest) gets ``""``. Without a map the manifest describes only the version its export wrote.
+    """
+    versions = manifest.get("versions")
+    if isinstance(versions, dict) and versions:
+        record = versions.get(version)
+        if not isinstance(record, dict):
+            return "", {}
+        probes = record.get("probes")
+        return str(record.get("weights_sha256", "")), probes if isinstance(probes, dict) else {}
+    described = str(manifest.get("version", version))
+    return (str(manifest.get("weights_sha256", "")) if described == version else ""), None

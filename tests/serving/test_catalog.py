@@ -95,3 +95,26 @@ def test_model_without_probes_or_lanes():
 def test_bad_preprocessing_entry_is_refused():
     with pytest.raises(CatalogError, match="preprocessing.resize_op 'zoom'"):
         model_from_config(config({**MANIFEST, "preprocessing": {"resize_op": "zoom"}}))
+
+
+def test_each_recorded_version_has_its_own_weights_hash_and_probes():
+    # what `vitserve export --add-version` writes: the top level describes version 2, `versions` both
+    manifest = {**MANIFEST, "version": 2, "weights_sha256": "cd" * 32, "probes": {"scores": {"knn": 0.8}},
+                "versions": {"1": {"weights_sha256": "ab" * 32, "probes": {"scores": {"knn": 0.7}}},
+                             "2": {"weights_sha256": "cd" * 32, "probes": {"scores": {"knn": 0.8}}}}}
+    one, two = (model_from_config(config(manifest), v) for v in ("1", "2"))
+    assert (one.weights_sha256, one.ref().weights_sha256, one.probe_scores) == ("ab" * 32, "ab" * 32, {"knn": 0.7})
+    assert (two.weights_sha256, dict(two.info(ready=True).probe_scores)) == ("cd" * 32, {"knn": 0.8})
+    # a version directory the map does not record (copied by hand, or an interrupted add): no claim
+    three = model_from_config(config(manifest), "3")
+    assert (three.weights_sha256, three.probe_scores) == ("", {})
+    # no version given: the manifest's own version
+    assert model_from_config(config(manifest)).weights_sha256 == "cd" * 32
+
+
+def test_manifest_without_versions_describes_only_its_own_version():
+    manifest = {**MANIFEST, "probes": {"scores": {"knn": 0.7}}}
+    assert model_from_config(config(manifest), "1").weights_sha256 == "ab" * 32
+    other = model_from_config(config(manifest), "2")
+    assert other.weights_sha256 == "" and other.version == "2"
+    assert other.probe_scores == {"knn": 0.7}  # as before the versions map: the manifest's scores
