@@ -1,15 +1,15 @@
 """Resolution-bucket routing (``bucket=auto``) and model versions through a real Triton and gateway.
 
 The repository holds ``multi`` and ``multi_r56`` (one export at ``--resolutions 28,56`` through the
-real exporter) and ``versioned``: version 1 exported with ``version_policy all`` and a version 2
-directory from another export of a differently initialised encoder, so the two versions answer
-differently and each can be checked against its own PyTorch model.
+real exporter) and ``versioned``: version 1 exported with ``version_policy all``, version 2 added by
+``export_entries(..., add_version=True)`` (``vitserve export --version 2 --add-version``) from a
+differently initialised encoder, so the two versions answer differently, each can be checked
+against its own PyTorch model and each reports its own weights hash.
 """
 
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -59,10 +59,8 @@ def repository(exported, second_model, tmp_path_factory) -> Path:
                                      resolutions=[(28, 28), (56, 56)])
     export_repository.export_entries(exported.model, exported.spec, repo, "versioned", max_batch_size=8,
                                      version_policy=VersionPolicy("all"))
-    other = tmp_path_factory.mktemp("version_2")
-    export_repository.export_entries(*second_model, other, "versioned", version=2, max_batch_size=8,
-                                     version_policy=VersionPolicy("all"))
-    shutil.copytree(other / "versioned" / "2", repo / "versioned" / "2")
+    export_repository.export_entries(*second_model, repo, "versioned", version=2, max_batch_size=8,
+                                     version_policy=VersionPolicy("all"), add_version=True)
     return repo
 
 
@@ -150,25 +148,28 @@ def test_unknown_bucket_value_is_invalid_argument(client):
 
 
 def test_requests_name_a_version(client, exported, second_model):
+    from export.repository import state_dict_sha256
+
     x = images(2, 28, 28, seed=5)
     want_1 = tokens(exported.model, exported.spec, x)[0]
     want_2 = tokens(*second_model, x)[0]
     assert np.abs(want_1 - want_2).max() > 1e-2  # the two versions really differ
 
+    hash_1, hash_2 = state_dict_sha256(exported.model), state_dict_sha256(second_model[0])
+    assert hash_1 != hash_2
+
     newest = client.embed_result(x, model="versioned")
-    assert newest.model["version"] == "2"
+    assert newest.model["version"] == "2" and newest.model["weights_sha256"] == hash_2
     np.testing.assert_allclose(newest.embeddings, want_2, rtol=1e-4, atol=1e-4)
-    # Version 2's directory was not written by the export whose manifest the config carries.
-    assert newest.model["weights_sha256"] == ""
 
     one = client.embed_result(x, model="versioned", version=1)
-    assert one.model["version"] == "1" and len(one.model["weights_sha256"]) == 64
+    assert one.model["version"] == "1" and one.model["weights_sha256"] == hash_1  # from the versions map
     np.testing.assert_allclose(one.embeddings, want_1, rtol=1e-4, atol=1e-4)
     two = client.features(x, model="versioned", version="2", include_cls=True)
-    assert two.model["version"] == "2"
+    assert two.model["version"] == "2" and two.model["weights_sha256"] == hash_2
     np.testing.assert_allclose(two.cls, want_2, rtol=1e-4, atol=1e-4)
     (frame,) = client.stream_features([(1, x)], model="versioned", version=1, timeout=60)
-    assert frame.features.model["version"] == "1"
+    assert frame.features.model["version"] == "1" and frame.features.model["weights_sha256"] == hash_1
 
     code, details = code_of(lambda: client.embed(x, model="versioned", version=3))
     assert code == grpc.StatusCode.NOT_FOUND
