@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from export import repository
 from export.cli import main
-from export.onnx_export import ExportUsageError
+from export.onnx_export import ExportError, ExportUsageError
 from export.outputs import OutputSelection
 from export.repository import config_differences, export_entries, read_manifest, sha256_file, state_dict_sha256
 from export.triton_config import VersionPolicy, parse_pbtxt
@@ -167,6 +167,30 @@ def test_missing_entry_or_repository_is_refused(tmp_path, fmnist_images, make_en
     assert list((tmp_path / "repo").iterdir()) == []
 
 
+def test_failed_parity_gate_leaves_the_repository_unchanged(repo, fmnist_images, make_encoder):
+    before = tree(repo)
+    with pytest.raises(ExportError, match="beyond tolerance"):
+        add(repo, fmnist_images, make_encoder(1), tol=0.0)
+    assert tree(repo) == before and leftovers(repo) == []
+
+
+def test_an_entry_changed_during_the_export_stops_it(repo, fmnist_images, make_encoder, monkeypatch):
+    real = repository.fsync_tree
+    edited = repo / "m_latency" / "manifest.json"
+
+    def meanwhile(root: Path) -> None:  # another writer edits an entry while ours is being staged
+        edited.write_text(edited.read_text() + " ")
+        real(root)
+
+    monkeypatch.setattr(repository, "fsync_tree", meanwhile)
+    before = tree(repo)
+    with pytest.raises(ExportUsageError, match=r"\['m_latency'\] changed while this export ran"):
+        add(repo, fmnist_images, make_encoder(1))
+    after = tree(repo)
+    assert sorted(p for p in after if after[p] != before.get(p)) == ["m_latency/manifest.json"]  # theirs only
+    assert sorted(after) == sorted(before) and leftovers(repo) == []
+
+
 def test_a_version_that_appears_meanwhile_rolls_back_every_entry(repo, fmnist_images, monkeypatch,
                                                                    make_encoder):
     # another export publishes m_latency/2 between our checks and our rename
@@ -214,6 +238,9 @@ def test_cli_add_version(tmp_path, make_run_dir, capsys):
     assert "already has version 1 (versions [1]); pass --version 2" in err
     assert main([str(runs[1]), "--repository", repo, "--name", "m", "--version", "2", "--add-version",
                  "--variants", "int8-dynamic"]) == 2
+    assert "--add-version cannot be combined with --variants or --tensorrt" in capsys.readouterr().err
+    assert main([str(runs[1]), "--repository", repo, "--name", "m", "--version", "2", "--add-version",
+                 "--tensorrt"]) == 2
     assert "--add-version cannot be combined with --variants or --tensorrt" in capsys.readouterr().err
     assert main([str(runs[1]), "--repository", repo, "--name", "m", "--version", "2", "--add-version",
                  "--max-batch-size", "8"]) == 2
