@@ -20,6 +20,7 @@ from PIL import Image
 
 from clients.client import VitServeClient, VitServeError
 from protos import vitserve_pb2
+from serving.grpc_server import ServerOptions
 from serving.server import BackgroundGateway
 from serving.triton_launcher import TritonLauncher
 
@@ -182,3 +183,50 @@ def test_requests_name_a_version(client, exported, second_model):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "version 'latest' is not a version number" in details
     with pytest.raises(ValueError, match="version must be an integer >= 1"):
         client.embed(x, model="versioned", version="v2")
+
+
+@pytest.fixture(scope="module")
+def live(exported, tmp_path_factory) -> Iterator[tuple[Path, VitServeClient]]:
+    """A repository with ``live``/``live_latency`` version 1 behind an admin gateway (explicit control)."""
+    from export.repository import export_entries
+    from export.triton_config import VersionPolicy
+
+    repo = tmp_path_factory.mktemp("add_version_at_run_time")
+    export_entries(exported.model, exported.spec, repo, "live", max_batch_size=8, lanes=True,
+                   version_policy=VersionPolicy("all"))
+    launcher = TritonLauncher(repo, explicit_model_control=True)
+    try:
+        launcher.start(timeout=180)
+        with BackgroundGateway(launcher.grpc_url, options=ServerOptions(enable_admin=True)) as gw, \
+                VitServeClient(gw.target, timeout=120) as c:
+            yield repo, c
+    finally:
+        launcher.stop()
+
+
+def test_a_version_added_at_run_time_is_served_after_reload(live, exported, second_model):
+    from export.repository import export_entries, state_dict_sha256
+    from export.triton_config import VersionPolicy
+
+    repo, client = live
+    x = images(2, 28, 28, seed=7)
+    hash_1, hash_2 = state_dict_sha256(exported.model), state_dict_sha256(second_model[0])
+    assert client.get_model("live").versions == ("1",)
+
+    # `vitserve export ... --lanes --version-policy all --version 2 --add-version` while it serves
+    export_entries(*second_model, repo, "live", version=2, max_batch_size=8, lanes=True,
+                   version_policy=VersionPolicy("all"), add_version=True)
+    assert client.get_model("live").versions == ("1",)  # Triton reads the repository on reload only
+    for name in ("live", "live_latency"):
+        out = client.reload_model(name)
+        assert out.state == "READY" and out.info.versions == ("1", "2")
+        assert (out.info.version, out.info.weights_sha256) == ("2", hash_2)
+
+    for name in ("live", "live_latency"):
+        two = client.embed_result(x, model=name, version=2)
+        assert (two.model["name"], two.model["weights_sha256"]) == (name, hash_2)
+        np.testing.assert_allclose(two.embeddings, tokens(*second_model, x)[0], rtol=1e-4, atol=1e-4)
+        one = client.embed_result(x, model=name, version=1)
+        assert (one.model["version"], one.model["weights_sha256"]) == ("1", hash_1)
+        np.testing.assert_allclose(one.embeddings, tokens(exported.model, exported.spec, x)[0],
+                                   rtol=1e-4, atol=1e-4)
