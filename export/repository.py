@@ -463,6 +463,14 @@ def version_record(manifest: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def version_records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``versions`` map (a copy), or, for a manifest from before the map, its one record."""
+    versions = manifest.get("versions")
+    if isinstance(versions, dict):  # may be empty: a replaced version's record was dropped
+        return {str(k): v for k, v in versions.items()}
+    return {str(manifest["version"]): version_record(manifest)}
+
+
 def merge_version(old: dict[str, Any], new: dict[str, Any], version: int) -> dict[str, Any]:
     """``new`` (this export's manifest) with ``versions``: ``old``'s records plus this version's.
 
@@ -470,8 +478,7 @@ def merge_version(old: dict[str, Any], new: dict[str, Any], version: int) -> dic
     fields. The top level keeps describing the version just exported; top-level ``files`` lists
     every recorded version's files.
     """
-    versions = {str(k): v for k, v in (old.get("versions") or {}).items()} or {
-        str(old["version"]): version_record(old)}
+    versions = version_records(old)
     versions[str(version)] = version_record(new)
     versions = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
     files = {f: h for record in versions.values() for f, h in record["files"].items()}
@@ -559,26 +566,50 @@ def publish_versions(staged: Sequence[tuple[Path, Path]], existing: dict[str, Ex
 
     Each step is atomic (``publish_version``, ``replace_file``); the entries are re-read first, and if
     one changed since the checks, or a version directory cannot be moved in, those already moved are
-    taken back out, so a failed add leaves every entry as it was.
+    taken back out, so a failed add leaves every entry as it was. With ``force``, a version being
+    replaced first loses its record (manifest and config rewritten without it), so it is never
+    reported with the weights hash of the directory it replaced.
     """
     changed = [e.path.name for e in existing.values() if not e.unchanged()]
     if changed:
         raise ExportUsageError(f"model(s) {changed} changed while this export ran (another export?); "
                                "nothing was written")
+    # --force over an existing version: first drop its record, so that no step below leaves the new
+    # directory described by the old version's weights hash
+    replacing = [existing[t.name] for _, t in staged if force and (t / str(version)).is_dir()]
     moved: list[tuple[Path, Path, Path | None]] = []
     try:
+        for entry in replacing:
+            manifest_bytes, config_bytes = _without_version(entry, version)
+            replace_file(entry.path / MANIFEST_FILENAME, manifest_bytes)
+            replace_file(entry.path / CONFIG_FILENAME, config_bytes)
         for staging, target in staged:
             moved.append((staging / str(version), target / str(version),
                           publish_version(staging / str(version), target / str(version), force)))
     except BaseException:
         for staged_dir, target_dir, replaced in reversed(moved):
             withdraw_version(staged_dir, target_dir, replaced)
+        for entry in replacing:  # the bytes read at the start
+            replace_file(entry.path / MANIFEST_FILENAME, entry.manifest_text.encode())
+            replace_file(entry.path / CONFIG_FILENAME, entry.config_text.encode())
         raise
     # A crash from here on leaves version directories the manifests do not describe yet: served, with
     # an empty weights hash, until the next step.
     for staging, target in staged:
         replace_file(target / MANIFEST_FILENAME, (staging / MANIFEST_FILENAME).read_bytes())
         replace_file(target / CONFIG_FILENAME, (staging / CONFIG_FILENAME).read_bytes())
+
+
+def _without_version(entry: ExistingEntry, version: int) -> tuple[bytes, bytes]:
+    """manifest.json and config.pbtxt of ``entry`` with no ``versions`` record of ``version``."""
+    from google.protobuf import text_format
+
+    manifest = {**entry.manifest, "versions": version_records(entry.manifest)}
+    manifest["versions"].pop(str(version), None)
+    config = parse_pbtxt(entry.config_text)
+    config.parameters[MANIFEST_PARAMETER].string_value = json.dumps(manifest, separators=(",", ":"),
+                                                                    sort_keys=True)
+    return (json.dumps(manifest, indent=2) + "\n").encode(), text_format.MessageToString(config).encode()
 
 
 def export_run(

@@ -246,7 +246,7 @@ def version_weights(manifest: dict[str, Any], version: str) -> tuple[str, dict[s
     its manifest) gets ``""``. Without a map the manifest describes only the version its export wrote.
     """
     versions = manifest.get("versions")
-    if isinstance(versions, dict) and versions:
+    if isinstance(versions, dict):  # empty while `--force` replaces the only recorded version
         record = versions.get(version)
         if not isinstance(record, dict):
             return "", {}

@@ -254,3 +254,49 @@ def test_cli_add_version(tmp_path, make_run_dir, capsys):
     assert manifest["versions"]["2"]["weights_sha256"] == sha256_file(runs[1] / "encoder.pt")
     assert manifest["versions"]["1"]["weights_sha256"] == sha256_file(runs[0] / "encoder.pt")
     assert manifest["versions"]["2"]["source"] == str(runs[1].resolve())
+
+
+def test_force_never_leaves_the_new_directory_with_the_old_hash(repo, fmnist_images, monkeypatch, make_encoder):
+    # a crash after the exchange, before the final manifests: version 1 is the new directory and is
+    # described by nobody (its old record was dropped first)
+    real, calls = repository.replace_file, []
+
+    def crash_after_the_rename(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if (repo / "m" / "1" / "model.onnx").read_bytes() != old_onnx:
+            raise OSError("killed")
+        real(path, data)
+
+    old_onnx = (repo / "m" / "1" / "model.onnx").read_bytes()
+    monkeypatch.setattr(repository, "replace_file", crash_after_the_rename)
+    with pytest.raises(OSError, match="killed"):
+        add(repo, fmnist_images, make_encoder(1), version=1, force=True)
+    assert len(calls) == 5  # manifest and config of both entries without the record, then the crash
+    assert (repo / "m" / "1" / "model.onnx").read_bytes() != old_onnx
+    for entry in ENTRIES:
+        manifest = read_manifest(repo / entry)
+        assert manifest["versions"] == {} and manifest["weights_sha256"] == state_dict_sha256(make_encoder(0)[0])
+        assert json.loads(parse_pbtxt((repo / entry / "config.pbtxt").read_text())
+                          .parameters["vitserve_manifest"].string_value) == manifest
+        assert model_from_config(triton_json(repo / entry), "1").weights_sha256 == ""
+    # the next --force completes it
+    monkeypatch.setattr(repository, "replace_file", real)
+    add(repo, fmnist_images, make_encoder(1), version=1, force=True)
+    assert read_manifest(repo / "m")["versions"]["1"]["weights_sha256"] == state_dict_sha256(make_encoder(1)[0])
+    assert model_from_config(triton_json(repo / "m"), "1").weights_sha256 == state_dict_sha256(make_encoder(1)[0])
+
+
+def test_force_rolls_back_every_entry_when_one_cannot_be_published(repo, fmnist_images, monkeypatch,
+                                                                    make_encoder):
+    real = repository.publish_version
+
+    def fails_on_latency(staged: Path, target: Path, force: bool):
+        if target.parent.name == "m_latency":
+            raise OSError("No space left on device")
+        return real(staged, target, force)
+
+    monkeypatch.setattr(repository, "publish_version", fails_on_latency)
+    before = tree(repo)
+    with pytest.raises(OSError, match="No space left"):
+        add(repo, fmnist_images, make_encoder(1), version=1, force=True)
+    assert tree(repo) == before and leftovers(repo) == []

@@ -110,6 +110,8 @@ def test_each_recorded_version_has_its_own_weights_hash_and_probes():
     assert (three.weights_sha256, three.probe_scores) == ("", {})
     # no version given: the manifest's own version
     assert model_from_config(config(manifest)).weights_sha256 == "cd" * 32
+    # an empty map (the only record dropped while `--force` replaced its directory) describes nothing
+    assert model_from_config(config({**MANIFEST, "versions": {}}), "1").weights_sha256 == ""
 
 
 def test_manifest_without_versions_describes_only_its_own_version():
