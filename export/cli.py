@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errs = " ".join(f"{k}={v:.2e}" for k, v in parity["max_abs_err"].items())
         extra = "".join(f"  {k} {manifest[k]}" for k in ("lane",) if k in manifest)
         if a.add_version:
-            extra += f"  versions recorded {sorted(manifest.get('versions', {}), key=int)}"
+            extra += f"  versions recorded {', '.join(sorted(manifest.get('versions', {}), key=int))}"
         size = "x".join(map(str, manifest["encoder_spec"]["img_size"]))
         print(f"{path}  version {a.version}  {size}{extra}  parity max_abs_err {errs} "
               f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")

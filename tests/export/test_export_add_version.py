@@ -249,7 +249,7 @@ def test_cli_add_version(tmp_path, make_run_dir, capsys):
 
     assert main([str(runs[1]), "--repository", repo, "--name", "m", "--version", "2", "--add-version"]) == 0
     out = capsys.readouterr().out
-    assert "version 2" in out and "versions recorded ['1', '2']" in out
+    assert "version 2" in out and "versions recorded 1, 2" in out
     manifest = read_manifest(tmp_path / "repo" / "m")
     assert manifest["versions"]["2"]["weights_sha256"] == sha256_file(runs[1] / "encoder.pt")
     assert manifest["versions"]["1"]["weights_sha256"] == sha256_file(runs[0] / "encoder.pt")
