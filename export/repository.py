@@ -396,7 +396,7 @@ def export_entries(
 
 # Manifest fields that change what the gateway does for every version of an entry (it reads them
 # from the one config): they must not change when a version is added.
-_SERVING_SPEC_KEYS = ("img_size", "in_chans", "grid_size", "patch_size", "num_prefix_tokens")
+_SERVING_SPEC_KEYS = ("grid_size", "patch_size", "num_prefix_tokens")  # input size: the config's
 _OUTPUT_KEYS = ("layer", "final_norm", "tokens", "pooling")  # dtype and shape: the config's
 _PREPROCESSING_KEYS = ("resize_op", "crop_pct", "interpolation")
 
