@@ -128,6 +128,10 @@ def test_a_third_version_extends_the_map_and_force_replaces_only_its_version(rep
     ({"overrides": {"embed_dim": 96}},
      r"cannot add version 2 to model 'm': .*output 'cls' dims \[192\] in the entry, \[96\] in this export"
      r".*new --name"),
+    ({"overrides": {"img_size": 56}},
+     r"input 'images' dims \[28, 28, 1\] in the entry, \[56, 56, 1\] in this export.*"
+     r"output 'patch_tokens' dims \[49, 192\] in the entry, \[196, 192\] in this export.*"
+     r"encoder_spec.grid_size \[7, 7\] in the entry, \[14, 14\] in this export"),
     ({"selection": OutputSelection(mean_patch=True)},
      r"outputs \['cls', 'patch_tokens'\] in the entry, \['cls', 'patch_tokens', 'mean_patch'\] in this export"),
     ({"max_batch_size": 8}, r"max_batch_size: 64 in the entry, max_batch_size: 8 in this export"),
