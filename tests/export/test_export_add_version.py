@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from export import repository
+from export import repository, versions
 from export.cli import main
 from export.onnx_export import ExportError, ExportUsageError
 from export.outputs import OutputSelection
-from export.repository import config_differences, export_entries, read_manifest, sha256_file, state_dict_sha256
+from export.repository import export_entries, read_manifest, sha256_file, state_dict_sha256
+from export.versions import config_differences
 from export.triton_config import VersionPolicy, parse_pbtxt
 from serving.catalog import model_from_config
 
@@ -198,7 +199,7 @@ def test_an_entry_changed_during_the_export_stops_it(repo, fmnist_images, make_e
 def test_a_version_that_appears_meanwhile_rolls_back_every_entry(repo, fmnist_images, monkeypatch,
                                                                    make_encoder):
     # another export publishes m_latency/2 between our checks and our rename
-    real = repository.publish_version
+    real = versions.publish_version
 
     def racing(staged: Path, target: Path, force: bool):
         if target.parent.name == "m_latency":
@@ -206,7 +207,7 @@ def test_a_version_that_appears_meanwhile_rolls_back_every_entry(repo, fmnist_im
             (target / "model.onnx").write_bytes(b"theirs")
         return real(staged, target, force)
 
-    monkeypatch.setattr(repository, "publish_version", racing)
+    monkeypatch.setattr(versions, "publish_version", racing)
     before = tree(repo)
     with pytest.raises(ExportUsageError, match="version 2 of model 'm_latency' appeared"):
         add(repo, fmnist_images, make_encoder(1))
@@ -219,7 +220,7 @@ def test_a_crash_after_the_rename_leaves_an_undescribed_version_not_a_broken_ent
     def crash(path: Path, data: bytes) -> None:
         raise OSError("killed")
 
-    monkeypatch.setattr(repository, "replace_file", crash)
+    monkeypatch.setattr(versions, "replace_file", crash)
     before = tree(repo)
     with pytest.raises(OSError, match="killed"):
         add(repo, fmnist_images, make_encoder(1))
@@ -263,7 +264,7 @@ def test_cli_add_version(tmp_path, make_run_dir, capsys):
 def test_force_never_leaves_the_new_directory_with_the_old_hash(repo, fmnist_images, monkeypatch, make_encoder):
     # a crash after the exchange, before the final manifests: version 1 is the new directory and is
     # described by nobody (its old record was dropped first)
-    real, calls = repository.replace_file, []
+    real, calls = versions.replace_file, []
 
     def crash_after_the_rename(path: Path, data: bytes) -> None:
         calls.append(path)
@@ -272,7 +273,7 @@ def test_force_never_leaves_the_new_directory_with_the_old_hash(repo, fmnist_ima
         real(path, data)
 
     old_onnx = (repo / "m" / "1" / "model.onnx").read_bytes()
-    monkeypatch.setattr(repository, "replace_file", crash_after_the_rename)
+    monkeypatch.setattr(versions, "replace_file", crash_after_the_rename)
     with pytest.raises(OSError, match="killed"):
         add(repo, fmnist_images, make_encoder(1), version=1, force=True)
     assert len(calls) == 5  # manifest and config of both entries without the record, then the crash
@@ -284,7 +285,7 @@ def test_force_never_leaves_the_new_directory_with_the_old_hash(repo, fmnist_ima
                           .parameters["vitserve_manifest"].string_value) == manifest
         assert model_from_config(triton_json(repo / entry), "1").weights_sha256 == ""
     # the next --force completes it
-    monkeypatch.setattr(repository, "replace_file", real)
+    monkeypatch.setattr(versions, "replace_file", real)
     add(repo, fmnist_images, make_encoder(1), version=1, force=True)
     assert read_manifest(repo / "m")["versions"]["1"]["weights_sha256"] == state_dict_sha256(make_encoder(1)[0])
     assert model_from_config(triton_json(repo / "m"), "1").weights_sha256 == state_dict_sha256(make_encoder(1)[0])
@@ -292,14 +293,14 @@ def test_force_never_leaves_the_new_directory_with_the_old_hash(repo, fmnist_ima
 
 def test_force_rolls_back_every_entry_when_one_cannot_be_published(repo, fmnist_images, monkeypatch,
                                                                     make_encoder):
-    real = repository.publish_version
+    real = versions.publish_version
 
     def fails_on_latency(staged: Path, target: Path, force: bool):
         if target.parent.name == "m_latency":
             raise OSError("No space left on device")
         return real(staged, target, force)
 
-    monkeypatch.setattr(repository, "publish_version", fails_on_latency)
+    monkeypatch.setattr(versions, "publish_version", fails_on_latency)
     before = tree(repo)
     with pytest.raises(OSError, match="No space left"):
         add(repo, fmnist_images, make_encoder(1), version=1, force=True)
