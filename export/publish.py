@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from export.onnx_export import ExportUsageError
 
@@ -76,14 +76,23 @@ def exists_message(target: Path) -> str:
             "pass --force (force=True) to replace it, or choose another --name")
 
 
+def _rename_noreplace(source: Path, target: Path, message: Callable[[Path], str]) -> None:
+    """Rename ``source`` to ``target`` unless ``target`` exists (then ``ExportUsageError(message(target))``).
+
+    ``renameat2(RENAME_NOREPLACE)`` where the kernel has it; else a plain rename, which still fails
+    with ENOTEMPTY (turned into the same error by the callers) if a non-empty ``target`` appeared.
+    """
+    if not _renameat2(source, target, _RENAME_NOREPLACE):
+        if target.exists():
+            raise ExportUsageError(message(target))
+        os.rename(source, target)
+
+
 def publish(staging: Path, target: Path, force: bool) -> None:
     """Move the finished ``staging`` directory to ``target`` in one rename; replace only if ``force``."""
     try:
         if not (force and target.exists()):
-            if not _renameat2(staging, target, _RENAME_NOREPLACE):
-                if target.exists():
-                    raise ExportUsageError(exists_message(target))
-                os.rename(staging, target)  # fails with ENOTEMPTY if a model appeared meanwhile
+            _rename_noreplace(staging, target, exists_message)
         elif _renameat2(staging, target, _RENAME_EXCHANGE):
             shutil.rmtree(staging)  # staging now holds the old model
         else:  # no atomic exchange here: two renames, rolled back if the second fails
@@ -117,10 +126,7 @@ def publish_version(staged: Path, target: Path, force: bool) -> Path | None:
     replaced = staged.with_name(staged.name + ".replaced")
     try:
         if not (force and target.exists()):
-            if not _renameat2(staged, target, _RENAME_NOREPLACE):
-                if target.exists():
-                    raise ExportUsageError(_version_appeared(target))
-                os.rename(staged, target)  # fails with ENOTEMPTY if a version appeared meanwhile
+            _rename_noreplace(staged, target, _version_appeared)
             _fsync_dir(target.parent)
             return None
         if _renameat2(staged, target, _RENAME_EXCHANGE):
