@@ -66,32 +66,37 @@ def _batch(rng: np.random.Generator, batch: int, shape: Sequence[int]) -> np.nda
     return rng.integers(0, 256, size=(batch, *shape), dtype=np.uint8)
 
 
-def bench_in_process(session: Any, images: np.ndarray, concurrency: int, duration: float,
-                     warmup: float = 0.0) -> dict[str, Any]:
-    """C threads looping ``session.run`` on ``images`` for ``duration`` seconds (after ``warmup``)."""
-    input_name = session.get_inputs()[0].name
-    feeds = {input_name: images}
-
-    def worker(deadline: float, record: bool, out: list[float]) -> None:
+def _threaded(call: Callable[[], Any], images: int, concurrency: int, duration: float,
+              warmup: float) -> dict[str, Any]:
+    """C threads looping ``call()`` for ``duration`` seconds (after ``warmup``); each call carries
+    ``images`` images."""
+    def worker(deadline: float, out: list[float] | None) -> None:
         while True:
             t0 = time.perf_counter()
             if t0 >= deadline:
                 return
-            session.run(None, feeds)
-            if record:
+            call()
+            if out is not None:
                 out.append(time.perf_counter() - t0)
 
     with ThreadPoolExecutor(concurrency) as pool:
         if warmup > 0:
             end = time.perf_counter() + warmup
-            list(pool.map(lambda _: worker(end, False, []), range(concurrency)))
+            list(pool.map(lambda _: worker(end, None), range(concurrency)))
         per_thread: list[list[float]] = [[] for _ in range(concurrency)]
         start = time.perf_counter()
         end = start + duration
-        list(pool.map(lambda i: worker(end, True, per_thread[i]), range(concurrency)))
+        list(pool.map(lambda i: worker(end, per_thread[i]), range(concurrency)))
         elapsed = time.perf_counter() - start
     lat = [x for xs in per_thread for x in xs]
-    return _summary(lat, len(lat) * len(images), elapsed)
+    return _summary(lat, len(lat) * images, elapsed)
+
+
+def bench_in_process(session: Any, images: np.ndarray, concurrency: int, duration: float,
+                     warmup: float = 0.0) -> dict[str, Any]:
+    """C threads looping ``session.run`` on ``images`` for ``duration`` seconds (after ``warmup``)."""
+    feeds = {session.get_inputs()[0].name: images}
+    return _threaded(lambda: session.run(None, feeds), len(images), concurrency, duration, warmup)
 
 
 async def _bench_service_async(target: str, model: str, images: np.ndarray, concurrency: int,
@@ -124,26 +129,7 @@ def _bench_service_sync(target: str, model: str, images: np.ndarray, concurrency
     from clients.client import VitServeClient
 
     with VitServeClient(target, timeout=timeout) as client:
-        def worker(deadline: float, out: list[float] | None) -> None:
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= deadline:
-                    return
-                client.embed(images, model=model)
-                if out is not None:
-                    out.append(time.perf_counter() - t0)
-
-        with ThreadPoolExecutor(concurrency) as pool:
-            if warmup > 0:
-                end = time.perf_counter() + warmup
-                list(pool.map(lambda _: worker(end, None), range(concurrency)))
-            per_thread: list[list[float]] = [[] for _ in range(concurrency)]
-            start = time.perf_counter()
-            end = start + duration
-            list(pool.map(lambda i: worker(end, per_thread[i]), range(concurrency)))
-            elapsed = time.perf_counter() - start
-    lat = [x for xs in per_thread for x in xs]
-    return _summary(lat, len(lat) * len(images), elapsed)
+        return _threaded(lambda: client.embed(images, model=model), len(images), concurrency, duration, warmup)
 
 
 CLIENT_KINDS = ("sync", "aio")

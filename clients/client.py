@@ -19,7 +19,6 @@ image or a list of them.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Tuple, Union
@@ -28,7 +27,6 @@ import grpc
 import numpy as np
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
 
 from protos import vitserve_pb2, vitserve_pb2_grpc
 
@@ -210,62 +208,9 @@ def _layout(name: str) -> int:
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
-    """A response message as a dict with every field (enums by name, nested messages as dicts).
-
-    The same dict as ``json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
-    preserving_proto_field_name=True)`` (a test checks it) in a fraction of the time, for the field
-    types vitserve's responses use: this runs on every call of a control loop. Any other field type
-    (bytes, 64-bit ints, float32, maps) falls back to protobuf's own conversion.
-    """
-    plan = _PLANS.get(message.DESCRIPTOR.full_name)
-    if plan is None:
-        plan = _PLANS[message.DESCRIPTOR.full_name] = _plan(message.DESCRIPTOR)
-    if plan is _FALLBACK:
-        return json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
-                                         preserving_proto_field_name=True)
-    out: dict[str, Any] = {}
-    for name, kind, repeated, enum_names in plan:
-        value = getattr(message, name)
-        if kind == "message":
-            if repeated:
-                out[name] = [_message_dict(v) for v in value]
-            elif message.HasField(name):
-                out[name] = _message_dict(value)
-        elif repeated:
-            out[name] = [_scalar(v, enum_names) for v in value]
-        else:
-            out[name] = _scalar(value, enum_names)
-    return out
-
-
-_FALLBACK: list[Any] = []
-_PLANS: dict[str, list[Any]] = {}
-_FAST_SCALARS = frozenset({FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_UINT32,
-                           FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_ENUM})
-
-
-def _plan(descriptor: Any) -> list[Any]:
-    """(name, kind, repeated, enum names by number) per field, or ``_FALLBACK``."""
-    plan = []
-    for f in descriptor.fields:
-        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == FieldDescriptor.LABEL_REPEATED
-        if f.type == FieldDescriptor.TYPE_MESSAGE and not f.message_type.GetOptions().map_entry:
-            plan.append((f.name, "message", repeated, None))
-        elif f.type in _FAST_SCALARS:
-            names = ({v.number: v.name for v in f.enum_type.values}
-                     if f.type == FieldDescriptor.TYPE_ENUM else None)
-            plan.append((f.name, "scalar", repeated, names))
-        else:
-            return _FALLBACK
-    return plan
-
-
-def _scalar(value: Any, enum_names: dict[int, str] | None) -> Any:
-    if enum_names is not None:
-        return enum_names.get(value, value)
-    if isinstance(value, float) and not math.isfinite(value):  # JSON has no NaN/Inf: protobuf's strings
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
+    """A response message as a dict with every field (enums by name, nested messages as dicts)."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
+                                     preserving_proto_field_name=True)
 
 
 def _enum(table: dict[str, int], name: str, what: str) -> int:

@@ -41,7 +41,8 @@ from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs,
 from export.preprocessing import check_preprocessing, default_preprocessing
 from export.publish import exists_message, fsync_tree, publish, staging_directory
 from export.triton_config import (BACKENDS, DynamicBatching, GpuAccelerator, InstanceGroup, TensorSpec,
-                                  TritonConfigError, TritonModelConfig, VersionPolicy)
+                                  TritonConfigError, TritonModelConfig, VersionPolicy,
+                                  parse_pbtxt)
 from training.backbone import BackboneError, EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,23 @@ def lane_batching(lane: str | None, max_batch_size: int, max_queue_delay_us: int
     return DynamicBatching(max_queue_delay_microseconds=delay, preferred_batch_size=sizes)
 
 
+def manifest_parameter(manifest: dict[str, Any]) -> str:
+    """The manifest as the config's ``vitserve_manifest`` parameter (compact, keys sorted)."""
+    return json.dumps(manifest, separators=(",", ":"), sort_keys=True)
+
+
+def config_with_manifest(config_text: str, manifest: dict[str, Any], name: str | None = None) -> str:
+    """``config_text`` (a config.pbtxt) with ``manifest`` as its ``vitserve_manifest`` parameter
+    (and ``name`` as the model's name, when given): an entry derived from another one's config."""
+    from google.protobuf import text_format
+
+    config = parse_pbtxt(config_text)
+    if name is not None:
+        config.name = name
+    config.parameters[MANIFEST_PARAMETER].string_value = manifest_parameter(manifest)
+    return text_format.MessageToString(config)
+
+
 def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_batch_size: int,
                   backend: str = "python", instance_count: int = 1, instance_kind: str = "CPU",
                   intra_op_threads: int = 0, max_queue_delay_us: int = 500, *,
@@ -173,7 +191,7 @@ def triton_config(name: str, spec: EncoderSpec, manifest: dict[str, Any], max_ba
     ``cc_model_filenames`` ((compute capability, engine file) pairs) for ``backend="tensorrt"``.
     """
     h, w = spec.img_size
-    params = {MANIFEST_PARAMETER: json.dumps(manifest, separators=(",", ":"), sort_keys=True)}
+    params = {MANIFEST_PARAMETER: manifest_parameter(manifest)}
     if backend == "python":
         params[triton_model.THREADS_PARAMETER] = str(intra_op_threads)
     elif intra_op_threads > 0:  # the onnxruntime backend's own knob

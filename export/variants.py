@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 import torch
-from google.protobuf import text_format
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic, quantize_static)
 from torch import nn
@@ -37,9 +36,7 @@ from torch import nn
 from export import model as triton_model
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportUsageError, _reference
 from export.outputs import DEFAULT_SELECTION, OutputSelection, layer_output_name
-from export.repository import (CONFIG_FILENAME, MANIFEST_FILENAME, MANIFEST_PARAMETER, read_manifest,
-                               sha256_file)
-from export.triton_config import parse_pbtxt
+from export.repository import CONFIG_FILENAME, MANIFEST_FILENAME, config_with_manifest, read_manifest, sha256_file
 from export.publish import exists_message, fsync_tree, publish, staging_directory
 from training.backbone import EncoderSpec
 from training.knn import knn_predict
@@ -334,11 +331,8 @@ def _write_entry(repository: Path, name: str, base: Path, onnx_path: Path, varia
                     "parity": {"max_abs_err": figures["max_abs_err"], "mean_cosine": figures["mean_cosine"],
                                "outputs": figures["outputs"], "n_images": figures["n_images"], "tolerance": None,
                                "data": figures["data"], "reference": "fp32 PyTorch"}}
-        config = parse_pbtxt((base / CONFIG_FILENAME).read_text())
-        config.name = name
-        config.parameters[MANIFEST_PARAMETER].string_value = json.dumps(
-            manifest, separators=(",", ":"), sort_keys=True)
-        (staging / CONFIG_FILENAME).write_text(text_format.MessageToString(config))
+        (staging / CONFIG_FILENAME).write_text(config_with_manifest((base / CONFIG_FILENAME).read_text(),
+                                                                    manifest, name))
         (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_tree(staging)
         publish(staging, target, force)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from export.onnx_export import ExportUsageError
 from export.publish import publish_version, replace_file, withdraw_version
-from export.repository import CONFIG_FILENAME, MANIFEST_FILENAME, MANIFEST_PARAMETER
+from export.repository import CONFIG_FILENAME, MANIFEST_FILENAME, MANIFEST_PARAMETER, config_with_manifest
 from export.triton_config import parse_pbtxt
 
 
@@ -228,11 +228,6 @@ def publish_versions(staged: Sequence[tuple[Path, Path]], existing: dict[str, Ex
 
 def _without_version(entry: ExistingEntry, version: int) -> tuple[bytes, bytes]:
     """manifest.json and config.pbtxt of ``entry`` with no ``versions`` record of ``version``."""
-    from google.protobuf import text_format
-
     manifest = {**entry.manifest, "versions": version_records(entry.manifest)}
     manifest["versions"].pop(str(version), None)
-    config = parse_pbtxt(entry.config_text)
-    config.parameters[MANIFEST_PARAMETER].string_value = json.dumps(manifest, separators=(",", ":"),
-                                                                    sort_keys=True)
-    return (json.dumps(manifest, indent=2) + "\n").encode(), text_format.MessageToString(config).encode()
+    return (json.dumps(manifest, indent=2) + "\n").encode(), config_with_manifest(entry.config_text, manifest).encode()

@@ -1,9 +1,7 @@
 """The ``vitserve.v1.VisionEncoder`` gRPC service in front of Triton (``grpc.aio``).
 
-The gateway validates and decodes images, calls Triton through ``tritonclient.grpc.aio`` (inference
-through Triton's own ``GRPCInferenceService`` stub and protobufs from ``tritonclient.grpc``, which
-skips the client wrapper's per-call work on the hot path) and answers with typed, self-describing
-tensors. Requests larger than a model's ``max_batch_size`` are split
+The gateway validates and decodes images, calls Triton through ``tritonclient.grpc.aio`` and answers
+with typed, self-describing tensors. Requests larger than a model's ``max_batch_size`` are split
 into several Triton calls (sent concurrently, so Triton's dynamic batcher can interleave them) and
 the results concatenated; only requests over ``max_images`` are refused.
 """
@@ -18,8 +16,8 @@ from typing import Any, AsyncIterator, Callable, NoReturn, Sequence
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as tritonaio
-from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
 
 from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT, CatalogError, ServedModel, model_from_config
@@ -101,31 +99,6 @@ def _triton_status(e: InferenceServerException) -> grpc.StatusCode:
     return next((code for name, code in _TRITON_CODES.items() if name in status), grpc.StatusCode.INTERNAL)
 
 
-def _rpc_status(e: grpc.aio.AioRpcError) -> grpc.StatusCode:
-    """The status a failed Triton inference call is answered with (as ``_triton_status``)."""
-    code = e.code()
-    return code if code in _TRITON_CODES.values() else grpc.StatusCode.INTERNAL
-
-
-def _infer_request(model: ServedModel, chunk: np.ndarray, outputs: Sequence[str]) -> service_pb2.ModelInferRequest:
-    request = service_pb2.ModelInferRequest(model_name=model.name, model_version=model.version)
-    tensor = request.inputs.add()
-    tensor.name, tensor.datatype = INPUT_NAME, "UINT8"
-    tensor.shape.extend(chunk.shape)
-    for name in outputs:
-        request.outputs.add().name = name
-    request.raw_input_contents.append(np.ascontiguousarray(chunk).tobytes())
-    return request
-
-
-def _response_arrays(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
-    """Every output of a Triton response as a numpy array (raw little-endian contents)."""
-    out = {}
-    for tensor, raw in zip(response.outputs, response.raw_output_contents):
-        out[tensor.name] = np.frombuffer(raw, dtype=triton_to_np_dtype(tensor.datatype)).reshape(tuple(tensor.shape))
-    return out
-
-
 def _check_enums(dtype: int, layout: int = 0, pooling: int = 0, lane: int = 0) -> None:
     # proto3 enums are open: a newer client may send values this gateway does not know.
     if lane not in vitserve_pb2.Lane.values():
@@ -153,8 +126,6 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         self.versions: dict[str, dict[str, ServedModel]] = {}  # name -> version -> model (all ready)
         self.ready_names: list[str] = []  # every model Triton has READY at the last refresh (served or not)
         self._client: tritonaio.InferenceServerClient | None = None
-        self._infer_channel: grpc.aio.Channel | None = None
-        self._infer_stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         self._last_refresh = 0.0
         self.on_batch: Callable[[str, int], None] | None = None  # (model, images) per Triton call
         self.on_frame: Callable[[str, str], None] | None = None  # (model, "ran"|"skipped"|"error")
@@ -166,13 +137,6 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         if self._client is None:
             self._client = tritonaio.InferenceServerClient(self.triton_url, channel_args=_TRITON_CHANNEL_ARGS)
         return self._client
-
-    @property
-    def infer_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
-        if self._infer_stub is None:
-            self._infer_channel = grpc.aio.insecure_channel(self.triton_url, options=_TRITON_CHANNEL_ARGS)
-            self._infer_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._infer_channel)
-        return self._infer_stub
 
     async def connect(self, timeout: float = 30.0) -> list[ServedModel]:
         """Wait for Triton to be ready and learn its models; raises ``GatewayError`` if none."""
@@ -223,9 +187,6 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
         if self._client is not None:
             await self._client.close()
             self._client = None
-        if self._infer_channel is not None:
-            await self._infer_channel.close()
-            self._infer_channel = self._infer_stub = None
 
     async def is_triton_ready(self) -> bool:
         try:
@@ -389,21 +350,23 @@ class VisionEncoderGateway(vitserve_pb2_grpc.VisionEncoderServicer):
             for c in chunks:
                 self.on_batch(model.name, len(c))
 
-        stub = self.infer_stub
-
-        async def one(chunk: np.ndarray) -> dict[str, np.ndarray]:
-            return _response_arrays(await stub.ModelInfer(_infer_request(model, chunk, outputs), timeout=left))
+        async def one(chunk: np.ndarray) -> Any:
+            inp = InferInput(INPUT_NAME, list(chunk.shape), "UINT8")
+            inp.set_data_from_numpy(np.ascontiguousarray(chunk))
+            return await self.client.infer(
+                model.name, [inp], model_version=model.version,
+                outputs=[InferRequestedOutput(o) for o in outputs], client_timeout=left)
 
         try:
             if len(chunks) == 1:  # the common case: no task to create and schedule
                 only = await one(chunks[0])
-                return {o: only[o] for o in outputs}
+                return {o: only.as_numpy(o) for o in outputs}
             results = await asyncio.gather(*(one(c) for c in chunks))
-        except grpc.aio.AioRpcError as e:
-            code = _rpc_status(e)
-            log.warning("triton call for %s failed (%s): %s", model.name, e.code().name, e.details())
-            raise RequestError(code, f"triton: {e.details()}") from e
-        return {o: np.concatenate([r[o] for r in results]) for o in outputs}
+        except InferenceServerException as e:
+            code = _triton_status(e)
+            log.warning("triton call for %s failed (%s): %s", model.name, code.name, e.message())
+            raise RequestError(code, f"triton: {e.message()}") from e
+        return {o: np.concatenate([r.as_numpy(o) for r in results]) for o in outputs}
 
     def _preprocessing(self, model: ServedModel, batch: PreparedBatch) -> vitserve_pb2.Preprocessing:
         g = model.geometry
