@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.train", "main", "train a self-supervised ViT encoder into a run directory"),
-    "export": ("export.repository", "main", "export a run directory into a Triton model repository"),
+    "export": ("export.cli", "main", "export a run directory into a Triton model repository"),
     "serve": ("serving.server", "main", "start Triton and the gRPC gateway on a model repository"),
     "embed": ("clients.commands", "embed_main", "CLS embeddings of image files from a running service"),
     "features": ("clients.commands", "features_main", "patch features of image files from a running service"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from export.onnx_export import ExportUsageError
+from export.errors import ExportUsageError
 from training.backbone import EncoderSpec
 
 

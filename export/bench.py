@@ -5,7 +5,7 @@ the default architecture with random weights) — it times PyTorch eager fp32, P
 ONNX Runtime fp32 and the ONNX variants of ``export.variants`` at batch 1 and 8 with the same
 thread count, interleaving the paths round by round so that load from other jobs hits all of them
 alike, and reports the median img/s of the rounds. Quality is each path's figures against fp32
-PyTorch on Fashion-MNIST images (``export.variants.judge``), including the k-NN check for 28x28
+PyTorch on Fashion-MNIST images (``export.gate.judge``), including the k-NN check for 28x28
 models. Writes ``docs/EXPORT_BENCHMARK.md`` and ``.json``.
 """
 
@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.names import DEFAULT_OUTPUTS, INPUT_NAME
+from export.gate import VariantGate, gate_data, judge
 from export.model import make_session
-from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
-from export.variants import VariantGate, build_variant, gate_data, judge
+from export.onnx_export import export_onnx
+from export.variants import build_variant
 from training.backbone import EncoderSpec, create_encoder
 from training.data import to_float_nchw
 
@@ -48,12 +50,12 @@ def _torch_runner(model: nn.Module, spec: EncoderSpec, bf16: bool) -> Callable[[
 
 def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], Any]:
     session = make_session(str(path), threads)
-    return lambda images: session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+    return lambda images: session.run(list(DEFAULT_OUTPUTS), {INPUT_NAME: images})
 
 
 def _bf16_quality(model: nn.Module, spec: EncoderSpec, data: Any,
                   gate: VariantGate) -> tuple[dict[str, Any], str | None]:
-    """The gate figures of PyTorch bf16 autocast: ``variants.judge`` with the autocast model as runner."""
+    """The gate figures of PyTorch bf16 autocast: ``export.gate.judge`` with the autocast model as runner."""
     run = _torch_runner(model, spec, bf16=True)
 
     def outputs(images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -294,9 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = list(os.getloadavg())
     models: list[tuple[str, nn.Module, EncoderSpec, VariantGate]] = []
     if a.run_dir:
-        from export.repository import load_run_encoder
+        from export.sources import load_run_encoder
 
-        fm_model, fm_spec = load_run_encoder(a.run_dir)
+        loaded = load_run_encoder(a.run_dir)
+        fm_model, fm_spec = loaded.model, loaded.spec
         fm_label = f"Fashion-MNIST encoder (trained, {a.run_dir})"
     else:
         torch.manual_seed(0)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from export.onnx_export import ExportUsageError
+from export.errors import ExportUsageError
 from training.backbone import EncoderSpec, spec_of
 
 _SIZE = re.compile(r"^(\d+)(?:x(\d+))?$")

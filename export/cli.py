@@ -1,7 +1,10 @@
-"""``vitserve export``: a thin command line over ``export.repository.export_entries`` and the variants.
+"""``vitserve export``: a thin command line over the library the tests call.
 
-Weights come from a run directory (positional ``RUN_DIR``) or from a timm name (``--timm``) with a
-local checkpoint file or timm's pretrained tag. Exit codes: 0 success, 2 a user error (bad option,
+The options become an ``export.options.ExportOptions``; the weights are loaded by
+``export.sources.load_run_encoder`` (positional ``RUN_DIR``) or ``load_timm_encoder`` (``--timm`` with a
+local checkpoint file or timm's pretrained tag), exported by ``export.repository.export_entries``,
+then (when asked) turned into precision variants (``export.variants``) and TensorRT engines
+(``export.tensorrt_engine``). Exit codes: 0 success, 2 a user error (bad option,
 existing model, checkpoint that does not fit), 1 a failed check (parity, variant gate, TensorRT
 requested but unavailable).
 """
@@ -15,11 +18,20 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from export.onnx_export import DEFAULT_TOLERANCE, ExportError, ExportUsageError
+from contract.manifest import Manifest
+from export.buckets import parse_resolutions, resize_encoder
+from export.errors import ExportError, ExportUsageError
+from export.gate import DEFAULT_TOLERANCE, VariantGate
+from export.hub import check_pretrained, offline_hub
+from export.layout import default_model_name, validate_model_name
+from export.options import TARGETS, ExportOptions, TritonOptions
+from export.outputs import OutputSelection, parse_layers
+from export.repository import export_entries
+from export.sources import EncoderSource, load_run_encoder, load_timm_encoder
+from export.tensorrt_engine import export_tensorrt, tensorrt_unavailable_reason
 from export.triton_config import BACKENDS, GpuAccelerator, VersionPolicy
+from export.variants import export_variants, parse_variants
 from training.backbone import EncoderSpec, parse_override_value
-
-TARGETS = ("embedded", "production")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,11 +134,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def export_options(a: argparse.Namespace) -> dict[str, Any]:
-    """``export_entries`` keywords from the parsed command line (raises ``ExportUsageError``)."""
-    from export.buckets import parse_resolutions
-    from export.outputs import OutputSelection, parse_layers
-
+def export_options(a: argparse.Namespace) -> ExportOptions:
+    """The ``ExportOptions`` of the parsed command line (raises ``ExportUsageError``)."""
     layers = parse_layers(a.layers) if a.layers else ()
     if a.no_final_norm and not layers:
         layers = (-1,)
@@ -143,48 +152,31 @@ def export_options(a: argparse.Namespace) -> dict[str, Any]:
             raise ExportUsageError("--trt-accelerator is for --target production")
         accelerators = (GpuAccelerator("tensorrt", (("precision_mode", a.trt_accelerator.upper()),
                                                     ("max_workspace_size_bytes", str(1 << 30)))),)
-    return {"tol": a.tolerance, "backend": backend, "intra_op_threads": a.intra_op_threads,
-            "instance_kind": kind, "instance_count": a.instance_count, "selection": selection,
-            "resolutions": parse_resolutions(a.resolutions) if a.resolutions else None,
-            "lanes": a.lanes, "max_queue_delay_us": a.max_queue_delay_us,
-            "version_policy": parse_version_policy(a.version_policy), "gpu_accelerators": accelerators,
-            "target": target}
+    triton = TritonOptions(max_batch_size=a.max_batch_size, backend=backend, instance_count=a.instance_count,
+                           instance_kind=kind, intra_op_threads=a.intra_op_threads,
+                           max_queue_delay_us=a.max_queue_delay_us,
+                           version_policy=parse_version_policy(a.version_policy),
+                           gpu_accelerators=accelerators, target=target)
+    return ExportOptions(version=a.version, force=a.force, add_version=a.add_version, outputs=selection,
+                         resolutions=parse_resolutions(a.resolutions) if a.resolutions else None,
+                         lanes=a.lanes, triton=triton, tol=a.tolerance)
 
 
-def _load(a: argparse.Namespace) -> tuple[nn.Module, EncoderSpec, str, dict[str, Any]]:
-    """Model, spec, default entry name and source keywords (source, weights hash, probes, weights)."""
-    from export.preprocessing import run_preprocessing, timm_preprocessing
-    from export.repository import WEIGHTS_FILENAME, default_model_name, load_run_encoder, sha256_file
-    from export.sources import load_timm_encoder, read_probes
-
+def _load(a: argparse.Namespace) -> tuple[EncoderSource, str]:
+    """The encoder to export (a run directory or a timm model) and its default entry name."""
     if a.timm:
         if a.run_dir:
             raise ExportUsageError("pass either RUN_DIR or --timm NAME, not both")
         overrides = _overrides(a.override)
-        plan = None
-        if a.pretrained and not a.checkpoint:  # fail in seconds, not after the hub's retries
-            from export.hub import check_pretrained
-
-            plan = check_pretrained(a.timm)
-        from export.hub import offline_hub
-
-        # cached weights and no hub: read the cache at once (huggingface_hub's offline mode)
+        plan = check_pretrained(a.timm) if a.pretrained and not a.checkpoint else None  # seconds, not the
+        # hub's minute of retries; cached weights and no hub: read the cache at once (offline mode)
         with offline_hub(plan is not None and plan.cached is not None and plan.offline_reason is not None):
-            loaded = load_timm_encoder(a.timm, overrides, a.checkpoint, a.pretrained)
-        return loaded.model, loaded.spec, default_model_name(a.timm), {
-            "source": loaded.source, "weights_sha256": loaded.weights_sha256, "weights": loaded.weights,
-            "preprocessing": timm_preprocessing(loaded.model, loaded.spec)}
+            return load_timm_encoder(a.timm, overrides, a.checkpoint, a.pretrained), default_model_name(a.timm)
     if a.checkpoint or a.pretrained or a.override:
         raise ExportUsageError("--checkpoint, --pretrained and --override need --timm NAME")
     if not a.run_dir:
         raise ExportUsageError("give RUN_DIR (a `vitserve train` run directory) or --timm NAME")
-    run_dir = Path(a.run_dir)
-    model, spec = load_run_encoder(run_dir)
-    weights = run_dir / WEIGHTS_FILENAME
-    return model, spec, default_model_name(run_dir), {
-        "source": str(run_dir.resolve()), "probes": read_probes(run_dir),
-        "preprocessing": run_preprocessing(run_dir, spec),
-        "weights_sha256": sha256_file(weights) if weights.is_file() else None}
+    return load_run_encoder(a.run_dir), default_model_name(a.run_dir)
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
@@ -203,9 +195,6 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``vitserve export (RUN_DIR | --timm NAME ...) --repository DIR ...``: 0 ok, 2 user error, 1 failed check."""
-    from export.repository import export_entries, read_manifest, validate_model_name
-    from export.variants import parse_variants
-
     try:
         a = _parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as e:  # argparse already printed the usage message
@@ -217,8 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "Nothing was written.", file=sys.stderr)
         return 2
     if a.tensorrt:
-        from export.tensorrt_engine import tensorrt_unavailable_reason
-
         reason = tensorrt_unavailable_reason()
         if reason:
             print(f"vitserve export: TensorRT engines cannot be built here: {reason}; nothing was written. "
@@ -232,10 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.gate_max_abs_err is not None and not a.gate_max_abs_err > 0:
             raise ExportUsageError(f"--gate-max-abs-err must be > 0, got {a.gate_max_abs_err}")
         options = export_options(a)
-        model, spec, default_name, source = _load(a)
+        encoder, default_name = _load(a)
         name = validate_model_name(a.name) if a.name is not None else default_name
-        paths = export_entries(model, spec, a.repository, name, a.version, a.force, a.max_batch_size,
-                               **options, **source, add_version=a.add_version)
+        paths = export_entries(encoder, a.repository, name, options)
     except ExportUsageError as e:
         print(f"vitserve export: error: {e}", file=sys.stderr)
         return 2
@@ -243,21 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vitserve export: export failed: {e}", file=sys.stderr)
         return 1
     for path in paths:
-        manifest = read_manifest(path)
-        parity = manifest["parity"]
+        manifest = Manifest.read(path)
+        parity = manifest.parity or {}
         errs = " ".join(f"{k}={v:.2e}" for k, v in parity["max_abs_err"].items())
-        extra = "".join(f"  {k} {manifest[k]}" for k in ("lane",) if k in manifest)
+        extra = f"  lane {manifest.lane}" if manifest.lane is not None else ""
         if a.add_version:
-            extra += f"  versions recorded {', '.join(sorted(manifest.get('versions', {}), key=int))}"
-        size = "x".join(map(str, manifest["encoder_spec"]["img_size"]))
+            extra += f"  versions recorded {', '.join(sorted(manifest.versions or {}, key=int))}"
+        size = "x".join(map(str, manifest.spec["img_size"]))
         print(f"{path}  version {a.version}  {size}{extra}  parity max_abs_err {errs} "
               f"({parity['n_images']} images, {parity['data']}, tol {parity['tolerance']:g})")
-    from export.buckets import resize_encoder
-
+    model, spec = encoder.model, encoder.spec
     rc = 0
     if kinds:
-        base_spec = read_manifest(paths[0])["encoder_spec"]
-        base_model, base = resize_encoder(model, spec, tuple(base_spec["img_size"]))
+        base_model, base = resize_encoder(model, spec, tuple(Manifest.read(paths[0]).spec["img_size"]))
         rc = _export_variants_cli(a, base_model, base, paths[0], kinds)
     if a.tensorrt:
         rc = max(rc, _export_tensorrt_cli(a, model, spec, paths))
@@ -267,18 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export_tensorrt_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderSpec, paths: list[Path]) -> int:
     """``<entry>_trt`` (tensorrt_plan) for every throughput/bucket entry; 1 when one fails or misses its gate.
     UNTESTED on a GPU (export/tensorrt_engine.py)."""
-    from export.buckets import resize_encoder
-    from export.repository import read_manifest
-    from export.tensorrt_engine import export_tensorrt
-    from export.variants import VariantGate
-
     gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images, max_abs_err=a.gate_max_abs_err)
     rc = 0
     for path in paths:
-        manifest = read_manifest(path)
-        if manifest.get("lane") == "latency":
+        manifest = Manifest.read(path)
+        if manifest.lane == "latency":
             continue  # same graph as its throughput entry
-        bucket_model, bucket_spec = resize_encoder(model, spec, tuple(manifest["encoder_spec"]["img_size"]))
+        bucket_model, bucket_spec = resize_encoder(model, spec, tuple(manifest.spec["img_size"]))
         try:
             out, figures, failure = export_tensorrt(bucket_model, bucket_spec, path, force=a.force,
                                                     force_gate=a.force_variants, gate=gate)
@@ -300,8 +279,6 @@ def _export_tensorrt_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderS
 def _export_variants_cli(a: argparse.Namespace, model: nn.Module, spec: EncoderSpec, model_dir: Path,
                          kinds: list[str]) -> int:
     """Variants of the model just exported; 1 when one missed its gate and was not written."""
-    from export.variants import VariantGate, export_variants
-
     try:
         gate = VariantGate(n_eval=a.gate_images, n_knn_train=2 * a.gate_images, max_abs_err=a.gate_max_abs_err)
         results = export_variants(model, spec, model_dir, kinds, a.force_variants, a.force, gate)

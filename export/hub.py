@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from export.onnx_export import ExportUsageError
+from export.errors import ExportUsageError
 
 CONNECT_TIMEOUT_S = 3.0
 

@@ -24,6 +24,8 @@ try:  # present only inside Triton's Python backend stub
 except ImportError:  # pragma: no cover - exercised only outside Triton
     pb_utils = None
 
+# Copies of contract.names.INPUT_NAME and DEFAULT_OUTPUTS: this file runs inside Triton's Python stub,
+# copied alone into each model repository, where vitserve is not installed, so it imports no project module.
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("cls", "patch_tokens")
 THREADS_PARAMETER = "intra_op_threads"  # config.pbtxt string parameter; "0" or absent: ORT default

@@ -1,9 +1,10 @@
-"""ONNX export of a timm ViT encoder with the preprocessing folded into the graph, and its parity gate.
+"""ONNX export of a timm ViT encoder with the preprocessing folded into the graph.
 
 The exported graph takes what clients send — uint8 images ``[N, H, W, C]`` — and returns the final-norm
-CLS token ``[N, D]`` and patch tokens ``[N, h*w, D]`` (register tokens skipped). Export follows timm's
-``onnx_export.py``: exportable layers (no fused attention), a fixed resolution, the ONNX checker, then a
-numeric comparison of ONNX Runtime against the PyTorch model on real images.
+CLS token ``[N, D]`` and patch tokens ``[N, h*w, D]`` (register tokens skipped), plus the outputs an
+``export.outputs.OutputSelection`` adds. Export follows timm's ``onnx_export.py``: exportable layers
+(no fused attention), a fixed resolution, then the ONNX checker; the numeric comparison of ONNX Runtime
+against the PyTorch model is ``export.gate.check_parity``.
 
 torch 2.14 defaults to the dynamo exporter, which needs ``onnxscript``; the TorchScript exporter
 (``dynamo=False``) needs nothing extra and exports these ViTs exactly, so it is the one used here.
@@ -16,30 +17,21 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
+from contract.names import INPUT_NAME
+from export.architecture import prefix_token_names
+from export.errors import ExportError, ExportUsageError
+from export.outputs import DEFAULT_SELECTION, OutputSelection, compute_outputs, validate_selection
 from training.backbone import EncoderSpec
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("cls", "patch_tokens")
 DEFAULT_OPSET = 17  # >= 17 keeps LayerNormalization as one node (no fp16 overflow in its parts)
-DEFAULT_TOLERANCE = 1e-4
-DEFAULT_PARITY_IMAGES = 64
 TORCH_EXPORTER = "torchscript"  # torch.onnx.export(..., dynamo=False)
-
-
-class ExportError(RuntimeError):
-    """An export could not be produced or failed its checks; the message says which and why."""
-
-
-class ExportUsageError(ExportError, ValueError):
-    """The user asked for something that cannot be exported (bad run dir, name, existing model...)."""
 
 
 class ExportableEncoder(nn.Module):
@@ -52,11 +44,8 @@ class ExportableEncoder(nn.Module):
     (``export.outputs.OutputSelection``) appends the outputs chosen at export time.
     """
 
-    def __init__(self, model: nn.Module, spec: EncoderSpec, selection: Any = None) -> None:
+    def __init__(self, model: nn.Module, spec: EncoderSpec, selection: OutputSelection | None = None) -> None:
         super().__init__()
-        from export.architecture import prefix_token_names
-        from export.outputs import DEFAULT_SELECTION, validate_selection
-
         if len(spec.mean) != spec.in_chans or len(spec.std) != spec.in_chans:
             raise ExportUsageError(
                 f"encoder spec has {spec.in_chans} channels but mean={spec.mean} std={spec.std}")
@@ -69,8 +58,6 @@ class ExportableEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from export.outputs import compute_outputs
-
         x = images.permute(0, 3, 1, 2).float().div(255.0)  # [N, C, H, W] in [0, 1]
         x = (x - self.mean) / self.std
         return compute_outputs(self.model, self.spec, self.selection, x, self.prefix_names)
@@ -93,20 +80,8 @@ def exportable_attention(model: nn.Module) -> Iterator[nn.Module]:
             m.fused_attn = True
 
 
-def _check_images(images: np.ndarray, spec: EncoderSpec) -> np.ndarray:
-    images = np.asarray(images)
-    expected = (*spec.img_size, spec.in_chans)
-    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise ExportUsageError(
-            f"parity images must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}], "
-            f"got {images.dtype} {list(images.shape)}")
-    if len(images) == 0:
-        raise ExportUsageError("parity needs at least one image")
-    return images
-
-
 def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: int = DEFAULT_OPSET,
-                selection: Any = None) -> Path:
+                selection: OutputSelection | None = None) -> Path:
     """Export ``model`` as uint8 ``[N, H, W, C]`` -> (cls, patch_tokens, extras) ONNX, dynamic batch axis.
 
     The graph is checked with ``onnx.checker`` and carries the encoder spec as metadata;
@@ -154,109 +129,3 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, path: str | Path, opset: in
     log.info("exported %s to %s (opset %d, %.1f MB) in %.1fs", spec.model_name, path, opset,
              path.stat().st_size / 1e6, time.perf_counter() - t0)
     return path
-
-
-def default_parity_images(spec: EncoderSpec, n: int = DEFAULT_PARITY_IMAGES) -> tuple[np.ndarray, str]:
-    """Images for the parity gate and a description: Fashion-MNIST test images when the encoder takes
-    28x28x1, otherwise (or when the data set is absent) deterministic uniform random uint8 images."""
-    if tuple(spec.img_size) == (28, 28) and spec.in_chans == 1:
-        from training.data import DataError, load_fashion_mnist
-
-        try:
-            return load_fashion_mnist("test").images[:n], f"fashion-mnist test[:{n}]"
-        except DataError as e:
-            log.warning("Fashion-MNIST unavailable for the parity check, using random images: %s", e)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(n, *spec.img_size, spec.in_chans), dtype=np.uint8)
-    return images, f"uniform random uint8 (seed 0, n={n})"
-
-
-def ort_providers() -> list[Any]:
-    """ONNX Runtime providers to check: CPU always, CUDA too when torch sees a GPU (TF32 off)."""
-    import onnxruntime as ort
-
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        # TF32 matmuls would put ~1e-3 errors on fp32 outputs and hide real export bugs.
-        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": 0}))
-    return providers
-
-
-def _reference(model: nn.Module, spec: EncoderSpec, images: np.ndarray, batch: int,
-               selection: Any = None) -> dict[str, np.ndarray]:
-    """The PyTorch model as trained (fused attention, ``to_float_nchw``) in fp32 on CPU."""
-    from export.architecture import prefix_token_names
-    from export.outputs import DEFAULT_SELECTION, compute_outputs
-    from training.data import to_float_nchw
-
-    selection = selection or DEFAULT_SELECTION
-    prefix = prefix_token_names(model, spec) if not selection.is_default else []
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in selection.names()}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                x = to_float_nchw(images[i:i + batch], spec.mean, spec.std)
-                for name, value in zip(outs, compute_outputs(model, spec, selection, x, prefix)):
-                    outs[name].append(value.float().numpy())
-    finally:
-        model.train(was_training)
-    return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-def check_parity(
-    model: nn.Module,
-    spec: EncoderSpec,
-    onnx_path: str | Path,
-    images: np.ndarray | None = None,
-    tol: float = DEFAULT_TOLERANCE,
-    batch_sizes: Sequence[int] = (1, 32),
-    data: str | None = None,
-    selection: Any = None,
-) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch fp32 on uint8 ``images [N, H, W, C]``; raise above ``tol``.
-
-    Every image goes through ORT at each batch size (so batching cannot change results) and through
-    every available provider. Returns ``{max_abs_err: {output: err}, n_images, tolerance, data,
-    batch_sizes, providers}`` with the worst error over all runs; ``ExportError`` when any output's
-    error exceeds ``tol`` or is not finite.
-    """
-    import onnxruntime as ort
-
-    if images is None:
-        images, default_data = default_parity_images(spec)
-        data = data or default_data
-    images = _check_images(images, spec)
-    data = data or f"{len(images)} caller-supplied images"
-    batch_sizes = sorted({max(1, min(int(b), len(images))) for b in batch_sizes})
-    ref = _reference(model, spec, images, max(batch_sizes), selection)
-    names = list(ref)  # every output of the graph: the default pair and the selected extras
-    errors = {k: 0.0 for k in names}
-    used: list[str] = []
-    for provider in ort_providers():
-        options = ort.SessionOptions()
-        session = ort.InferenceSession(str(onnx_path), options, providers=[provider])
-        used.append(session.get_providers()[0])
-        for b in batch_sizes:
-            for i in range(0, len(images), b):
-                got = session.run(names, {INPUT_NAME: images[i:i + b]})
-                for name, value in zip(names, got):
-                    expected = ref[name][i:i + b]
-                    if value.shape != expected.shape:
-                        raise ExportError(f"ONNX output {name} has shape {list(value.shape)}, "
-                                          f"PyTorch gives {list(expected.shape)} (batch {b})")
-                    err = float(np.max(np.abs(value.astype(np.float64) - expected)))
-                    if not np.isfinite(err) or err > errors[name]:  # NaN/inf must stick
-                        errors[name] = err
-    result = {"max_abs_err": errors, "n_images": int(len(images)), "tolerance": float(tol),
-              "data": data, "batch_sizes": batch_sizes, "providers": used}
-    bad = {k: v for k, v in errors.items() if not (np.isfinite(v) and v <= tol)}
-    if bad:
-        raise ExportError(
-            f"ONNX Runtime disagrees with PyTorch beyond tolerance {tol:g}: "
-            + ", ".join(f"{k} max_abs_err={v:.3g}" for k, v in bad.items())
-            + f" ({len(images)} images, {data}, providers {used})")
-    log.info("parity ok on %d images (%s): %s", len(images), data,
-             ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
-    return result

@@ -12,21 +12,22 @@ timm's ``forward_intermediates`` in the same single forward pass:
 each with the model's final norm (``model.norm``, as DINOv2's ``get_intermediate_layers(norm=True)``)
 or, with ``final_norm=False``, without it. ``describe_outputs`` writes the manifest entry of every
 output: block index, whether a real final norm was applied, and the token range in the block's
-output sequence ``[prefix tokens, patch tokens]``, so clients never have to guess.
+output sequence ``[prefix tokens, patch tokens]``, so clients never have to guess;
+``selection_from_manifest`` reads the selection back from an exported entry's manifest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from export.onnx_export import ExportUsageError
+from contract.manifest import Manifest
+from contract.names import DEFAULT_OUTPUTS, layer_output_name
+from export.errors import ExportUsageError
 from training.backbone import EncoderSpec
-
-DEFAULT_OUTPUTS = ("cls", "patch_tokens")
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,6 @@ class OutputSelection:
 
 
 DEFAULT_SELECTION = OutputSelection()
-
-
-def layer_output_name(index: int) -> str:
-    """``-2`` -> ``patch_tokens_l-2``; ``3`` -> ``patch_tokens_l3`` (the index as the user gave it)."""
-    return f"patch_tokens_l{index}"
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -189,3 +185,17 @@ def output_dims(spec: EncoderSpec, arch: dict[str, Any], selection: OutputSelect
     """(name, per-item dims without the batch axis) of every output, in graph order."""
     described = describe_outputs(spec, arch, selection, "", "")
     return [(name, tuple(described[name]["shape"][1:])) for name in selection.names()]
+
+
+def selection_from_manifest(manifest: Manifest | Mapping[str, Any]) -> OutputSelection:
+    """The ``OutputSelection`` an exported entry was built with, read back from its manifest's ``outputs``."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_dict(manifest)
+    outputs = manifest.outputs or {}
+    prefix = layer_output_name(0)[:-1]  # "patch_tokens_l"
+    layers = tuple(int(n[len(prefix):]) for n in outputs if n.startswith(prefix))
+    extras = [v for n, v in outputs.items() if n not in DEFAULT_OUTPUTS]
+    has_norm = bool((manifest.architecture or {}).get("final_norm", True))
+    final_norm = bool(extras[0].get("final_norm", True)) if extras and has_norm else True
+    return OutputSelection(layers=layers, final_norm=final_norm, registers="registers" in outputs,
+                           mean_patch="mean_patch" in outputs)

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from contract.preprocess import INTERPOLATIONS, PreprocessSpec, PreprocessSpecError
+from export.errors import ExportUsageError
 from training.backbone import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ def timm_preprocessing(model: nn.Module, spec: EncoderSpec) -> dict[str, Any]:
             exact = False
         op = "center_crop"
     if not 0.0 < crop_pct <= 1.0:  # the gateway refuses it; so do we, before anything is written
-        from export.onnx_export import ExportUsageError
-
         raise ExportUsageError(f"timm data config of {spec.model_name} has crop_pct {crop_pct}, not in (0, 1]")
     mean = [float(m) for m in cfg.get("mean", ())]
     std = [float(s) for s in cfg.get("std", ())]
@@ -115,8 +114,6 @@ def run_preprocessing(run_dir: str | Path, spec: EncoderSpec) -> dict[str, Any]:
 
 def check_preprocessing(entry: dict[str, Any], spec: EncoderSpec) -> None:
     """Refuse a ``preprocessing`` entry the gateway's parser (``contract.preprocess``) would reject."""
-    from export.onnx_export import ExportUsageError
-
     try:
         PreprocessSpec.from_manifest({"encoder_spec": spec.to_dict(), "preprocessing": entry}, spec.in_chans)
     except PreprocessSpecError as e:

@@ -1,18 +1,24 @@
-"""Atomic publication of a directory into a model repository: build aside, then one rename.
+"""Atomic publication into a model repository: entries are built aside, checked, then moved in by rename.
 
 Triton may be polling the repository while an export runs, so a model directory must appear (or be
 replaced) whole or not at all. Triton (2.51, tried) tries to load *every* subdirectory of a
 repository, hidden ones included, so work happens in a hidden staging directory *next to* the
 repository (same file system, so a rename can move it in); only where that is impossible (the
 repository is a mount point, or its parent is read-only) does staging fall back to the inside.
-``publish`` moves it into place with ``renameat2(RENAME_NOREPLACE)`` (never clobbers a model another
-export just wrote) or, with ``force``, ``renameat2(RENAME_EXCHANGE)`` (old and new swap in one step),
-falling back to plain renames where the kernel or file system lacks them.
 
-Adding a version to an existing entry (``vitserve export --add-version``) publishes in three steps,
-each atomic: ``publish_version`` renames the staged ``<N>`` directory into the entry, then
-``replace_file`` swaps in manifest.json and config.pbtxt. A crash between them leaves a version
-directory the manifest does not describe yet (served, with an empty weights hash), never a broken entry.
+``Staging`` is the one way an entry is written - by the plain export, the precision variants, the
+TensorRT entry and ``--add-version``: ``Staging.entry`` opens a staging directory, ``StagedEntry``
+copies files into its version directory (recording their hashes) and writes config and manifest, and
+``Staging.publish`` moves every staged entry in with ``publish``: ``renameat2(RENAME_NOREPLACE)``
+(never clobbers a model another export just wrote) or, with ``force``, ``renameat2(RENAME_EXCHANGE)``
+(old and new swap in one step), falling back to plain renames where the kernel or file system lacks
+them. Staging directories are removed on exit whatever happens.
+
+Adding a version to an existing entry publishes in three steps instead, each atomic
+(``export.versions.publish_versions``): ``publish_version`` renames the staged ``<N>`` directory into
+the entry, then ``replace_file`` swaps in manifest.json and config.pbtxt. A crash between them leaves
+a version directory the manifest does not describe yet (served, with an empty weights hash), never a
+broken entry.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
-from export.onnx_export import ExportUsageError
+from contract.manifest import Manifest
+from export.errors import ExportUsageError
+from export.layout import sha256_file, write_entry_files
 
 log = logging.getLogger(__name__)
 
@@ -238,3 +246,63 @@ def staging_directory(repository: Path, name: str) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_existing(targets: Sequence[Path], force: bool) -> None:
+    """``ExportUsageError`` for the first of ``targets`` that exists, unless ``force`` (before the slow part;
+    ``publish`` checks again at the rename)."""
+    for target in targets:
+        if target.exists() and not force:
+            raise ExportUsageError(exists_message(target))
+
+
+class StagedEntry:
+    """One entry being built in its staging directory ``root``: version files first, then config and manifest."""
+
+    def __init__(self, root: Path, target: Path, version: int) -> None:
+        self.root, self.target, self.version = root, target, version
+        self.version_dir = root / str(version)
+        self.version_dir.mkdir()
+        self.files: dict[str, str] = {}  # "<version>/<file>" -> sha256, the manifest's ``files``
+
+    def add_file(self, filename: str, source: Path | None = None) -> Path:
+        """Record ``<version>/<filename>`` and its hash, copying ``source`` there first when given."""
+        path = self.version_dir / filename
+        if source is not None:
+            shutil.copyfile(source, path)
+        self.files[f"{self.version}/{filename}"] = sha256_file(path)
+        return path
+
+    def finish(self, manifest: Manifest, config_text: str) -> None:
+        """Write config.pbtxt and manifest.json, then flush the whole entry to disk."""
+        write_entry_files(self.root, manifest, config_text)
+        fsync_tree(self.root)
+
+
+class Staging:
+    """Entries of ``version`` staged beside ``repository`` (a context manager that removes the staging
+    directories on exit); published together by ``publish``, or, if the block fails first, not at all."""
+
+    def __init__(self, repository: Path, version: int, force: bool) -> None:
+        self.repository, self.version, self.force = Path(repository), version, force
+        self.entries: list[StagedEntry] = []
+        self._cleanup = contextlib.ExitStack()
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cleanup.close()
+
+    def entry(self, name: str) -> StagedEntry:
+        """A new staged entry that will be published as ``repository/<name>``."""
+        root = self._cleanup.enter_context(staging_directory(self.repository, name))
+        staged = StagedEntry(root, self.repository / name, self.version)
+        self.entries.append(staged)
+        return staged
+
+    def publish(self) -> list[Path]:
+        """Move every finished entry into place (``publish``); return their paths."""
+        for staged in self.entries:
+            publish(staged.root, staged.target, self.force)
+        return [staged.target for staged in self.entries]

@@ -1,8 +1,12 @@
-"""Where an exported encoder's weights come from: a timm name plus a local checkpoint or a pretrained tag.
+"""Where an exported encoder comes from: a training run directory, or a timm name plus a local checkpoint
+or a pretrained tag; each is loaded into an ``EncoderSource`` (the model, its spec, and what the
+manifest records about the weights).
 
-Run directories are read by ``export.repository.load_run_encoder``; this module covers the weights
-users already have. The model is built by ``training.backbone.create_encoder`` (headless timm ViT,
-with overrides such as ``img_size``) and the checkpoint goes through timm's own readers:
+``load_run_encoder`` reads a run directory through ``training.run_dir.load_encoder`` (the one run-dir
+reader, docs/CONTRACTS.md), with the weights file's hash, the run's probe scores and its
+preprocessing. ``load_timm_encoder`` covers the weights users already have. The model is built by
+``training.backbone.create_encoder`` (headless timm ViT, with overrides such as ``img_size``) and the
+checkpoint goes through timm's own readers:
 ``timm.models.load_checkpoint`` (safetensors or torch files, ``state_dict``/``model``/EMA keys,
 DDP prefixes) with the family's ``checkpoint_filter_fn`` (original DINOv2/CLIP/DeiT layouts, position
 embeddings resampled to the built size). Classifier heads the headless model does not have are
@@ -14,6 +18,7 @@ warning when its scores come from a subset of the data, or when it does not say)
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -21,27 +26,62 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from export.onnx_export import ExportUsageError
+from export.errors import ExportUsageError
+from export.layout import sha256_file
+from export.preprocessing import run_preprocessing, timm_preprocessing
 from training.backbone import BackboneError, EncoderSpec, create_encoder
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-PROBES_FILENAME = "probes.json"
+PROBES_FILENAME = "probes.json"  # written by ``vitserve probe --write-run``
+WEIGHTS_FILENAME = "encoder.pt"  # training.run_dir.ENCODER_FILENAME
 _SHOW_KEYS = 8
 
 
 @dataclass
-class LoadedEncoder:
-    """A headless eval-mode timm ViT with its spec and where its weights came from."""
+class EncoderSource:
+    """An encoder to export: the model, its spec, and what the manifest records about its weights."""
 
     model: nn.Module
     spec: EncoderSpec
-    source: str
-    weights_sha256: str | None = None  # of the checkpoint file; None: hash the state dict
-    weights: dict[str, Any] = field(default_factory=dict)  # manifest ``weights`` entry
+    source: str | None = None  # manifest ``source``; None: "in-memory <model name>"
+    weights_sha256: str | None = None  # of the weights file; None: a hash of the state dict
+    weights: dict[str, Any] = field(default_factory=dict)  # manifest ``weights`` entry (timm sources)
+    probes: dict[str, Any] = field(default_factory=dict)  # manifest ``probes`` (a run's probes.json)
+    preprocessing: dict[str, Any] | None = None  # manifest ``preprocessing``; None: plain resize, saying so
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Hex SHA-256 over a model's state dict (names, dtypes, shapes, raw bytes), for in-memory weights."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_run_encoder(run_dir: str | Path) -> EncoderSource:
+    """The eval-mode encoder of a run directory (``training.run_dir.load_encoder``) with its weights file's
+    hash, its ``probes.json`` verbatim (``read_probes``) and its preprocessing (``run_preprocessing``)."""
+    from training.run_dir import load_encoder  # the one run-dir reader (docs/CONTRACTS.md)
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportUsageError(f"run directory {run_dir} does not exist; pass the directory that "
+                               "`vitserve train` wrote (it holds encoder_spec.json and encoder.pt)")
+    try:
+        model, spec = load_encoder(run_dir)
+    except (BackboneError, OSError, ValueError) as e:  # RunDirError is a ValueError
+        raise ExportUsageError(f"cannot export run directory {run_dir}: {e}") from e
+    weights = run_dir / WEIGHTS_FILENAME
+    return EncoderSource(model.eval(), spec, str(run_dir.resolve()),
+                         sha256_file(weights) if weights.is_file() else None,
+                         probes=read_probes(run_dir), preprocessing=run_preprocessing(run_dir, spec))
 
 
 def _family_filter(model: nn.Module) -> Callable[[dict, nn.Module], dict] | None:
@@ -107,15 +147,14 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
 
 def load_timm_encoder(name: str, overrides: dict[str, Any] | None = None,
-                      checkpoint: str | Path | None = None, pretrained: bool = False) -> LoadedEncoder:
+                      checkpoint: str | Path | None = None, pretrained: bool = False) -> EncoderSource:
     """Build timm ``name`` (headless, ``overrides``) and load ``checkpoint`` or timm's pretrained weights.
 
     Without either the weights stay random (``source`` says so). ``pretrained`` needs the weights to
-    be reachable (Hugging Face hub or its local cache); otherwise ``ExportUsageError`` says so.
+    be reachable (Hugging Face hub or its local cache); otherwise ``ExportUsageError`` says so. The
+    preprocessing is the model's timm pretrained data config (``timm_preprocessing``).
     """
     import timm
-
-    from export.repository import sha256_file
 
     overrides = dict(overrides or {})
     if checkpoint is not None and pretrained:
@@ -126,8 +165,9 @@ def load_timm_encoder(name: str, overrides: dict[str, Any] | None = None,
         raise ExportUsageError(str(e)) from e
     if checkpoint is not None:
         weights = load_checkpoint_into(model, checkpoint)
-        return LoadedEncoder(model.eval(), spec, f"timm:{name} checkpoint {Path(checkpoint).resolve()}",
-                             sha256_file(checkpoint), {"kind": "checkpoint", **weights})
+        return EncoderSource(model.eval(), spec, f"timm:{name} checkpoint {Path(checkpoint).resolve()}",
+                             sha256_file(checkpoint), {"kind": "checkpoint", **weights},
+                             preprocessing=timm_preprocessing(model, spec))
     if pretrained:
         tag = timm.models.get_pretrained_cfg(name)
         if tag is None or not (tag.hf_hub_id or tag.url or tag.file):
@@ -140,11 +180,12 @@ def load_timm_encoder(name: str, overrides: dict[str, Any] | None = None,
                 f"pretrained weights for {name!r} are not reachable ({where}): {type(e).__name__}: {e}. "
                 "Without network access, download the file elsewhere and pass --checkpoint FILE") from e
         model.load_state_dict(pre.state_dict(), strict=True)  # same architecture, so every key fits
-        return LoadedEncoder(model.eval(), spec, f"timm:{name} pretrained {tag.hf_hub_id or tag.url}",
-                             None, {"kind": "pretrained", "tag": name,
-                                    "hub": tag.hf_hub_id or tag.url or tag.file})
+        return EncoderSource(model.eval(), spec, f"timm:{name} pretrained {tag.hf_hub_id or tag.url}",
+                             None, {"kind": "pretrained", "tag": name, "hub": tag.hf_hub_id or tag.url or tag.file},
+                             preprocessing=timm_preprocessing(model, spec))
     log.warning("exporting %s with RANDOM weights (no --checkpoint or --pretrained)", name)
-    return LoadedEncoder(model.eval(), spec, f"timm:{name} random init", None, {"kind": "random"})
+    return EncoderSource(model.eval(), spec, f"timm:{name} random init", None, {"kind": "random"},
+                         preprocessing=timm_preprocessing(model, spec))
 
 
 def read_probes(run_dir: str | Path) -> dict[str, Any]:

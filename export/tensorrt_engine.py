@@ -7,11 +7,11 @@ exported entry ``<name>`` into ``<name>_trt``, a Triton ``tensorrt_plan`` model:
 - ``build_engine``: min/opt/max batch optimisation profile, FP16 with the normalisation layers kept in
   FP32 (``OBEY_PRECISION_CONSTRAINTS``), one engine per GPU compute capability and TensorRT version
   (``engine_key``; an engine runs only where both match), file ``model_cc<major>.<minor>_trt<version>.plan``;
-- the engine is gated like a precision variant (``export.variants.judge`` with ``run_engine`` in place of
+- the engine is gated like a precision variant (``export.gate.judge`` with ``run_engine`` in place of
   ONNX Runtime: every output's mean cosine and max abs error against fp32 PyTorch, k-NN drop with its
   confidence statement) and not written when it misses, unless forced;
-- ``write_tensorrt_entry`` publishes the entry atomically: ``config.pbtxt`` from the same typed
-  description (``platform: "tensorrt_plan"``, ``cc_model_filenames`` {capability: engine file}, KIND_GPU),
+- ``write_tensorrt_entry`` publishes the entry atomically (``export.publish.Staging``): ``config.pbtxt``
+  from the same typed description (``platform: "tensorrt_plan"``, ``cc_model_filenames`` {capability: engine file}, KIND_GPU),
   the engines, and a manifest whose ``tensorrt.engines`` are keyed by compute capability with the
   TensorRT version, GPU name, profile and precision of each.
 
@@ -24,13 +24,26 @@ config and the gate are tested on CPU.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from torch import nn
+
+from contract.manifest import Manifest
+from contract.names import CONFIG_FILENAME, INPUT_NAME
+from export.entry import triton_config
+from export.errors import ExportUsageError
+from export.gate import VariantGate, gate_data, judge
+from export.layout import validate_model_name
+from export.options import TritonOptions
+from export.outputs import selection_from_manifest
+from export.publish import Staging, refuse_existing
+from export.triton_config import TENSORRT, TritonConfigError, parse_pbtxt
+from training.backbone import EncoderSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +80,7 @@ def engine_filename(key: dict[str, str]) -> str:
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, item_shape: tuple[int, ...],
                  min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64, fp16: bool = True,
-                 workspace_bytes: int = 1 << 30, input_name: str = "images") -> dict[str, Any]:
+                 workspace_bytes: int = 1 << 30, input_name: str = INPUT_NAME) -> dict[str, Any]:
     """Build a serialized engine for ``onnx_path`` (input ``[N, *item_shape]``) into ``plan_path``.
 
     Returns ``{"key": engine_key(), "profile": {...}, "precision": ...}``; raises ``RuntimeError`` with
@@ -107,7 +120,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, item_shape: tuple
 
 
 def run_engine(plan_path: str | Path, images: np.ndarray, names: Sequence[str],
-               batch: int = 8, input_name: str = "images") -> dict[str, np.ndarray]:
+               batch: int = 8, input_name: str = INPUT_NAME) -> dict[str, np.ndarray]:
     """Run a serialized engine on uint8 ``images [N, H, W, C]``; the ``names`` outputs as fp32 numpy.
 
     CUDA buffers are torch tensors (no pycuda); ``batch`` must lie inside the engine's profile.
@@ -154,26 +167,16 @@ def write_tensorrt_entry(repository: str | Path, name: str, base: str | Path,
     and ``tensorrt``: {``engines``: {capability: {file, tensorrt, gpu, profile, precision, sha256}},
     ``gate``: ``gate_record``, ``base_model``}.
     """
-    from export.publish import exists_message, fsync_tree, publish, staging_directory
-    from export.repository import (CONFIG_FILENAME, MANIFEST_FILENAME, read_manifest, sha256_file,
-                                   triton_config, validate_model_name)
-    from export.onnx_export import ExportUsageError
-    from export.triton_config import TritonConfigError
-    from training.backbone import EncoderSpec
-
     repository, base = Path(repository), Path(base)
     validate_model_name(name)
     if not engines:
         raise ExportUsageError("a tensorrt_plan entry needs at least one engine")
-    base_manifest = read_manifest(base)
-    version = int(base_manifest["version"])
-    spec = EncoderSpec.from_dict(base_manifest["encoder_spec"])
-    target = repository / name
-    if target.exists() and not force:
-        raise ExportUsageError(exists_message(target))
-    with staging_directory(repository, name) as staging:
-        version_dir = staging / str(version)
-        version_dir.mkdir()
+    base_manifest = Manifest.read(base)
+    version = int(base_manifest.version)  # type: ignore[arg-type]
+    spec = EncoderSpec.from_dict(base_manifest.spec)
+    refuse_existing([repository / name], force)
+    with Staging(repository, version, force) as staging:
+        staged = staging.entry(name)
         records: dict[str, dict[str, Any]] = {}
         cc_files: list[tuple[str, str]] = []
         for path, record in engines:
@@ -181,33 +184,32 @@ def write_tensorrt_entry(repository: str | Path, name: str, base: str | Path,
             cc, filename = key["compute_capability"], engine_filename(key)
             if cc in records:
                 raise ExportUsageError(f"two engines for compute capability {cc}")
-            shutil.copyfile(path, version_dir / filename)
+            staged.add_file(filename, Path(path))
             records[cc] = {"file": f"{version}/{filename}", "tensorrt": key["tensorrt"], "gpu": key.get("gpu"),
                            "profile": record.get("profile"), "precision": record.get("precision"),
-                           "sha256": sha256_file(version_dir / filename)}
+                           "sha256": staged.files[f"{version}/{filename}"]}
             cc_files.append((cc, filename))
         # lanes and buckets name the base's ONNX entries; probe scores were measured on fp32
-        kept = {k: v for k, v in base_manifest.items() if k not in ("lanes", "lane", "buckets", "bucket", "variant")}
-        manifest = {**kept, "name": name, "probes": {}, "files": {r["file"]: r["sha256"] for r in records.values()},
-                    "exporter": {**base_manifest["exporter"], "backend": "tensorrt", "target": "tensorrt_plan"},
-                    "tensorrt": {"engines": records, "gate": gate_record, "base_model": base.name,
-                                 "base_files": base_manifest["files"]},
-                    "parity": {"max_abs_err": gate_record.get("max_abs_err", {}),
-                               "mean_cosine": gate_record.get("mean_cosine", {}),
-                               "n_images": gate_record.get("n_images"), "tolerance": None,
-                               "data": gate_record.get("data"), "reference": "fp32 PyTorch"}}
-        outputs = [(n, tuple(o["shape"][1:])) for n, o in base_manifest["outputs"].items()]
+        manifest = base_manifest.replace(
+            name=name, probes={}, files={r["file"]: r["sha256"] for r in records.values()},
+            lanes=None, lane=None, buckets=None, bucket=None, variant=None,
+            exporter={**(base_manifest.exporter or {}), "backend": TENSORRT, "target": "tensorrt_plan"},
+            tensorrt={"engines": records, "gate": gate_record, "base_model": base.name,
+                      "base_files": base_manifest.files},
+            parity={"max_abs_err": gate_record.get("max_abs_err", {}),
+                    "mean_cosine": gate_record.get("mean_cosine", {}),
+                    "n_images": gate_record.get("n_images"), "tolerance": None,
+                    "data": gate_record.get("data"), "reference": "fp32 PyTorch"})
+        outputs = [(n, tuple(o["shape"][1:])) for n, o in (base_manifest.outputs or {}).items()]
+        triton = TritonOptions(max_batch_size=_max_batch(engines), backend=TENSORRT,
+                               instance_count=instance_count, instance_kind="GPU")
         try:
-            config = triton_config(name, spec, manifest, _max_batch(engines), "tensorrt", instance_count, "GPU",
-                                   outputs=outputs, cc_model_filenames=cc_files)
-            pbtxt = config.to_pbtxt()
+            pbtxt = triton_config(name, spec, manifest, triton, outputs=outputs,
+                                  cc_model_filenames=cc_files).to_pbtxt()
         except TritonConfigError as e:
             raise ExportUsageError(f"invalid tensorrt_plan configuration: {e}") from e
-        (staging / CONFIG_FILENAME).write_text(pbtxt)
-        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        fsync_tree(staging)
-        publish(staging, target, force)
-    return target
+        staged.finish(manifest, pbtxt)
+        return staging.publish()[0]
 
 
 def _max_batch(engines: Sequence[tuple[Path, dict[str, Any]]]) -> int:
@@ -215,34 +217,26 @@ def _max_batch(engines: Sequence[tuple[Path, dict[str, Any]]]) -> int:
     return min(int(r["profile"]["max"][0]) for _, r in engines)
 
 
-def export_tensorrt(model: Any, spec: Any, base: str | Path, name: str | None = None, force: bool = False,
-                    force_gate: bool = False, gate: Any = None, fp16: bool = True, opt_batch: int = 8,
+def export_tensorrt(model: nn.Module, spec: EncoderSpec, base: str | Path, name: str | None = None,
+                    force: bool = False, force_gate: bool = False, gate: VariantGate | None = None,
+                    fp16: bool = True, opt_batch: int = 8,
                     workspace_bytes: int = 1 << 30) -> tuple[Path | None, dict[str, Any], str | None]:
     """Build this GPU's engine for the exported entry ``base``, gate it, publish ``<base>_trt``.
 
     Returns (path or None when not written, gate figures, failure reason or None). Raises
     ``RuntimeError`` when TensorRT is unavailable or the build fails. UNTESTED (see module doc).
     """
-    import tempfile
-    from dataclasses import asdict
-
-    from export.repository import read_manifest
-    from export.variants import VariantGate, gate_data, judge, selection_from_manifest
-
     reason = tensorrt_unavailable_reason()
     if reason:
         raise RuntimeError(f"TensorRT engines cannot be built here: {reason}")
     base = Path(base)
-    manifest = read_manifest(base)
+    manifest = Manifest.read(base)
     gate = gate or VariantGate()
-    from export.repository import CONFIG_FILENAME
-    from export.triton_config import parse_pbtxt
-
     max_batch = parse_pbtxt((base / CONFIG_FILENAME).read_text()).max_batch_size
     h, w = spec.img_size
     with tempfile.TemporaryDirectory(prefix="vitserve-trt-") as tmp:
         plan = Path(tmp) / "model.plan"
-        record = build_engine(base / str(manifest["version"]) / "model.onnx", plan, (h, w, spec.in_chans),
+        record = build_engine(base / str(manifest.version) / "model.onnx", plan, (h, w, spec.in_chans),
                               min_batch=1, opt_batch=min(opt_batch, max_batch), max_batch=max_batch, fp16=fp16,
                               workspace_bytes=workspace_bytes)
         data = gate_data(model, spec, gate, selection_from_manifest(manifest))

@@ -3,8 +3,9 @@
 Triton serves every version directory of an entry with the entry's one config, so a new version
 must leave that config unchanged except for the manifest parameter, and the manifest's serving-side
 description (output meaning, grid, preprocessing, buckets, lanes) too. The manifest keeps one record
-per version under ``versions``; ``publish_versions`` moves the checked version directories in and
-then replaces each manifest and config atomically, so a failure leaves the old entry intact.
+per version under ``versions`` (``merge_version``); ``publish_versions`` moves the version directories
+staged by ``export.publish.Staging`` in and then replaces each manifest and config atomically, so a
+failure leaves the old entry intact.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from export.onnx_export import ExportUsageError
-from export.publish import publish_version, replace_file, withdraw_version
-from export.repository import CONFIG_FILENAME, MANIFEST_FILENAME, MANIFEST_PARAMETER, config_with_manifest
+from contract.manifest import Manifest, ManifestError
+from contract.names import CONFIG_FILENAME, MANIFEST_FILENAME, MANIFEST_PARAMETER
+from export.errors import ExportUsageError
+from export.layout import config_with_manifest
+from export.publish import StagedEntry, publish_version, replace_file, withdraw_version
 from export.triton_config import parse_pbtxt
 
 
@@ -34,7 +37,7 @@ class ExistingEntry:
     path: Path
     config_text: str
     manifest_text: str
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def unchanged(self) -> bool:
         """Whether config.pbtxt and manifest.json still hold the bytes read at the start."""
@@ -59,9 +62,9 @@ def read_existing_entry(path: Path, version: int, force: bool) -> ExistingEntry:
             f"{CONFIG_FILENAME} and {MANIFEST_FILENAME}); export it first without --add-version")
     config_text, manifest_text = config_path.read_text(), manifest_path.read_text()
     try:
-        manifest = json.loads(manifest_text)
-        int(manifest["version"])
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = Manifest.from_json(manifest_text)
+        int(manifest.version)  # type: ignore[arg-type]  # None: no version, refused here
+    except (ManifestError, ValueError, TypeError) as e:
         raise ExportUsageError(f"--add-version: {manifest_path} is not a vitserve manifest ({e!r}); "
                                "export under a new --name") from e
     versions = entry_versions(path)
@@ -73,31 +76,30 @@ def read_existing_entry(path: Path, version: int, force: bool) -> ExistingEntry:
     return ExistingEntry(path, config_text, manifest_text, manifest)
 
 
-def version_record(manifest: dict[str, Any]) -> dict[str, Any]:
+def version_record(manifest: Manifest) -> dict[str, Any]:
     """One manifest's version as a ``versions`` record: weights hash, its files, parity, source, probes."""
-    version = str(manifest["version"])
-    exporter = dict(manifest.get("exporter") or {})
-    record = {"weights_sha256": str(manifest.get("weights_sha256", "")),
-              "files": {f: h for f, h in (manifest.get("files") or {}).items() if f.startswith(version + "/")},
-              "parity": manifest.get("parity") or {},
-              "source": manifest.get("source", ""),
-              "probes": manifest.get("probes") or {},
+    version = str(manifest.version)
+    exporter = dict(manifest.exporter or {})
+    record = {"weights_sha256": str(manifest.weights_sha256 or ""),
+              "files": {f: h for f, h in (manifest.files or {}).items() if f.startswith(version + "/")},
+              "parity": manifest.parity or {},
+              "source": manifest.source if manifest.source is not None else "",
+              "probes": manifest.probes or {},
               "exported_at": exporter.pop("exported_at", ""),
               "exporter": exporter}
-    if "weights" in manifest:
-        record["weights"] = manifest["weights"]
+    if manifest.weights is not None:
+        record["weights"] = manifest.weights
     return record
 
 
-def version_records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def version_records(manifest: Manifest) -> dict[str, dict[str, Any]]:
     """The manifest's ``versions`` map (a copy), or, for a manifest from before the map, its one record."""
-    versions = manifest.get("versions")
-    if isinstance(versions, dict):  # may be empty: a replaced version's record was dropped
-        return {str(k): v for k, v in versions.items()}
-    return {str(manifest["version"]): version_record(manifest)}
+    if manifest.versions is not None:  # may be empty: a replaced version's record was dropped
+        return {str(k): v for k, v in manifest.versions.items()}
+    return {str(manifest.version): version_record(manifest)}
 
 
-def merge_version(old: dict[str, Any], new: dict[str, Any], version: int) -> dict[str, Any]:
+def merge_version(old: Manifest, new: Manifest, version: int) -> Manifest:
     """``new`` (this export's manifest) with ``versions``: ``old``'s records plus this version's.
 
     A manifest written before ``versions`` existed contributes one record built from its top-level
@@ -108,7 +110,7 @@ def merge_version(old: dict[str, Any], new: dict[str, Any], version: int) -> dic
     versions[str(version)] = version_record(new)
     versions = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
     files = {f: h for record in versions.values() for f, h in record["files"].items()}
-    return {**new, "files": files, "versions": versions}
+    return new.replace(files=files, versions=versions)
 
 
 def _tensor_differences(kind: str, old: Sequence[Any], new: Sequence[Any]) -> list[str]:
@@ -157,9 +159,9 @@ def config_differences(old_pbtxt: str, new_pbtxt: str) -> list[str]:
     return out
 
 
-def manifest_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def manifest_differences(old_manifest: Manifest, new_manifest: Manifest) -> list[str]:
     """Differences in what the gateway reads from the manifest for every version (not in the config)."""
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # as stored: tuples are lists
+    old, new = (json.loads(m.to_json()) for m in (old_manifest, new_manifest))  # as stored: tuples are lists
     pairs: list[tuple[str, Any, Any]] = []
     old_spec, new_spec = old.get("encoder_spec") or {}, new.get("encoder_spec") or {}
     pairs += [(f"encoder_spec.{k}", old_spec.get(k), new_spec.get(k)) for k in _SERVING_SPEC_KEYS]
@@ -176,7 +178,7 @@ def _shown(value: Any) -> str:
     return "(none)" if value is None else json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
 
 
-def check_compatible(entry: ExistingEntry, manifest: dict[str, Any], pbtxt: str, version: int) -> None:
+def check_compatible(entry: ExistingEntry, manifest: Manifest, pbtxt: str, version: int) -> None:
     """Raise ``ExportUsageError`` unless ``pbtxt``/``manifest`` may serve beside the entry's versions."""
     diffs = config_differences(entry.config_text, pbtxt) + manifest_differences(entry.manifest, manifest)
     if diffs:
@@ -186,16 +188,17 @@ def check_compatible(entry: ExistingEntry, manifest: dict[str, Any], pbtxt: str,
             + ". Repeat the options of the entry's export, or export under a new --name")
 
 
-def publish_versions(staged: Sequence[tuple[Path, Path]], existing: dict[str, ExistingEntry], version: int,
-                     force: bool) -> None:
+def publish_versions(entries: Sequence[StagedEntry], existing: dict[str, ExistingEntry], version: int,
+                     force: bool) -> list[Path]:
     """Publish staged versions into existing entries: every ``<N>`` directory, then every manifest and config.
 
     Each step is atomic (``publish_version``, ``replace_file``); the entries are re-read first, and if
     one changed since the checks, or a version directory cannot be moved in, those already moved are
     taken back out, so a failed add leaves every entry as it was. With ``force``, a version being
     replaced first loses its record (manifest and config rewritten without it), so it is never
-    reported with the weights hash of the directory it replaced.
+    reported with the weights hash of the directory it replaced. Returns the entries' paths.
     """
+    staged = [(e.root, e.target) for e in entries]
     changed = [e.path.name for e in existing.values() if not e.unchanged()]
     if changed:
         raise ExportUsageError(f"model(s) {changed} changed while this export ran (another export?); "
@@ -224,10 +227,12 @@ def publish_versions(staged: Sequence[tuple[Path, Path]], existing: dict[str, Ex
     for staging, target in staged:
         replace_file(target / MANIFEST_FILENAME, (staging / MANIFEST_FILENAME).read_bytes())
         replace_file(target / CONFIG_FILENAME, (staging / CONFIG_FILENAME).read_bytes())
+    return [target for _, target in staged]
 
 
 def _without_version(entry: ExistingEntry, version: int) -> tuple[bytes, bytes]:
     """manifest.json and config.pbtxt of ``entry`` with no ``versions`` record of ``version``."""
-    manifest = {**entry.manifest, "versions": version_records(entry.manifest)}
-    manifest["versions"].pop(str(version), None)
-    return (json.dumps(manifest, indent=2) + "\n").encode(), config_with_manifest(entry.config_text, manifest).encode()
+    versions = version_records(entry.manifest)
+    versions.pop(str(version), None)
+    manifest = entry.manifest.replace(versions=versions)
+    return manifest.to_json().encode(), config_with_manifest(entry.config_text, manifest).encode()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from contract.manifest import Manifest
 from training.backbone import DEFAULT_OVERRIDES, create_encoder
 from training.data import DataError, load_fashion_mnist
 
@@ -19,6 +20,11 @@ def small_encoder(seed: int = 0, **overrides):
     """A depth-2 default-shaped (28x28 grey) encoder with seeded random weights."""
     torch.manual_seed(seed)
     return create_encoder(overrides={**SMALL_OVERRIDES, **overrides})
+
+
+def read_manifest(model_dir: Path) -> dict:
+    """An exported entry's manifest.json as the JSON object (read through ``contract.manifest.Manifest``)."""
+    return Manifest.read(model_dir).to_dict()
 
 
 def write_run_dir(directory: Path, seed: int = 0) -> Path:
@@ -55,7 +61,7 @@ def exported(tmp_path_factory, run_dir, fmnist_images) -> Path:
     """``export_run`` of ``run_dir`` into a fresh repository with the default parity gate."""
     from export.repository import export_run
 
-    return export_run(run_dir, tmp_path_factory.mktemp("exported") / "repo", "fmnist")
+    return export_run(run_dir, tmp_path_factory.mktemp("exported") / "repo", "fmnist")[0]
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from export.architecture import describe_architecture, prefix_token_names
-from export.onnx_export import ExportUsageError
-from export.repository import export_encoder, read_manifest
+from export.errors import ExportUsageError
+from export.repository import export_entries
+from export.sources import EncoderSource
+from tests.export.conftest import read_manifest
 from training.backbone import build_from_spec, create_encoder
 from training.data import to_float_nchw
 
@@ -37,7 +39,7 @@ def test_family_exports_within_1e4_and_is_described(tmp_path, name, overrides, p
     model.eval()
     assert spec.num_prefix_tokens == len(prefix) and spec.grid_size == grid
     assert spec.num_register_tokens == sum(p.startswith("reg") for p in prefix)
-    target = export_encoder(model, spec, tmp_path / "repo", "m")
+    (target,) = export_entries(EncoderSource(model, spec), tmp_path / "repo", "m")
     manifest = read_manifest(target)
     parity = manifest["parity"]
     assert all(0 <= e <= 1e-4 for e in parity["max_abs_err"].values()), parity

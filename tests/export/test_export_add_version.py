@@ -6,6 +6,7 @@ Every test starts from a copy of one repository holding ``m`` and ``m_latency`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -14,16 +15,21 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from export import repository, versions
+from export import publish, versions
 from export.cli import main
-from export.onnx_export import ExportError, ExportUsageError
+from export.errors import ExportError, ExportUsageError
+from export.layout import sha256_file
+from export.options import ExportOptions, TritonOptions
 from export.outputs import OutputSelection
-from export.repository import export_entries, read_manifest, sha256_file, state_dict_sha256
+from export.repository import export_entries
+from export.sources import EncoderSource, state_dict_sha256
 from export.versions import config_differences
 from export.triton_config import VersionPolicy, parse_pbtxt
 from serving.catalog import model_from_config
+from tests.export.conftest import read_manifest
 
 ENTRIES = ("m", "m_latency")
+TRITON_FIELDS = {f.name for f in dataclasses.fields(TritonOptions)}
 
 
 def tree(path: Path) -> dict[str, str]:
@@ -48,8 +54,8 @@ def triton_json(model_dir: Path) -> dict:
 def base(tmp_path_factory, fmnist_images, make_encoder) -> Path:
     """A repository with ``m`` and ``m_latency``, version 1 of ``make_encoder(0)``, policy ``all``."""
     repo = tmp_path_factory.mktemp("add_version_base") / "repo"
-    export_entries(*make_encoder(0), repo, "m", lanes=True, parity_images=fmnist_images[:4],
-                   version_policy=VersionPolicy("all"))
+    export_entries(EncoderSource(*make_encoder(0)), repo, "m", ExportOptions(
+        lanes=True, parity_images=fmnist_images[:4], triton=TritonOptions(version_policy=VersionPolicy("all"))))
     return repo
 
 
@@ -60,9 +66,12 @@ def repo(base, tmp_path) -> Path:
 
 
 def add(repo: Path, images, encoder, version: int = 2, **kwargs) -> list[Path]:
-    """Add ``version`` of ``encoder`` (model, spec) to ``m``/``m_latency`` with the base's options."""
+    """Add ``version`` of ``encoder`` (model, spec) to ``m``/``m_latency`` with the base's options;
+    ``kwargs`` change ``ExportOptions`` or ``TritonOptions`` fields."""
     options = {"lanes": True, "version_policy": VersionPolicy("all"), "parity_images": images[:4], **kwargs}
-    return export_entries(*encoder, repo, "m", version, add_version=True, **options)
+    triton = TritonOptions(**{k: options.pop(k) for k in list(options) if k in TRITON_FIELDS})
+    return export_entries(EncoderSource(*encoder), repo, "m",
+                          ExportOptions(version=version, add_version=True, triton=triton, **options))
 
 
 def test_add_version_to_both_lanes(repo, fmnist_images, make_encoder):
@@ -133,7 +142,7 @@ def test_a_third_version_extends_the_map_and_force_replaces_only_its_version(rep
      r"input 'images' dims \[28, 28, 1\] in the entry, \[56, 56, 1\] in this export.*"
      r"output 'patch_tokens' dims \[49, 192\] in the entry, \[196, 192\] in this export.*"
      r"encoder_spec.grid_size \[7, 7\] in the entry, \[14, 14\] in this export"),
-    ({"selection": OutputSelection(mean_patch=True)},
+    ({"outputs": OutputSelection(mean_patch=True)},
      r"outputs \['cls', 'patch_tokens'\] in the entry, \['cls', 'patch_tokens', 'mean_patch'\] in this export"),
     ({"max_batch_size": 8}, r"max_batch_size: 64 in the entry, max_batch_size: 8 in this export"),
     ({"version_policy": None}, r"version_policy \{ all \{ \} \} in the entry, \(not set\) in this export"),
@@ -153,22 +162,23 @@ def test_refusals_leave_the_repository_unchanged(repo, fmnist_images, make_encod
 def test_same_names_with_another_meaning_are_refused(tmp_path, fmnist_images, make_encoder):
     # patch_tokens_l-1 exists in both, same dims: only the manifest says one is normed, one not
     repo = tmp_path / "repo"
-    export_entries(*make_encoder(0), repo, "m", selection=OutputSelection(layers=(-1,)),
-                   parity_images=fmnist_images[:4])
+    export_entries(EncoderSource(*make_encoder(0)), repo, "m",
+                   ExportOptions(outputs=OutputSelection(layers=(-1,)), parity_images=fmnist_images[:4]))
     before = tree(repo)
     with pytest.raises(ExportUsageError, match="output 'patch_tokens_l-1' final_norm True in the entry, False in this export"):
-        export_entries(*make_encoder(1), repo, "m", 2, add_version=True, parity_images=fmnist_images[:4],
-                       selection=OutputSelection(layers=(-1,), final_norm=False))
+        export_entries(EncoderSource(*make_encoder(1)), repo, "m", ExportOptions(
+            version=2, add_version=True, parity_images=fmnist_images[:4],
+            outputs=OutputSelection(layers=(-1,), final_norm=False)))
     assert tree(repo) == before
 
 
 def test_missing_entry_or_repository_is_refused(tmp_path, fmnist_images, make_encoder):
     with pytest.raises(ExportUsageError, match="model repository .* does not exist"):
-        export_entries(*make_encoder(0), tmp_path / "none", "m", 2, add_version=True)
+        export_entries(EncoderSource(*make_encoder(0)), tmp_path / "none", "m", ExportOptions(version=2, add_version=True))
     assert not (tmp_path / "none").exists()
     (tmp_path / "repo").mkdir()
     with pytest.raises(ExportUsageError, match="model 'm' is not in"):
-        export_entries(*make_encoder(0), tmp_path / "repo", "m", 2, add_version=True)
+        export_entries(EncoderSource(*make_encoder(0)), tmp_path / "repo", "m", ExportOptions(version=2, add_version=True))
     assert list((tmp_path / "repo").iterdir()) == []
 
 
@@ -180,14 +190,14 @@ def test_failed_parity_gate_leaves_the_repository_unchanged(repo, fmnist_images,
 
 
 def test_an_entry_changed_during_the_export_stops_it(repo, fmnist_images, make_encoder, monkeypatch):
-    real = repository.fsync_tree
+    real = publish.fsync_tree
     edited = repo / "m_latency" / "manifest.json"
 
     def meanwhile(root: Path) -> None:  # another writer edits an entry while ours is being staged
         edited.write_text(edited.read_text() + " ")
         real(root)
 
-    monkeypatch.setattr(repository, "fsync_tree", meanwhile)
+    monkeypatch.setattr(publish, "fsync_tree", meanwhile)
     before = tree(repo)
     with pytest.raises(ExportUsageError, match=r"\['m_latency'\] changed while this export ran"):
         add(repo, fmnist_images, make_encoder(1))

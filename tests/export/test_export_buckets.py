@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from export.buckets import bucket_names, parse_resolutions, resize_encoder
-from export.onnx_export import ExportUsageError
-from export.repository import export_entries, main, read_manifest
+from export.cli import main
+from export.errors import ExportUsageError
+from export.options import ExportOptions
+from export.repository import export_entries
+from export.sources import EncoderSource
 from export.triton_config import parse_pbtxt
+from tests.export.conftest import read_manifest
 from training.backbone import build_from_spec, create_encoder
 from training.data import to_float_nchw
 
@@ -29,8 +33,9 @@ def dino():
 def entries(dino, tmp_path_factory):
     model, spec = dino
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 3), np.uint8)
-    return export_entries(model, spec, tmp_path_factory.mktemp("buckets") / "repo", "m", resolutions=SIZES,
-                          parity_images=images, probes={"scores": {"knn_cls_top1": 50.0}})
+    return export_entries(EncoderSource(model, spec, probes={"scores": {"knn_cls_top1": 50.0}}),
+                          tmp_path_factory.mktemp("buckets") / "repo", "m",
+                          ExportOptions(resolutions=SIZES, parity_images=images))
 
 
 def test_one_entry_per_bucket_with_the_table_in_every_manifest(entries, dino):
@@ -87,10 +92,10 @@ def test_bad_size_and_existing_bucket_entry_write_nothing(dino, tmp_path, capsys
     model, spec = dino
     repo = tmp_path / "repo"
     with pytest.raises(ExportUsageError, match="not a positive multiple of the patch size 14x14"):
-        export_entries(model, spec, repo, "m", resolutions=[(28, 28), (50, 50)])
+        export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(resolutions=[(28, 28), (50, 50)]))
     (repo / "m_r56").mkdir(parents=True)
     with pytest.raises(ExportUsageError, match="'m_r56' already exists"):
-        export_entries(model, spec, repo, "m", resolutions=[(28, 28), (56, 56)])
+        export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(resolutions=[(28, 28), (56, 56)]))
     assert sorted(p.name for p in repo.iterdir()) == ["m_r56"]
 
 

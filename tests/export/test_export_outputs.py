@@ -8,10 +8,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_export import ExportUsageError
+from export.cli import main
+from export.errors import ExportUsageError
+from export.options import ExportOptions
 from export.outputs import OutputSelection, parse_layers
-from export.repository import export_encoder, main, read_manifest
+from export.repository import export_entries
+from export.sources import EncoderSource
 from export.triton_config import parse_pbtxt
+from tests.export.conftest import read_manifest
 from training.backbone import create_encoder
 from training.data import to_float_nchw
 
@@ -52,8 +56,8 @@ def images():
 def exported(request, dino_reg, images, tmp_path_factory):
     model, spec = dino_reg
     selection = OutputSelection(layers=ALL.layers, final_norm=request.param, registers=True, mean_patch=True)
-    path = export_encoder(model, spec, tmp_path_factory.mktemp("outputs") / "repo", "m",
-                          selection=selection, parity_images=images)
+    (path,) = export_entries(EncoderSource(model, spec), tmp_path_factory.mktemp("outputs") / "repo", "m",
+                             ExportOptions(outputs=selection, parity_images=images))
     return path, selection
 
 
@@ -101,7 +105,8 @@ def test_every_output_is_the_tensor_the_manifest_names(exported, dino_reg, image
 def test_default_outputs_are_unchanged_by_a_selection(exported, dino_reg, images, tmp_path):
     path, _ = exported
     model, spec = dino_reg
-    plain = export_encoder(model, spec, tmp_path / "repo", "plain", parity_images=images)
+    (plain,) = export_entries(EncoderSource(model, spec), tmp_path / "repo", "plain",
+                              ExportOptions(parity_images=images))
     assert [o.name for o in onnx.load(str(plain / "1/model.onnx")).graph.output] == ["cls", "patch_tokens"]
     a = ort.InferenceSession(str(plain / "1/model.onnx"), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(path / "1/model.onnx"), providers=["CPUExecutionProvider"])
@@ -115,8 +120,8 @@ def test_model_without_a_real_final_norm_says_so(tmp_path):
     torch.manual_seed(0)
     model, spec = create_encoder("vit_base_patch16_224", {"img_size": 32, "global_pool": "avg", "depth": 2,
                                                            "embed_dim": 64, "num_heads": 2})
-    path = export_encoder(model.eval(), spec, tmp_path / "repo", "mae",
-                          selection=OutputSelection(layers=(-2,), mean_patch=True))
+    (path,) = export_entries(EncoderSource(model.eval(), spec), tmp_path / "repo", "mae",
+                             ExportOptions(outputs=OutputSelection(layers=(-2,), mean_patch=True)))
     out = read_manifest(path)["outputs"]
     assert out["patch_tokens_l-2"]["final_norm"] is False and out["mean_patch"]["final_norm"] is False
     assert "the model has none" in out["patch_tokens_l-2"]["description"]
@@ -130,14 +135,15 @@ def test_model_without_a_real_final_norm_says_so(tmp_path):
 def test_bad_layers_are_refused_before_exporting(dino_reg, tmp_path, selection, message):
     model, spec = dino_reg
     with pytest.raises(ExportUsageError, match=message):
-        export_encoder(model, spec, tmp_path / "repo", "m", selection=selection)
+        export_entries(EncoderSource(model, spec), tmp_path / "repo", "m", ExportOptions(outputs=selection))
     assert not (tmp_path / "repo").exists() or list((tmp_path / "repo").iterdir()) == []
 
 
 def test_registers_on_a_model_without_registers_is_refused(make_encoder, tmp_path):
     model, spec = make_encoder()
     with pytest.raises(ExportUsageError, match=r"has no register tokens \(prefix tokens: cls\)"):
-        export_encoder(model, spec, tmp_path / "repo", "m", selection=OutputSelection(registers=True))
+        export_entries(EncoderSource(model, spec), tmp_path / "repo", "m",
+                       ExportOptions(outputs=OutputSelection(registers=True)))
 
 
 def test_parse_layers():

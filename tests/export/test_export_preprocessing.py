@@ -8,10 +8,10 @@ import pytest
 from google.protobuf import json_format
 
 from export.cli import main as cli_main
-from export.onnx_export import ExportUsageError
+from export.errors import ExportUsageError
 from export.preprocessing import check_preprocessing, run_preprocessing, timm_preprocessing
-from export.repository import read_manifest
 from export.triton_config import parse_pbtxt
+from tests.export.conftest import read_manifest
 from protos import vitserve_pb2
 from serving.catalog import model_from_config
 from contract.preprocess import PreprocessSpec

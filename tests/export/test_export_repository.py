@@ -7,10 +7,14 @@ import pytest
 
 from export import publish as publish_module
 from export import repository
-from export.onnx_export import ExportError, ExportUsageError
-from export.repository import (export_encoder, export_run, main, read_manifest, sha256_file,
-                               validate_model_name)
+from export.cli import main
+from export.errors import ExportError, ExportUsageError
+from export.layout import sha256_file, validate_model_name
+from export.options import ExportOptions, TritonOptions
+from export.repository import export_entries, export_run
+from export.sources import EncoderSource, state_dict_sha256
 from export.triton_config import parse_pbtxt
+from tests.export.conftest import read_manifest
 
 CONTRACT_KEYS = {"format_version", "name", "version", "encoder_spec", "architecture", "inputs", "outputs",
                  "weights_sha256", "files", "parity", "exporter", "probes", "source", "preprocessing"}
@@ -80,10 +84,10 @@ def test_refuses_to_overwrite_without_force(exported, run_dir, capsys):
 
 
 def test_force_replaces_the_model(tmp_path, repo, make_run_dir, fmnist_images):
-    first = export_run(make_run_dir(tmp_path / "a", seed=0), repo, "m", parity_images=fmnist_images[:4])
+    (first,) = export_run(make_run_dir(tmp_path / "a", seed=0), repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
     old = read_manifest(first)["weights_sha256"]
-    second = export_run(make_run_dir(tmp_path / "b", seed=1), repo, "m", force=True,
-                        parity_images=fmnist_images[:4])
+    (second,) = export_run(make_run_dir(tmp_path / "b", seed=1), repo, "m",
+                           ExportOptions(force=True, parity_images=fmnist_images[:4]))
     assert second == first
     assert read_manifest(second)["weights_sha256"] != old
     assert read_manifest(second)["files"]["1/model.onnx"] == sha256_file(second / "1/model.onnx")
@@ -94,10 +98,10 @@ def test_force_without_atomic_exchange_falls_back_to_two_renames(tmp_path, repo,
                                                                   fmnist_images, monkeypatch):
     monkeypatch.setattr(publish_module, "_renameat2", lambda src, dst, flags: False)
     run = make_run_dir(tmp_path / "a", seed=0)
-    model_dir = export_run(run, repo, "m", parity_images=fmnist_images[:4])
+    (model_dir,) = export_run(run, repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
     with pytest.raises(ExportUsageError, match="already exists"):
-        export_run(run, repo, "m", parity_images=fmnist_images[:4])
-    export_run(run, repo, "m", force=True, parity_images=fmnist_images[:4])
+        export_run(run, repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
+    export_run(run, repo, "m", ExportOptions(force=True, parity_images=fmnist_images[:4]))
     assert sorted(tree(model_dir)) == ["1/model.onnx", "1/model.py", "config.pbtxt", "manifest.json"]
     assert leftovers(repo) == []
 
@@ -105,37 +109,37 @@ def test_force_without_atomic_exchange_falls_back_to_two_renames(tmp_path, repo,
 def test_failed_parity_leaves_nothing(encoder, repo, fmnist_images):
     model, spec = encoder
     with pytest.raises(ExportError, match="beyond tolerance"):
-        export_encoder(model, spec, repo, "m", parity_images=fmnist_images[:4], tol=0.0)
+        export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(parity_images=fmnist_images[:4], tol=0.0))
     assert list(repo.iterdir()) == [] and leftovers(repo) == []
 
 
 def test_exception_mid_export_leaves_nothing_and_keeps_the_old_model(encoder, repo, fmnist_images,
                                                                     monkeypatch):
     model, spec = encoder
-    model_dir = export_encoder(model, spec, repo, "m", parity_images=fmnist_images[:4])
+    (model_dir,) = export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
     before = tree(model_dir)
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(repository, "fsync_tree", boom)  # after every file is written
+    monkeypatch.setattr(publish_module, "fsync_tree", boom)  # after every file is written
     with pytest.raises(OSError, match="disk full"):
-        export_encoder(model, spec, repo, "m", force=True, parity_images=fmnist_images[:4])
+        export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(force=True, parity_images=fmnist_images[:4]))
     with pytest.raises(OSError, match="disk full"):
-        export_encoder(model, spec, repo, "other", parity_images=fmnist_images[:4])
+        export_entries(EncoderSource(model, spec), repo, "other", ExportOptions(parity_images=fmnist_images[:4]))
     assert sorted(p.name for p in repo.iterdir()) == ["m"] and leftovers(repo) == []
     assert tree(model_dir) == before
 
 
 def test_onnxruntime_backend_has_no_model_py(encoder, repo, fmnist_images):
     model, spec = encoder
-    model_dir = export_encoder(model, spec, repo, "m", backend="onnxruntime", intra_op_threads=2,
-                               parity_images=fmnist_images[:4])
+    (model_dir,) = export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(
+        triton=TritonOptions(backend="onnxruntime", intra_op_threads=2), parity_images=fmnist_images[:4]))
     assert sorted(tree(model_dir)) == ["1/model.onnx", "config.pbtxt", "manifest.json"]
     config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
     assert config.platform == "onnxruntime_onnx"
     assert config.parameters["intra_op_thread_count"].string_value == "2"
-    assert read_manifest(model_dir)["weights_sha256"] == repository.state_dict_sha256(model)
+    assert read_manifest(model_dir)["weights_sha256"] == state_dict_sha256(model)
 
 
 @pytest.mark.parametrize("name", ["", "a b", ".hidden", "../x", "a/b", "ü"])
@@ -144,14 +148,15 @@ def test_invalid_model_names(name):
         validate_model_name(name)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"version": 0}, "version"), ({"max_batch_size": 0}, "max_batch_size"),
-    ({"backend": "tensorrt"}, "backend"), ({"instance_kind": "TPU"}, "instance group"),
+@pytest.mark.parametrize("options, message", [
+    (ExportOptions(version=0), "version"), (ExportOptions(triton=TritonOptions(max_batch_size=0)), "max_batch_size"),
+    (ExportOptions(triton=TritonOptions(backend="tensorrt")), "backend"),
+    (ExportOptions(triton=TritonOptions(instance_kind="TPU")), "instance group"),
 ])
-def test_bad_arguments_fail_before_exporting(encoder, repo, kwargs, message):
+def test_bad_arguments_fail_before_exporting(encoder, repo, options, message):
     model, spec = encoder
     with pytest.raises(ExportUsageError, match=message):
-        export_encoder(model, spec, repo, "m", **kwargs)
+        export_entries(EncoderSource(model, spec), repo, "m", options)
     assert not repo.exists() or list(repo.iterdir()) == []
 
 
@@ -196,7 +201,7 @@ def test_work_in_progress_is_staged_outside_the_repository(encoder, repo, fmnist
         return real_check(model, spec, onnx_path, *args, **kwargs)
 
     monkeypatch.setattr(repository, "check_parity", spy)
-    export_encoder(model, spec, repo, "m", parity_images=fmnist_images[:4])
+    export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
     assert seen == [([], repo.parent)]
 
 

@@ -9,9 +9,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from export.onnx_export import ExportUsageError
-from export.repository import export_run, main, read_manifest, sha256_file
+from export.cli import main
+from export.errors import ExportUsageError
+from export.layout import sha256_file
+from export.options import ExportOptions
+from export.repository import export_run
 from export.sources import load_checkpoint_into, load_timm_encoder, read_probes
+from tests.export.conftest import read_manifest
 from training.data import to_float_nchw
 
 SMALL = {"depth": 2, "embed_dim": 192, "num_heads": 3}
@@ -148,7 +152,7 @@ def test_probes_json_is_copied_verbatim(tmp_path, make_run_dir, fmnist_images):
               "protocol": {"knn": {"k": 20, "temperature": 0.07}}, "data": "fashion-mnist",
               "source": str(run), "created": "2026-11-22T18:00:00Z"}
     (run / "probes.json").write_text(json.dumps(probes))
-    model_dir = export_run(run, tmp_path / "repo", "m", parity_images=fmnist_images[:4])
+    (model_dir,) = export_run(run, tmp_path / "repo", "m", ExportOptions(parity_images=fmnist_images[:4]))
     assert read_manifest(model_dir)["probes"] == probes
     config_manifest = json.loads(
         __import__("export.triton_config", fromlist=["parse_pbtxt"]).parse_pbtxt(
@@ -172,7 +176,7 @@ def test_probe_split_is_copied_and_a_subset_warned_about(tmp_path, make_run_dir,
     probes = _record(run, **split)
     (run / "probes.json").write_text(json.dumps(probes))
     with caplog.at_level("WARNING", logger="export.sources"):
-        model_dir = export_run(run, tmp_path / "repo", "m", parity_images=fmnist_images[:4])
+        (model_dir,) = export_run(run, tmp_path / "repo", "m", ExportOptions(parity_images=fmnist_images[:4]))
     manifest_probes = read_manifest(model_dir)["probes"]
     assert manifest_probes == probes  # verbatim: n_train/n_test/full_split travel with the scores
     warnings = [r.getMessage() for r in caplog.records if r.name == "export.sources" and r.levelname == "WARNING"]

@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.cli import parse_version_policy
-from export.onnx_export import ExportUsageError
-from export.repository import export_entries, lane_batching, main, read_manifest, triton_config
+from contract.manifest import Manifest
+from export.cli import main, parse_version_policy
+from export.entry import lane_batching, triton_config
+from export.errors import ExportUsageError
+from export.options import ExportOptions, TritonOptions
+from export.repository import export_entries
+from export.sources import EncoderSource
 from export.triton_config import GpuAccelerator, TritonConfigError, VersionPolicy, parse_pbtxt
+from tests.export.conftest import read_manifest
 from training.backbone import EncoderSpec
 
 DATA = Path(__file__).parent / "data"
@@ -19,7 +24,7 @@ REGENERATE = os.environ.get("VITSERVE_REGENERATE_EXPECTED") == "1"
 SPEC = EncoderSpec(model_name="vit_tiny_patch16_224", overrides={}, img_size=(28, 28), patch_size=(4, 4),
                    grid_size=(7, 7), in_chans=1, embed_dim=192, depth=2, num_prefix_tokens=1,
                    num_register_tokens=0, has_cls_token=True, mean=(0.286,), std=(0.353,), timm_version="x")
-MANIFEST = {"name": "fm", "version": 1}
+MANIFEST = Manifest(name="fm", version=1)
 
 CASES = {
     "config_lane_throughput.pbtxt": dict(name="fm", lane="throughput"),
@@ -39,9 +44,9 @@ CASES = {
 }
 
 
-def render(name, backend="python", instance_kind="CPU", instance_count=1, intra_op_threads=0, **kw):
-    return triton_config(name, SPEC, MANIFEST, 64, backend, instance_count, instance_kind, intra_op_threads,
-                         500, **kw).to_pbtxt()
+def render(name, lane=None, cc_model_filenames=(), **triton):
+    return triton_config(name, SPEC, MANIFEST, TritonOptions(**triton), lane=lane,
+                         cc_model_filenames=cc_model_filenames).to_pbtxt()
 
 
 @pytest.mark.parametrize("filename", sorted(CASES))
@@ -106,7 +111,8 @@ def test_parse_version_policy():
 
 def test_lanes_write_two_entries_pointing_at_each_other(encoder, tmp_path, fmnist_images):
     model, spec = encoder
-    paths = export_entries(model, spec, tmp_path / "repo", "fm", lanes=True, parity_images=fmnist_images[:4])
+    paths = export_entries(EncoderSource(model, spec), tmp_path / "repo", "fm",
+                           ExportOptions(lanes=True, parity_images=fmnist_images[:4]))
     assert [p.name for p in paths] == ["fm", "fm_latency"]
     lanes = {"throughput": "fm", "latency": "fm_latency"}
     thr, lat = (read_manifest(p) for p in paths)

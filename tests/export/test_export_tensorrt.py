@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from export.onnx_export import ExportUsageError
-from export.repository import read_manifest, sha256_file
+from export.errors import ExportUsageError
+from export.gate import VariantGate, gate_data, judge, run_onnx
+from export.layout import sha256_file
 from export.tensorrt_engine import engine_filename, tensorrt_unavailable_reason, write_tensorrt_entry
 from export.triton_config import parse_pbtxt
-from export.variants import VariantGate, _run_onnx, gate_data, judge
+from tests.export.conftest import read_manifest
 from serving.catalog import model_from_config
 
 RECORD = {"key": {"compute_capability": "9.0", "tensorrt": "10.3.0", "gpu": "NVIDIA H100"},
@@ -64,12 +65,12 @@ def test_gate_runner_hook_judges_what_the_runner_returns(encoder, exported):
     gate = VariantGate(n_eval=32, n_knn_train=0, n_calibration=8)
     data = gate_data(model, spec, gate)
     onnx_path = exported / "1/model.onnx"
-    figures, failure = judge(None, data, gate, runner=lambda images, names: _run_onnx(onnx_path, images,
-                                                                                      names=names))
+    figures, failure = judge(None, data, gate, runner=lambda images, names: run_onnx(onnx_path, images,
+                                                                                     names=names))
     assert failure is None and figures["max_abs_err"]["cls"] < 1e-4  # the fp32 graph itself
 
     def half(images, names):  # what an fp16 engine does to the numbers
-        outputs = _run_onnx(onnx_path, images, names=names)
+        outputs = run_onnx(onnx_path, images, names=names)
         return {k: v.astype(np.float16).astype(np.float32) for k, v in outputs.items()}
 
     figures, failure = judge(None, data, gate, runner=half)

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from export.options import ExportOptions, TritonOptions
 from export.outputs import OutputSelection
-from export.repository import export_entries, read_manifest
+from export.repository import export_entries
+from export.sources import EncoderSource
+from tests.export.conftest import read_manifest
 from training.backbone import create_encoder
 
 pytestmark = pytest.mark.slow
@@ -22,8 +25,9 @@ def test_triton_serves_extra_outputs_of_every_bucket_and_lane(tmp_path):
                                  {"img_size": 28, "depth": 2, "embed_dim": 96, "num_heads": 2})
     selection = OutputSelection(layers=(-2,), final_norm=False, registers=True, mean_patch=True)
     repo = tmp_path / "repo"
-    paths = export_entries(model.eval(), spec, repo, "d", max_batch_size=8, selection=selection,
-                           resolutions=[(28, 28), (42, 42)], lanes=True, intra_op_threads=1)
+    paths = export_entries(EncoderSource(model.eval(), spec), repo, "d", ExportOptions(
+        outputs=selection, resolutions=[(28, 28), (42, 42)], lanes=True,
+        triton=TritonOptions(max_batch_size=8, intra_op_threads=1)))
     assert [p.name for p in paths] == ["d", "d_latency", "d_r42", "d_r42_latency"]
     with TritonLauncher(repo) as triton:
         client = grpcclient.InferenceServerClient(triton.grpc_url.replace("grpc://", ""))

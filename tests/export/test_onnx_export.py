@@ -4,8 +4,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_export import (ExportableEncoder, ExportError, ExportUsageError, check_parity,
-                                default_parity_images, export_onnx, exportable_attention)
+from export.errors import ExportError, ExportUsageError
+from export.gate import check_parity, default_parity_images
+from export.onnx_export import ExportableEncoder, export_onnx, exportable_attention
 from training.data import to_float_nchw
 
 

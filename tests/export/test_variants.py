@@ -7,13 +7,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_export import ExportUsageError
-from export.repository import export_encoder, main, read_manifest, sha256_file
+from export.cli import main
+from export.errors import ExportUsageError
+from export.gate import (VariantGate, compare_outputs, fashion_mnist_for, gate_data, judge, knn_drop_confidence,
+                         mean_cosine)
+from export.layout import sha256_file
+from export.options import ExportOptions
+from export.outputs import OutputSelection, selection_from_manifest
+from export.repository import export_entries
+from export.sources import EncoderSource
 from export.triton_config import parse_pbtxt
-from export.outputs import OutputSelection
-from export.variants import (VariantGate, build_variant, compare_outputs, export_variants, fashion_mnist_for,
-                             gate_data, judge, knn_drop_confidence, mean_cosine, parse_variants,
-                             selection_from_manifest, weight_matmuls)
+from export.variants import build_variant, export_variants, parse_variants, weight_matmuls
+from tests.export.conftest import read_manifest
 from training.data import to_float_nchw
 
 # 400 queries make one image 0.25 k-NN points; the default 0.5-point gate (meant for >= 1000 queries)
@@ -24,7 +29,7 @@ FAST_GATE = VariantGate(n_eval=400, n_knn_train=1000, n_calibration=64, max_knn_
 @pytest.fixture(scope="module")
 def base(encoder, fmnist_images, tmp_path_factory):
     model, spec = encoder
-    return export_encoder(model, spec, tmp_path_factory.mktemp("variants") / "repo", "fm")
+    return export_entries(EncoderSource(model, spec), tmp_path_factory.mktemp("variants") / "repo", "fm")[0]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +160,8 @@ EXTRA_NAMES = ["cls", "patch_tokens", "patch_tokens_l-2", "mean_patch"]
 @pytest.fixture(scope="module")
 def base_extras(encoder, fmnist_images, tmp_path_factory):
     model, spec = encoder
-    return export_encoder(model, spec, tmp_path_factory.mktemp("variants_x") / "repo", "fx", selection=EXTRAS)
+    return export_entries(EncoderSource(model, spec), tmp_path_factory.mktemp("variants_x") / "repo", "fx",
+                          ExportOptions(outputs=EXTRAS))[0]
 
 
 def test_selection_read_back_from_the_manifest(base_extras, base):
