@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from clients.client import VitServeClient
+    from export.options import ExportOptions
     from export.repository import export_run
     from training.data import DataError, load_fashion_mnist
     from training.knn import knn_accuracy
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step(3, total, "exporting to ONNX + Triton model repository", t0)
     repository = workdir / "model_repository"
-    model_dir = export_run(run_dir, repository, MODEL_NAME, force=True)
+    (model_dir,) = export_run(run_dir, repository, MODEL_NAME, ExportOptions(force=True))
     print(f"      model: {model_dir}", flush=True)
 
     _step(4, total, "starting the service (Triton + gRPC gateway)", t0)

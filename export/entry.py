@@ -24,7 +24,7 @@ from export.errors import ExportUsageError
 from export.layout import manifest_parameter
 from export.onnx_export import TORCH_EXPORTER
 from export.options import TritonOptions
-from export.outputs import DEFAULT_SELECTION, OutputSelection, describe_outputs
+from export.outputs import OutputSelection, describe_outputs
 from export.triton_config import DynamicBatching, InstanceGroup, TensorSpec, TritonModelConfig
 from training.backbone import EncoderSpec
 
@@ -53,23 +53,19 @@ def exporter_info(opset: int, backend: str) -> dict[str, Any]:
             "backend": backend, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def tensor_layout(spec: EncoderSpec, architecture: dict[str, Any] | None = None,
-                  selection: OutputSelection | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def tensor_layout(spec: EncoderSpec, architecture: dict[str, Any], selection: OutputSelection
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Manifest ``inputs`` and ``outputs``: name -> {dtype, shape (batch as -1), description, ...}.
 
     ``architecture`` (``export.architecture.describe_architecture``) makes the descriptions say which
-    prefix tokens were removed and whether the tokens carry a final norm; without it a standard
-    final-norm ViT is assumed. Each output also states its ``block``, ``layer``, ``final_norm``,
-    ``tokens`` range and ``pooling`` (``export.outputs.describe_outputs``).
+    prefix tokens were removed and whether the tokens carry a final norm. Each output also states its
+    ``block``, ``layer``, ``final_norm``, ``tokens`` range and ``pooling`` (``export.outputs.describe_outputs``).
     """
     h, w = spec.img_size
-    arch = architecture or {"final_norm": True, "fc_norm": False, "global_pool": "token",
-                            "prefix_tokens": ["cls"] * spec.num_prefix_tokens}
-    cls_what, patch_what = output_descriptions(spec, arch)
+    cls_what, patch_what = output_descriptions(spec, architecture)
     inputs = {INPUT_NAME: {"dtype": "uint8", "shape": [-1, h, w, spec.in_chans],
                            "description": "raw pixels NHWC; (x/255 - mean)/std is inside the graph"}}
-    outputs = describe_outputs(spec, arch, selection or DEFAULT_SELECTION, cls_what, patch_what)
-    return inputs, outputs
+    return inputs, describe_outputs(spec, architecture, selection, cls_what, patch_what)
 
 
 def lane_entry_name(bucket_entry: str, lane: str | None) -> str:

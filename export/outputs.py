@@ -52,10 +52,6 @@ class OutputSelection:
         return (*DEFAULT_OUTPUTS, *(layer_output_name(i) for i in self.layers),
                 *(("registers",) if self.registers else ()), *(("mean_patch",) if self.mean_patch else ()))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "final_norm": self.final_norm, "registers": self.registers,
-                "mean_patch": self.mean_patch}
-
 
 DEFAULT_SELECTION = OutputSelection()
 

@@ -24,8 +24,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     model.eval()
     repo = tmp_path_factory.mktemp("bench_repository")
-    export_repository.export_encoder(model, spec, repo, "bench_tiny", max_batch_size=8,
-                                     intra_op_threads=1)
+    from export.options import ExportOptions, TritonOptions
+    from export.sources import EncoderSource
+
+    export_repository.export_entries(EncoderSource(model, spec), repo, "bench_tiny",
+                                     ExportOptions(triton=TritonOptions(max_batch_size=8, intra_op_threads=1)))
     return repo
 
 

@@ -174,11 +174,13 @@ def test_same_names_with_another_meaning_are_refused(tmp_path, fmnist_images, ma
 
 def test_missing_entry_or_repository_is_refused(tmp_path, fmnist_images, make_encoder):
     with pytest.raises(ExportUsageError, match="model repository .* does not exist"):
-        export_entries(EncoderSource(*make_encoder(0)), tmp_path / "none", "m", ExportOptions(version=2, add_version=True))
+        export_entries(EncoderSource(*make_encoder(0)), tmp_path / "none", "m",
+                       ExportOptions(version=2, add_version=True))
     assert not (tmp_path / "none").exists()
     (tmp_path / "repo").mkdir()
     with pytest.raises(ExportUsageError, match="model 'm' is not in"):
-        export_entries(EncoderSource(*make_encoder(0)), tmp_path / "repo", "m", ExportOptions(version=2, add_version=True))
+        export_entries(EncoderSource(*make_encoder(0)), tmp_path / "repo", "m",
+                       ExportOptions(version=2, add_version=True))
     assert list((tmp_path / "repo").iterdir()) == []
 
 

@@ -84,7 +84,8 @@ def test_refuses_to_overwrite_without_force(exported, run_dir, capsys):
 
 
 def test_force_replaces_the_model(tmp_path, repo, make_run_dir, fmnist_images):
-    (first,) = export_run(make_run_dir(tmp_path / "a", seed=0), repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
+    (first,) = export_run(make_run_dir(tmp_path / "a", seed=0), repo, "m",
+                          ExportOptions(parity_images=fmnist_images[:4]))
     old = read_manifest(first)["weights_sha256"]
     (second,) = export_run(make_run_dir(tmp_path / "b", seed=1), repo, "m",
                            ExportOptions(force=True, parity_images=fmnist_images[:4]))
@@ -116,7 +117,8 @@ def test_failed_parity_leaves_nothing(encoder, repo, fmnist_images):
 def test_exception_mid_export_leaves_nothing_and_keeps_the_old_model(encoder, repo, fmnist_images,
                                                                     monkeypatch):
     model, spec = encoder
-    (model_dir,) = export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(parity_images=fmnist_images[:4]))
+    (model_dir,) = export_entries(EncoderSource(model, spec), repo, "m",
+                                  ExportOptions(parity_images=fmnist_images[:4]))
     before = tree(model_dir)
 
     def boom(*args, **kwargs):
@@ -124,7 +126,8 @@ def test_exception_mid_export_leaves_nothing_and_keeps_the_old_model(encoder, re
 
     monkeypatch.setattr(publish_module, "fsync_tree", boom)  # after every file is written
     with pytest.raises(OSError, match="disk full"):
-        export_entries(EncoderSource(model, spec), repo, "m", ExportOptions(force=True, parity_images=fmnist_images[:4]))
+        export_entries(EncoderSource(model, spec), repo, "m",
+                       ExportOptions(force=True, parity_images=fmnist_images[:4]))
     with pytest.raises(OSError, match="disk full"):
         export_entries(EncoderSource(model, spec), repo, "other", ExportOptions(parity_images=fmnist_images[:4]))
     assert sorted(p.name for p in repo.iterdir()) == ["m"] and leftovers(repo) == []

@@ -70,6 +70,12 @@ def test_model_py_imports_only_what_the_triton_stub_has():
     assert imported <= allowed, f"model.py imports {sorted(imported - allowed)}"
 
 
+def test_model_py_copies_of_the_contract_names_match_it():
+    from contract.names import DEFAULT_OUTPUTS, INPUT_NAME
+
+    assert triton_model.INPUT_NAME == INPUT_NAME and triton_model.OUTPUT_NAMES == DEFAULT_OUTPUTS
+
+
 def test_model_py_loads_standalone_without_torch_or_vitserve(tmp_path):
     standalone = tmp_path / "model.py"
     standalone.write_text(MODEL_PY.read_text())

@@ -56,9 +56,11 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_export(tmp_path_factory: pytest.TempPathFactory, small_run: Path, fmnist) -> Path:
     """The small run exported (ONNX + parity gate) into a fresh repository; returns the model directory."""
+    from export.options import ExportOptions, TritonOptions
     from export.repository import export_run
 
-    return export_run(small_run, tmp_path_factory.mktemp("probe_repo") / "repo", MODEL_NAME, max_batch_size=64)
+    return export_run(small_run, tmp_path_factory.mktemp("probe_repo") / "repo", MODEL_NAME,
+                      ExportOptions(triton=TritonOptions(max_batch_size=64)))[0]
 
 
 @pytest.fixture(scope="module")

@@ -373,12 +373,15 @@ def export_test_model(repository: Path, name: str = "loadtest") -> Path:
     """A freshly initialised default encoder (28x28 grey, patch 4) exported with the real exporter."""
     import torch
 
-    from export.repository import export_encoder
+    from export.options import ExportOptions, TritonOptions
+    from export.repository import export_entries
+    from export.sources import EncoderSource
     from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_encoder
 
     torch.manual_seed(0)
     model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    return export_encoder(model.eval(), spec, repository, name, max_batch_size=16)
+    return export_entries(EncoderSource(model.eval(), spec), repository, name,
+                          ExportOptions(triton=TritonOptions(max_batch_size=16)))[0]
 
 
 def main(argv: list[str] | None = None) -> int:

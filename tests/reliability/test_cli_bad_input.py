@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export.repository import main as export_main
+from export.cli import main as export_main
 from serving.server import main as serve_main
 from tests.export.conftest import write_run_dir
 from training.train import main as train_main
@@ -220,7 +220,7 @@ def test_serve_repository_with_a_corrupt_model(tmp_path):
     """A model whose ONNX file was cut short: serve exits 1 naming the model, and serves nothing."""
     from export.repository import export_run
 
-    model_dir = export_run(write_run_dir(tmp_path / "run"), tmp_path / "repo", "m")
+    (model_dir,) = export_run(write_run_dir(tmp_path / "run"), tmp_path / "repo", "m")
     onnx = model_dir / "1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:5000])
     done = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--model-repository",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from export.repository import sha256_file
+from export.layout import sha256_file
 from tests.export.conftest import write_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]

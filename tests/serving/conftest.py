@@ -1,6 +1,6 @@
 """Shared fixtures for the serving tests: an exported model repository, Triton, and the gateway.
 
-The repository is exported once per session through ``export.repository.export_encoder`` (the real
+The repository is exported once per session through ``export.repository.export_entries`` (the real
 exporter, so these tests also check the export -> serve contract); Triton and the gateway start once
 per test module on free loopback ports and are always stopped.
 """
@@ -46,7 +46,11 @@ def build_model_repository(repository: Path, name: str = MODEL_NAME, seed: int =
     torch.manual_seed(seed)
     model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     model.eval()
-    export_repository.export_encoder(model, spec, repository, name, max_batch_size=MAX_BATCH_SIZE)
+    from export.options import ExportOptions, TritonOptions
+    from export.sources import EncoderSource
+
+    export_repository.export_entries(EncoderSource(model, spec), repository, name,
+                                     ExportOptions(triton=TritonOptions(max_batch_size=MAX_BATCH_SIZE)))
     return ExportedModel(model, spec, repository, name, MAX_BATCH_SIZE)
 
 

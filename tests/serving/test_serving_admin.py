@@ -37,10 +37,13 @@ def repository(exported, tmp_path_factory) -> Path:
     config = repo / "plain" / "config.pbtxt"
     config.write_text(config.read_text().replace(f'name: "{exported.name}"', 'name: "plain"'))
     probes = {"format_version": 1, "scores": SCORES, "run": "test"}
+    from export.options import ExportOptions, TritonOptions
     from export.outputs import OutputSelection
+    from export.sources import EncoderSource
 
-    export_repository.export_entries(exported.model, exported.spec, repo, "laned", max_batch_size=8,
-                                     lanes=True, probes=probes, selection=OutputSelection(layers=(-2,)))
+    export_repository.export_entries(EncoderSource(exported.model, exported.spec, probes=probes), repo, "laned",
+                                     ExportOptions(lanes=True, outputs=OutputSelection(layers=(-2,)),
+                                                   triton=TritonOptions(max_batch_size=8)))
     return repo
 
 

@@ -53,15 +53,18 @@ def second_model():
 @pytest.fixture(scope="module")
 def repository(exported, second_model, tmp_path_factory) -> Path:
     export_repository = pytest.importorskip("export.repository")
+    from export.options import ExportOptions, TritonOptions
+    from export.sources import EncoderSource
     from export.triton_config import VersionPolicy
 
     repo = tmp_path_factory.mktemp("bucket_version_repository")
-    export_repository.export_entries(exported.model, exported.spec, repo, "multi", max_batch_size=8,
-                                     resolutions=[(28, 28), (56, 56)])
-    export_repository.export_entries(exported.model, exported.spec, repo, "versioned", max_batch_size=8,
-                                     version_policy=VersionPolicy("all"))
-    export_repository.export_entries(*second_model, repo, "versioned", version=2, max_batch_size=8,
-                                     version_policy=VersionPolicy("all"), add_version=True)
+    base = EncoderSource(exported.model, exported.spec)
+    all_versions = TritonOptions(max_batch_size=8, version_policy=VersionPolicy("all"))
+    export_repository.export_entries(base, repo, "multi", ExportOptions(
+        resolutions=[(28, 28), (56, 56)], triton=TritonOptions(max_batch_size=8)))
+    export_repository.export_entries(base, repo, "versioned", ExportOptions(triton=all_versions))
+    export_repository.export_entries(EncoderSource(*second_model), repo, "versioned", ExportOptions(
+        version=2, add_version=True, triton=all_versions))
     return repo
 
 
@@ -149,7 +152,7 @@ def test_unknown_bucket_value_is_invalid_argument(client):
 
 
 def test_requests_name_a_version(client, exported, second_model):
-    from export.repository import state_dict_sha256
+    from export.sources import state_dict_sha256
 
     x = images(2, 28, 28, seed=5)
     want_1 = tokens(exported.model, exported.spec, x)[0]
@@ -188,12 +191,14 @@ def test_requests_name_a_version(client, exported, second_model):
 @pytest.fixture(scope="module")
 def live(exported, tmp_path_factory) -> Iterator[tuple[Path, VitServeClient]]:
     """A repository with ``live``/``live_latency`` version 1 behind an admin gateway (explicit control)."""
+    from export.options import ExportOptions, TritonOptions
     from export.repository import export_entries
+    from export.sources import EncoderSource
     from export.triton_config import VersionPolicy
 
     repo = tmp_path_factory.mktemp("add_version_at_run_time")
-    export_entries(exported.model, exported.spec, repo, "live", max_batch_size=8, lanes=True,
-                   version_policy=VersionPolicy("all"))
+    export_entries(EncoderSource(exported.model, exported.spec), repo, "live", ExportOptions(
+        lanes=True, triton=TritonOptions(max_batch_size=8, version_policy=VersionPolicy("all"))))
     launcher = TritonLauncher(repo, explicit_model_control=True)
     try:
         launcher.start(timeout=180)
@@ -205,7 +210,9 @@ def live(exported, tmp_path_factory) -> Iterator[tuple[Path, VitServeClient]]:
 
 
 def test_a_version_added_at_run_time_is_served_after_reload(live, exported, second_model):
-    from export.repository import export_entries, state_dict_sha256
+    from export.options import ExportOptions, TritonOptions
+    from export.repository import export_entries
+    from export.sources import EncoderSource, state_dict_sha256
     from export.triton_config import VersionPolicy
 
     repo, client = live
@@ -214,8 +221,9 @@ def test_a_version_added_at_run_time_is_served_after_reload(live, exported, seco
     assert client.get_model("live").versions == ("1",)
 
     # `vitserve export ... --lanes --version-policy all --version 2 --add-version` while it serves
-    export_entries(*second_model, repo, "live", version=2, max_batch_size=8, lanes=True,
-                   version_policy=VersionPolicy("all"), add_version=True)
+    export_entries(EncoderSource(*second_model), repo, "live", ExportOptions(
+        version=2, add_version=True, lanes=True,
+        triton=TritonOptions(max_batch_size=8, version_policy=VersionPolicy("all"))))
     assert client.get_model("live").versions == ("1",)  # Triton reads the repository on reload only
     for name in ("live", "live_latency"):
         out = client.reload_model(name)

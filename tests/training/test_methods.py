@@ -154,7 +154,7 @@ def test_method_run_dirs_export_to_onnx(runs, tmp_path):
     from export.repository import export_run
 
     for method, run in runs.items():
-        model_dir = export_run(run, tmp_path / "repo", name=f"tiny_{method}")
+        (model_dir,) = export_run(run, tmp_path / "repo", name=f"tiny_{method}")
         manifest = json.loads((model_dir / "manifest.json").read_text())
         assert manifest["encoder_spec"]["img_size"] == [28, 28]
         errors = manifest["parity"]["max_abs_err"]
