@@ -19,8 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("clients.commands", "embed_main", "CLS embeddings of image files from a running service"),
     "features": ("clients.commands", "features_main", "patch features of image files from a running service"),
     "admin": ("clients.commands", "admin_main", "list/describe served models; load, unload, reload (--enable-admin)"),
-    "demo": ("clients.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
-    "bench": ("clients.bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
+    "demo": ("vitserve.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
+    "bench": ("benchmarks.serving_bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
     "probe": ("probes.cli", "main", "k-NN, linear and dense probe quality of a run, ONNX model or service"),
 }
 

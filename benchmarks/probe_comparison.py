@@ -1,6 +1,6 @@
 """Compare trained runs (and the baselines) on every probe: a markdown table, JSON and a PNG scatter.
 
-    python -m probes.compare runs/compare2/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1 --jobs 2
+    python -m benchmarks.probe_comparison runs/compare2/{mae,dino,simclr,moco} --out docs/PROBE_COMPARISON --threads 1 --jobs 2
 
 probes each run directory's encoder in process on the full Fashion-MNIST split (60k train / 10k test;
 ``--limit-*`` for subsets), plus raw pixels and a randomly initialised encoder of the same
@@ -402,7 +402,7 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m probes.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probe_comparison", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--out", default="docs/PROBE_COMPARISON", help="output path prefix (.json, .md, .png)")
     p.add_argument("--render", metavar="JSON", help="re-render OUT.md/OUT.png from a saved comparison JSON")
@@ -436,11 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = json.loads(Path(a.render).read_text())
     else:
         if not a.run_dirs:
-            print("probes.compare: error: give at least one RUN_DIR (or --render JSON)", file=sys.stderr)
+            print("benchmarks.probe_comparison: error: give at least one RUN_DIR (or --render JSON)", file=sys.stderr)
             return 2
         missing = [r for r in a.run_dirs if not Path(r).is_dir()]
         if missing:
-            print(f"probes.compare: error: run directories do not exist: {', '.join(missing)}", file=sys.stderr)
+            print(f"benchmarks.probe_comparison: error: run directories do not exist: {', '.join(missing)}", file=sys.stderr)
             return 2
         try:
             poolings = parse_poolings(a.poolings)
@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not l2_grid or any(not v >= 0 for v in l2_grid) or a.max_iter < 1 or a.batch < 1:
                 raise ValueError("--l2-grid needs strengths >= 0, --max-iter and --batch >= 1")
         except ValueError as e:
-            print(f"probes.compare: error: {e}", file=sys.stderr)
+            print(f"benchmarks.probe_comparison: error: {e}", file=sys.stderr)
             return 2
         try:
             result = compare_runs(a.run_dirs, a.limit_train, a.limit_test, a.train_scenes, a.test_scenes,
@@ -457,10 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   LinearProtocol(l2_grid=l2_grid, max_iter=a.max_iter), a.batch, max(1, a.jobs),
                                   poolings, knn_poolings)
         except SourceError as e:
-            print(f"probes.compare: error: {e}", file=sys.stderr)
+            print(f"benchmarks.probe_comparison: error: {e}", file=sys.stderr)
             return 2
         except DataError as e:
-            print(f"probes.compare: data missing: {e}", file=sys.stderr)
+            print(f"benchmarks.probe_comparison: data missing: {e}", file=sys.stderr)
             return 1
     for path in write_outputs(result, a.out):
         print(f"wrote {path}")
