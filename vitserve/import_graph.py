@@ -46,7 +46,8 @@ class ImportGraph:
 
     files: dict[str, str]
     edges: list[Edge] = field(default_factory=list)
-    external: dict[str, set[str]] = field(default_factory=dict)  # module -> top-level names outside
+    # module -> {outside top-level module (``google.protobuf`` for google's): only imported optionally}
+    external: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     def package(self, module: str) -> str:
         """The top-level package of a project module."""
@@ -59,6 +60,23 @@ class ImportGraph:
             if e.importer != e.imported:
                 out[e.importer].add(e.imported)
         return out
+
+    def closure(self, roots: list[str]) -> set[str]:
+        """The project modules that the roots import, directly or through each other (roots included)."""
+        succ = self.successors()
+        seen: set[str] = set()
+        todo = list(roots)
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(succ[m])
+        return seen
+
+    def needs(self, roots: list[str]) -> set[str]:
+        """The outside modules (not the standard library, not optional) that the roots' closure imports."""
+        return {name for m in self.closure(roots) for name, optional in self.external.get(m, {}).items()
+                if not optional and name.split(".")[0] not in sys.stdlib_module_names}
 
     def package_edges(self) -> Counter[tuple[str, str]]:
         """(importer package, imported package) -> how many file-level imports cross it."""
@@ -82,7 +100,7 @@ def discover(root: Path = ROOT) -> dict[str, str]:
         if init.parent.name == "tests":
             continue
         for path in sorted(init.parent.rglob("*.py")):
-            if all((d / "__init__.py").is_file() for d in path.relative_to(root).parents if d != Path(".")):
+            if all((root / d / "__init__.py").is_file() for d in path.relative_to(root).parents if d != Path(".")):
                 files[module_name(path, root)] = str(path.relative_to(root))
     return files
 
@@ -97,20 +115,41 @@ def _resolve(name: str, files: dict[str, str]) -> str | None:
     return None
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, list[str], int]]:
-    """Each import in the tree as (base module, imported names or [] for ``import base``, line)."""
-    out: list[tuple[str, list[str], int]] = []
+def _guards_import_error(node: ast.Try) -> bool:
+    """Whether a ``try`` has a handler for ImportError or ModuleNotFoundError."""
+    names = []
+    for handler in node.handlers:
+        kinds = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+        names += [k.id for k in kinds if isinstance(k, ast.Name)]
+    return bool({"ImportError", "ModuleNotFoundError"} & set(names))
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, list[str], int, bool]]:
+    """Each import in the tree as (base module, imported names or [] for ``import base``, line,
+    optional: inside the body of a ``try`` that catches ImportError)."""
+    out: list[tuple[str, list[str], int, bool]] = []
     package = module if is_package else module.rpartition(".")[0]
-    for node in ast.walk(tree):
+
+    def visit(node: ast.AST, optional: bool) -> None:
         if isinstance(node, ast.Import):
-            out += [(alias.name, [], node.lineno) for alias in node.names]
+            out.extend((alias.name, [], node.lineno, optional) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
                 parts = parts[:len(parts) - (node.level - 1)]
                 base = ".".join(parts + ([node.module] if node.module else []))
-            out.append((base, [alias.name for alias in node.names], node.lineno))
+            out.append((base, [alias.name for alias in node.names], node.lineno, optional))
+        elif isinstance(node, ast.Try) and _guards_import_error(node):
+            for child in node.body:
+                visit(child, True)
+            for child in [*node.handlers, *node.orelse, *node.finalbody]:
+                visit(child, optional)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child, optional)
+
+    visit(tree, False)
     return out
 
 
@@ -121,12 +160,13 @@ def build(root: Path = ROOT) -> ImportGraph:
     for module, rel in files.items():
         tree = ast.parse((root / rel).read_text(), filename=rel)
         seen: set[tuple[str, int]] = set()
-        for base, names, line in _imports(tree, module, rel.endswith("__init__.py")):
+        for base, names, line, optional in _imports(tree, module, rel.endswith("__init__.py")):
             top = base.split(".")[0]
             if top not in LAYERS:
                 if top and top != "__future__":
                     external = ".".join(base.split(".")[:2]) if top == "google" else top
-                    graph.external.setdefault(module, set()).add(external)
+                    known = graph.external.setdefault(module, {})
+                    known[external] = known.get(external, True) and optional
                 continue
             # ``from a import b``: the file a/b.py when b is a submodule, else the file defining a.
             targets = [f"{base}.{n}" if f"{base}.{n}" in files else _resolve(base, files) for n in names]
