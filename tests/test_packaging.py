@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -127,10 +128,17 @@ def test_a_clean_virtualenv_installs_the_client_alone(tmp_path: Path) -> None:
     if not _pypi_reachable():
         pytest.skip("pypi.org is not reachable: the clean install needs the index")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    source = tmp_path / "source"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    source.mkdir()
+    for name in ["pyproject.toml", "README.md", *LAYERS]:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py, vitserve = venv / "bin" / "python", venv / "bin" / "vitserve"
-    subprocess.run([py, "-m", "pip", "install", "-q", str(ROOT)], check=True, env=env, cwd=tmp_path, timeout=600)
+    subprocess.run([py, "-m", "pip", "install", "-q", str(source)], check=True, env=env, cwd=tmp_path, timeout=600)
 
     listing = subprocess.run([py, "-m", "pip", "list", "--format", "json"], check=True, env=env, cwd=tmp_path,
                              capture_output=True, text=True).stdout
