@@ -98,12 +98,6 @@ def load_pretraining_data(cfg: TrainConfig, spec: EncoderSpec
     return train_part, val, dataclasses.replace(spec, mean=mean, std=std)
 
 
-def load_pretraining_images(cfg: TrainConfig, spec: EncoderSpec) -> tuple[torch.Tensor, EncoderSpec]:
-    """uint8 training images ``[N, H, W, C]`` and the spec with the data's mean/std filled in."""
-    train_part, _, spec = load_pretraining_data(cfg, spec)
-    return torch.from_numpy(np.ascontiguousarray(train_part.images)), spec
-
-
 def channel_mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 ``[N, H, W, C]`` images on the 0-1 scale (chunked, float64)."""
     c = images.shape[-1]
