@@ -1,4 +1,4 @@
-"""Thin Python client for the vitserve gRPC API (grpcio + numpy only; no torch).
+"""Thin Python client for the vitserve gRPC API, sync and ``grpc.aio`` (grpcio, numpy, protobuf; no torch).
 
 >>> with VitServeClient("127.0.0.1:50051") as client:
 ...     emb = client.embed(images)                      # [N, D] float32 (CLS)
@@ -278,6 +278,11 @@ def control_result(response: vitserve_pb2.ModelControlResponse) -> ModelControlR
         elapsed_ms=response.elapsed_ms, served_models=tuple(response.served_models))
 
 
+def repository_models(response: vitserve_pb2.ListRepositoryResponse) -> list[dict[str, str]]:
+    """Each repository entry as ``{"name", "version", "state", "reason"}``."""
+    return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in response.models]
+
+
 def _pooling(name: str) -> int:
     try:
         return POOLINGS[name.lower()]
@@ -421,29 +426,33 @@ class VitServeClient:
         return features_result(self._call(self._stub.Features, request))
 
     def list_models(self) -> list[ModelDescription]:
+        """Every model the gateway serves."""
         response = self._call(self._stub.ListModels, vitserve_pb2.ListModelsRequest())
         return [model_description(m) for m in response.models]
 
     def get_model(self, model: str = "") -> ModelDescription:
+        """One served model ("" when only one is served)."""
         return model_description(self._call(self._stub.GetModel, vitserve_pb2.GetModelRequest(model=model)))
 
     # Model management: the server must run with `vitserve serve --enable-admin`.
     def load_model(self, model: str) -> ModelControlResult:
+        """Load a model of Triton's repository and serve it."""
         return control_result(self._call(self._stub.LoadModel, vitserve_pb2.ModelControlRequest(model=model)))
 
     def unload_model(self, model: str) -> ModelControlResult:
+        """Stop serving a model and unload it from Triton."""
         return control_result(self._call(self._stub.UnloadModel, vitserve_pb2.ModelControlRequest(model=model)))
 
     def reload_model(self, model: str) -> ModelControlResult:
+        """Load a model again from the repository (a new version, a changed config)."""
         return control_result(self._call(self._stub.ReloadModel, vitserve_pb2.ModelControlRequest(model=model)))
 
     def list_repository(self) -> list[dict[str, str]]:
         """Every model in Triton's repository: ``{"name", "version", "state", "reason"}``."""
-        response = self._call(self._stub.ListRepository, vitserve_pb2.ListRepositoryRequest())
-        return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
-                for m in response.models]
+        return repository_models(self._call(self._stub.ListRepository, vitserve_pb2.ListRepositoryRequest()))
 
     def close(self) -> None:
+        """Close the channel."""
         self._channel.close()
 
     def __enter__(self) -> "VitServeClient":
@@ -473,12 +482,14 @@ class AsyncVitServeClient:
     async def embed(self, images: Images, model: str = "", l2_normalize: bool = False,
                     dtype: str = "float32", pooling: str = "cls", lane: str = "",
                     resize_op: str = "", bucket: str = "", version: str | int = "") -> np.ndarray:
+        """As ``VitServeClient.embed``."""
         request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op, bucket, version)
         return tensor_to_numpy((await self._call(self._stub.Embed, request)).embeddings)
 
     async def embed_result(self, images: Images, model: str = "", l2_normalize: bool = False,
                            dtype: str = "float32", pooling: str = "cls", lane: str = "",
                            resize_op: str = "", bucket: str = "", version: str | int = "") -> EmbedResult:
+        """As ``VitServeClient.embed_result``."""
         request = embed_request(images, model, l2_normalize, dtype, pooling, lane, resize_op, bucket, version)
         return embed_result(await self._call(self._stub.Embed, request))
 
@@ -511,18 +522,42 @@ class AsyncVitServeClient:
                        resize_op: str = "", outputs: Sequence[str] = (),
                        include_registers: bool = False, bucket: str = "",
                        version: str | int = "") -> FeaturesResult:
+        """As ``VitServeClient.features``."""
         request = features_request(images, model, layout, include_cls, dtype, lane, resize_op, outputs,
                                    include_registers, bucket, version)
         return features_result(await self._call(self._stub.Features, request))
 
     async def list_models(self) -> list[ModelDescription]:
+        """Every model the gateway serves."""
         response = await self._call(self._stub.ListModels, vitserve_pb2.ListModelsRequest())
         return [model_description(m) for m in response.models]
 
     async def get_model(self, model: str = "") -> ModelDescription:
+        """One served model ("" when only one is served)."""
         return model_description(await self._call(self._stub.GetModel, vitserve_pb2.GetModelRequest(model=model)))
 
+    # Model management: the server must run with `vitserve serve --enable-admin`.
+    async def load_model(self, model: str) -> ModelControlResult:
+        """Load a model of Triton's repository and serve it."""
+        request = vitserve_pb2.ModelControlRequest(model=model)
+        return control_result(await self._call(self._stub.LoadModel, request))
+
+    async def unload_model(self, model: str) -> ModelControlResult:
+        """Stop serving a model and unload it from Triton."""
+        request = vitserve_pb2.ModelControlRequest(model=model)
+        return control_result(await self._call(self._stub.UnloadModel, request))
+
+    async def reload_model(self, model: str) -> ModelControlResult:
+        """Load a model again from the repository (a new version, a changed config)."""
+        request = vitserve_pb2.ModelControlRequest(model=model)
+        return control_result(await self._call(self._stub.ReloadModel, request))
+
+    async def list_repository(self) -> list[dict[str, str]]:
+        """Every model in Triton's repository: ``{"name", "version", "state", "reason"}``."""
+        return repository_models(await self._call(self._stub.ListRepository, vitserve_pb2.ListRepositoryRequest()))
+
     async def close(self) -> None:
+        """Close the channel."""
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncVitServeClient":
