@@ -50,8 +50,7 @@ def _build_moco(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn.M
 
 
 def _flip_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec, gen: torch.Generator) -> Views:
-    # MAE keeps only the flip (see training.train.augment for why).
-    return [aug.normalize(aug.random_hflip(x01, gen) if cfg.hflip else x01, spec.mean, spec.std)]
+    return [aug.normalize(aug.mae_flip(x01, gen, cfg.hflip), spec.mean, spec.std)]
 
 
 def _two_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec, gen: torch.Generator) -> Views:
