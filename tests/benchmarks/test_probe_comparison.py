@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.probe_comparison import check_claims, check_targets, main, training_info, write_outputs
+from benchmarks.probe_comparison import main, training_info
+from benchmarks.probe_report import check_claims, check_targets, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in tests/probes/
 
