@@ -41,12 +41,15 @@ class ModelAdmin:
             raise RequestError(grpc.StatusCode.UNIMPLEMENTED, ADMIN_DISABLED)
 
     async def load(self, name: str) -> vitserve_pb2.ModelControlResponse:
+        """Load model ``name`` (every version its policy selects) and answer once it is READY."""
         return await self._control(name, "load")
 
     async def unload(self, name: str) -> vitserve_pb2.ModelControlResponse:
+        """Unload model ``name``; Triton finishes its calls in flight first."""
         return await self._control(name, "unload")
 
     async def reload(self, name: str) -> vitserve_pb2.ModelControlResponse:
+        """Load a loaded model ``name`` again (new files or versions); FAILED_PRECONDITION if it is not loaded."""
         return await self._control(name, "reload")
 
     async def list_repository(self) -> vitserve_pb2.ListRepositoryResponse:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from contract.names import CLS_OUTPUT, PATCH_OUTPUT
+from contract.names import CLS_OUTPUT, MEAN_PATCH_OUTPUT, PATCH_OUTPUT
 from contract.tensors import NUMPY_DTYPES
 from protos import vitserve_pb2
 from serving.errors import RequestError
 
 POOLING = vitserve_pb2.EmbedRequest.Pooling
-POOLING_SOURCE = {POOLING.CLS: "cls", POOLING.MEAN_PATCH: "mean_patch", POOLING.CLS_AND_MEAN_PATCH: "cls+mean_patch"}
+# EmbedResponse.source of each pooling: "cls", "mean_patch", "cls+mean_patch"
+POOLING_SOURCE = {POOLING.CLS: CLS_OUTPUT, POOLING.MEAN_PATCH: MEAN_PATCH_OUTPUT,
+                  POOLING.CLS_AND_MEAN_PATCH: f"{CLS_OUTPUT}+{MEAN_PATCH_OUTPUT}"}
 
 
 def check_enums(dtype: int, layout: int = 0, pooling: int = 0, lane: int = 0) -> None:

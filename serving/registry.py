@@ -14,6 +14,7 @@ from typing import Sequence
 
 import grpc
 
+from contract.names import LANES
 from protos import vitserve_pb2
 from serving.catalog import CatalogError, ServedModel, model_from_config
 from serving.errors import GatewayError, RequestError
@@ -22,7 +23,9 @@ from serving.triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)
 
-LANE_NAMES = {vitserve_pb2.THROUGHPUT: "throughput", vitserve_pb2.LATENCY: "latency"}
+LANE_NAMES = {vitserve_pb2.Lane.Value(lane.upper()): lane for lane in LANES}  # THROUGHPUT -> "throughput"
+LANES_BY_NAME = {name: lane for lane, name in LANE_NAMES.items()}
+_LATENCY = LANE_NAMES[vitserve_pb2.LATENCY]
 REFRESH_AFTER_S = 1.0  # an unknown name re-reads Triton's model list at most this often
 
 
@@ -134,7 +137,7 @@ class ModelRegistry:
         if lane == vitserve_pb2.LANE_UNSPECIFIED:
             # A stream prefers the latency lane, but falls back to the model itself when that
             # lane's model is not loaded (the caller did not ask for a lane).
-            target = model.lanes.get("latency", model.name) if stream else model.name
+            target = model.lanes.get(_LATENCY, model.name) if stream else model.name
             return self.models.get(target, model)
         lane_name = LANE_NAMES[lane]
         target = model.lanes.get(lane_name)
@@ -174,7 +177,7 @@ class ModelRegistry:
             return await self.resolve_lane(name, lane, stream)  # one size: the model itself
         chosen = choose_bucket(named.buckets, image_sizes(images))
         if lane == vitserve_pb2.LANE_UNSPECIFIED and named.lane and not stream:
-            lane = vitserve_pb2.LATENCY if named.lane == "latency" else vitserve_pb2.THROUGHPUT
+            lane = LANES_BY_NAME[named.lane]
         try:
             return await self.resolve_lane(chosen.model, lane, stream)
         except RequestError as e:
