@@ -60,11 +60,11 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
             # that reaches the server is left unanswered); calls in flight get `grace` seconds to
             # finish before the server stops and cancels what is left. Triton stays up until then.
             t0 = time.monotonic()
-            in_flight = gateway.in_flight
-            in_flight.draining = True
+            limit = gateway.limit
+            limit.draining = True
             log.info("stopping the gateway: draining %d call(s) in flight, refusing new ones (grace %.0fs)",
-                     in_flight.in_flight, grace)
-            while in_flight.in_flight > 0 and time.monotonic() - t0 < grace:
+                     limit.in_flight, grace)
+            while limit.in_flight > 0 and time.monotonic() - t0 < grace:
                 await asyncio.sleep(0.02)
             # Keep answering refusals a moment longer: gRPC cancels (CANCELLED, not retryable) calls
             # that reach it while it shuts down, and a client that just got its answer may be sending
@@ -72,7 +72,7 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
             await asyncio.sleep(min(DRAIN_LINGER_S, max(0.0, grace - (time.monotonic() - t0))))
             await gateway.server.stop(max(0.0, grace - (time.monotonic() - t0)))
             log.info("gateway stopped after %.2fs; %d call(s) were still in flight",
-                     time.monotonic() - t0, in_flight.in_flight)
+                     time.monotonic() - t0, limit.in_flight)
     finally:
         if options.metrics is not None:
             options.metrics.close()

@@ -93,7 +93,7 @@ class GatewayServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
-    in_flight: InFlightLimit  # the drain on shutdown refuses new calls and waits for these
+    limit: InFlightLimit  # the drain on shutdown refuses new calls through it and waits for its calls
 
 
 def interceptors(service: EncoderService, options: ServerOptions,
