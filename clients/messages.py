@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Tuple, Union
 
+import grpc
 import numpy as np
 
 from google.protobuf import json_format
