@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         target = args.target
         if target is None:
-            from serving.server import BackgroundGateway
+            from serving.gateway import BackgroundGateway
             from serving.triton_launcher import TritonLauncher
             launcher = TritonLauncher(args.model_repository)
             launcher.start(timeout=args.triton_timeout)

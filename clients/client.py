@@ -24,23 +24,14 @@ import numpy as np
 
 from contract.tensors import tensor_to_numpy
 from clients.messages import (EmbedResult, FeaturesResult, Frame, Images, ModelControlResult, ModelDescription,
-                              StreamResult, control_result, embed_request, embed_result, features_request,
-                              features_result, model_description, repository_models, stream_request, stream_result,
-                              to_proto_images)
+                              StreamResult, VitServeError, control_result, embed_request, embed_result,
+                              features_request, features_result, model_description, repository_models, stream_request,
+                              stream_result, to_proto_images)
 from protos import vitserve_pb2, vitserve_pb2_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-
-
-class VitServeError(RuntimeError):
-    """A call failed; ``code`` is the gRPC status code, ``details`` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 def channel_credentials(tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Tuple, Union
+from typing import Any, Iterable, Sequence, Tuple, Union
 
+import grpc
 import numpy as np
 
 from google.protobuf import json_format
@@ -204,6 +205,15 @@ def features_result(response: vitserve_pb2.FeaturesResponse) -> FeaturesResult:
         registers=tensor_to_numpy(response.registers) if response.HasField("registers") else None)
 
 
+class VitServeError(RuntimeError):
+    """A call failed; ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
 @dataclass(frozen=True)
 class StreamResult:
     """The answer to one streamed frame: its features, or ``skipped`` (stale), or a per-frame ``error``."""
@@ -211,7 +221,7 @@ class StreamResult:
     frame_id: int
     skipped: bool
     features: FeaturesResult | None
-    error: "VitServeError | None" = None
+    error: VitServeError | None = None
 
 
 def stream_result(response: vitserve_pb2.StreamFeaturesResponse) -> StreamResult:

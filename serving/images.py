@@ -25,14 +25,13 @@ FORMAT_NAMES = "PNG/JPEG/WebP/BMP"
 # Refuse images whose *declared* size exceeds this many pixels before decoding a single row
 # (a 100 kB PNG can declare 50k x 50k pixels and expand to gigabytes).
 DEFAULT_MAX_PIXELS = 8192 * 8192
-RESIZE_MODE = "bilinear"
 # Magic bytes, so an error can say what a refused file *is* rather than only what it is not.
 _ACCEPTED_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
 _REFUSED_MAGIC = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
                   (b"8BPS", "PSD"), (b"%PDF", "PDF"), (b"%!PS", "PostScript"), (b"\x00\x00\x01\x00", "ICO"),
                   (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
                   (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "OpenEXR"))
-_MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}  # PIL mode of a model input with this many channels
 
 
 class ImageError(ValueError):
@@ -92,7 +91,7 @@ def _to_8bit(index: int, img: Image.Image) -> Image.Image:
 
 def _to_geometry(index: int, img: Image.Image, geometry: InputGeometry) -> PreparedImage:
     """Convert channels (PIL's rules: RGB->L by ITU-R 601-2 luma, L->RGB by repetition) and resize."""
-    target_mode = _MODE_FOR_CHANNELS[geometry.channels]
+    target_mode = MODE_FOR_CHANNELS[geometry.channels]
     img = _to_8bit(index, img)
     converted = img.mode != target_mode
     if converted:
@@ -188,7 +187,7 @@ def decode_encoded(index: int, data: bytes, geometry: InputGeometry,
 def decode_raw(index: int, data: bytes, height: int, width: int, channels: int,
                geometry: InputGeometry, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Interpret a row-major HWC uint8 frame and bring it to the model's geometry."""
-    if channels not in _MODE_FOR_CHANNELS:
+    if channels not in MODE_FOR_CHANNELS:
         raise ImageError(index, f"raw frame has {channels} channels; use 1 (grey) or 3 (RGB)")
     _check_pixels(index, width, height, max_pixels)
     expected = height * width * channels
@@ -198,7 +197,7 @@ def decode_raw(index: int, data: bytes, height: int, width: int, channels: int,
     arr = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
     if channels == geometry.channels and (height, width) == (geometry.height, geometry.width):
         return PreparedImage(arr, resized=False, converted=False)  # the fast path: no copy
-    img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=_MODE_FOR_CHANNELS[channels])
+    img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=MODE_FOR_CHANNELS[channels])
     return _to_geometry(index, img, geometry)
 
 
@@ -217,7 +216,7 @@ def prepare_image(index: int, image: vitserve_pb2.Image, geometry: InputGeometry
 def prepare_batch(images: Sequence[vitserve_pb2.Image], geometry: InputGeometry,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedBatch:
     """All request images as one ``[N, H, W, C]`` uint8 batch; raises ``ImageError`` on the first bad one."""
-    if geometry.channels not in _MODE_FOR_CHANNELS:
+    if geometry.channels not in MODE_FOR_CHANNELS:
         raise ValueError(f"model input has {geometry.channels} channels; only 1 or 3 are supported")
     prepared = [prepare_image(i, im, geometry, max_pixels) for i, im in enumerate(images)]
     batch = np.stack([p.pixels for p in prepared]) if prepared else np.zeros(

@@ -17,6 +17,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from serving.triton_events import DOWN_EVENTS, EVENT_RESTARTED
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,11 +65,11 @@ class GatewayMetrics:
         self.stream_frames.labels(model, outcome).inc()
 
     def observe_triton_event(self, event: str) -> None:
-        """A supervision event of ``serving.triton_launcher`` (down / restarted / ...)."""
-        if event == "restarted":
+        """A supervision event of ``serving.triton_supervisor`` (down / restarted / ...)."""
+        if event == EVENT_RESTARTED:
             self.triton_restarts.inc()
             self.triton_up.set(1)
-        elif event in ("down", "gave_up"):
+        elif event in DOWN_EVENTS:
             self.triton_up.set(0)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:

@@ -11,7 +11,7 @@ image's own size); this module adds the geometric step and records what it did p
   the in-graph normalisation maps to zero).
 
 The model's default comes from its manifest's ``preprocessing`` dict (``resize_op``, ``crop_pct``,
-``interpolation``); a model without one is stretched with bilinear resampling, as before this module.
+``interpolation``); a model without one is stretched with bilinear resampling.
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from contract.preprocess import INTERPOLATIONS, OP_NAMES, PreprocessSpec, ResizeOp
 from protos import vitserve_pb2
-from serving.images import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageError, InputGeometry, decode_encoded,
-                            decode_raw)
+from serving.images import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, MODE_FOR_CHANNELS, ImageError, InputGeometry,
+                            decode_encoded, decode_raw)
 
 _RESAMPLING = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}  # every name the spec accepts
 _MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "LA": 2, "PA": 4, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3,
                   "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1, "F": 1}
-_MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def apply(pixels: np.ndarray, op: int, geometry: InputGeometry, spec: Preprocess
     """``pixels`` ``[h, w, C]`` uint8 (already at the model's channel count) at the model's input size."""
     height, width = pixels.shape[:2]
     place = placement(op, width, height, geometry, spec.crop_pct)
-    mode = _MODE_FOR_CHANNELS[geometry.channels]
+    mode = MODE_FOR_CHANNELS[geometry.channels]
     img = Image.fromarray(pixels[..., 0] if geometry.channels == 1 else pixels, mode=mode)
     resample = _RESAMPLING[spec.interpolation]
     tx0, ty0, tx1, ty1 = place.target_box
@@ -124,7 +123,7 @@ def prepare_image(index: int, image: vitserve_pb2.Image, geometry: InputGeometry
                   op: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, vitserve_pb2.ImagePreprocessing]:
     """One request image at the model's input and its record; raises ``ImageError``."""
     source = image.WhichOneof("source")
-    target_mode = _MODE_FOR_CHANNELS[geometry.channels]
+    target_mode = MODE_FOR_CHANNELS[geometry.channels]
     if source == "encoded":
         header = read_header(image.encoded)
         if header is None:  # decode at the model's size: the decoder raises the precise error
@@ -141,7 +140,7 @@ def prepare_image(index: int, image: vitserve_pb2.Image, geometry: InputGeometry
         width, height, channels = raw.width, raw.height, raw.channels
         own = InputGeometry(height, width, geometry.channels) if width and height else geometry
         prepared = decode_raw(index, raw.data, raw.height, raw.width, raw.channels, own, max_pixels)
-        mode = _MODE_FOR_CHANNELS.get(channels, "?")
+        mode = MODE_FOR_CHANNELS.get(channels, "?")
         conversion = "" if channels == geometry.channels else f"{mode}->{target_mode}"
     else:
         raise ImageError(index, "no image data (set `encoded` or `raw`)")
@@ -173,7 +172,7 @@ def resolve_op(requested: int, spec: PreprocessSpec) -> int:
 def prepare_batch(images: Sequence[vitserve_pb2.Image], geometry: InputGeometry, spec: PreprocessSpec,
                   op: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedBatch:
     """All request images as one ``[N, H, W, C]`` uint8 batch; raises ``ImageError`` on the first bad one."""
-    if geometry.channels not in _MODE_FOR_CHANNELS:
+    if geometry.channels not in MODE_FOR_CHANNELS:
         raise ValueError(f"model input has {geometry.channels} channels; only 1 or 3 are supported")
     arrays, records = [], []
     for i, im in enumerate(images):

@@ -1,6 +1,6 @@
 """Which Triton entry runs a request: the resolution bucket that fits its images, and version order.
 
-Pure functions over protobuf messages; the gateway applies them (``VisionEncoderGateway.resolve_request``).
+Pure functions over protobuf messages; ``serving.registry.ModelRegistry.resolve_request`` applies them.
 """
 
 from __future__ import annotations

@@ -18,11 +18,10 @@ from typing import AsyncIterator, Awaitable, Callable
 import grpc
 
 from protos import vitserve_pb2
-from serving.errors import RequestError, UndecodableRequest
+from serving.errors import Remaining, RequestError, UndecodableRequest
 
 log = logging.getLogger(__name__)
 
-Remaining = Callable[[], "float | None"]  # seconds left before the caller's deadline (None: none)
 # (request, time left, arrival time on time.perf_counter's clock) -> the frame's features
 RunFrame = Callable[[vitserve_pb2.FeaturesRequest, Remaining, float], Awaitable[vitserve_pb2.FeaturesResponse]]
 OnOutcome = Callable[[vitserve_pb2.StreamFeaturesRequest, str], None]  # (frame, "ran"|"skipped"|"error")

@@ -34,7 +34,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def target(repository: Path):
-    from serving.server import BackgroundGateway
+    from serving.gateway import BackgroundGateway
     from serving.triton_launcher import TritonLauncher
 
     launcher = TritonLauncher(repository)

@@ -33,7 +33,7 @@ def test_run_export_writes_plain_resize_the_gateway_reads(exported):
     assert "without crop" in entry["source"]
     model = served(exported)
     assert model.preprocess.resize_op == ResizeOp.RESIZE and model.preprocess.interpolation == "bilinear"
-    assert model.manifest["preprocessing"] == entry
+    assert model.manifest.preprocessing == entry  # ServedModel.manifest is a contract.manifest.Manifest
 
 
 def test_run_preprocessing_names_an_image_folder(tmp_path, encoder):

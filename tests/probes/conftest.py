@@ -66,7 +66,7 @@ def small_export(tmp_path_factory: pytest.TempPathFactory, small_run: Path, fmni
 @pytest.fixture(scope="module")
 def probe_service(small_export: Path) -> Iterator[str]:
     """``HOST:PORT`` of a gateway in front of embedded Triton serving ``small_export``."""
-    from serving.server import BackgroundGateway
+    from serving.gateway import BackgroundGateway
     from serving.triton_launcher import TritonLauncher
 
     launcher = TritonLauncher(small_export.parent)

@@ -58,13 +58,12 @@ def rel_triton(rel_exported: ExportedModel) -> Iterator[object]:
 
 def start_gateway(triton_url: str, **options: object) -> object:
     """A started ``BackgroundGateway`` with the suite's limits (``options``: ServerOptions fields)."""
-    from serving.gateway import VisionEncoderGateway
+    from serving.gateway import BackgroundGateway
     from serving.grpc_server import ServerOptions
-    from serving.server import BackgroundGateway
 
     options.setdefault("max_message_bytes", MAX_MESSAGE_BYTES)
-    gateway = VisionEncoderGateway(triton_url, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS)
-    return BackgroundGateway(triton_url, gateway=gateway, options=ServerOptions(**options)).start(timeout=120)
+    options = {"max_images": MAX_IMAGES, "max_pixels": MAX_PIXELS, **options}
+    return BackgroundGateway(triton_url, options=ServerOptions(**options)).start(timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def triton(exported: ExportedModel) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def gateway(triton: object) -> Iterator[object]:
-    from serving.server import BackgroundGateway
+    from serving.gateway import BackgroundGateway
 
     gw = BackgroundGateway(triton.grpc_url)  # type: ignore[attr-defined]
     try:

@@ -20,8 +20,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.grpc_server import ServerOptions, TritonEvents
-from serving.server import BackgroundGateway
+from serving.gateway import BackgroundGateway
+from serving.grpc_server import ServerOptions
+from serving.triton_events import TritonEvents
 from serving.triton_launcher import TritonLauncher
 from tests.serving.conftest import build_model_repository
 

@@ -7,10 +7,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import VitServeClient, VitServeError
 from protos import vitserve_pb2, vitserve_pb2_grpc
+from contract.tensors import to_tensor
 from serving import server
 from serving.catalog import ServedModel
-from serving.gateway import VisionEncoderGateway, l2_normalize, to_tensor
+from serving.gateway import BackgroundGateway
 from serving.images import InputGeometry
+from serving.pooling import l2_normalize
+from serving.service import EncoderService
 from serving.triton_launcher import free_port
 
 
@@ -23,9 +26,9 @@ def served(name: str) -> ServedModel:
 @pytest.fixture
 def dead_triton_gateway():
     """A gateway that believes in two models but whose Triton is not listening."""
-    gateway = VisionEncoderGateway(f"127.0.0.1:{free_port()}")
-    gateway.models = {"a": served("a"), "b": served("b")}
-    with server.BackgroundGateway(gateway.triton_url, gateway=gateway) as gw:
+    service = EncoderService(f"127.0.0.1:{free_port()}")
+    service.registry.models = {"a": served("a"), "b": served("b")}
+    with BackgroundGateway(service.triton_url, service=service) as gw:
         yield gw
 
 

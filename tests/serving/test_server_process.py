@@ -15,10 +15,10 @@ from clients.client import VitServeClient, VitServeError
 from serving import server
 from serving.catalog import ServedModel
 from serving.errors import GatewayError
-from serving.gateway import VisionEncoderGateway
+from serving.gateway import BackgroundGateway
 from serving.grpc_server import ServerOptions
 from serving.images import InputGeometry
-from serving.server import BackgroundGateway
+from serving.service import EncoderService
 from serving.triton_launcher import free_port
 from tests.serving.conftest import serve_process
 
@@ -94,8 +94,8 @@ def test_admin_on_a_public_address_needs_a_token(capsys):
 
 
 def test_metrics_port_in_use_is_a_clear_error():
-    gateway = VisionEncoderGateway(f"127.0.0.1:{free_port()}")  # knows a model, so no Triton is needed
-    gateway.models = {"a": ServedModel("a", "1", InputGeometry(28, 28, 1), embed_dim=8, grid=(7, 7),
+    service = EncoderService(f"127.0.0.1:{free_port()}")  # knows a model, so no Triton is needed
+    service.registry.models = {"a": ServedModel("a", "1", InputGeometry(28, 28, 1), embed_dim=8, grid=(7, 7),
                                        patch_size=4, num_prefix_tokens=1, max_batch_size=4,
                                        weights_sha256="0" * 64, normalization="test")}
     with socket.socket() as busy:
@@ -103,7 +103,7 @@ def test_metrics_port_in_use_is_a_clear_error():
         busy.listen()
         port = busy.getsockname()[1]
         options = ServerOptions(metrics_port=port)
-        background = BackgroundGateway(gateway.triton_url, gateway=gateway, options=options)
+        background = BackgroundGateway(service.triton_url, options=options, service=service)
         with pytest.raises(GatewayError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             background.start()
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from clients.client import VitServeClient, VitServeError
+from serving.gateway import BackgroundGateway
 from serving.grpc_server import ServerOptions
-from serving.server import BackgroundGateway
 from serving.triton_launcher import TritonLauncher
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from PIL import Image
 
 from clients.client import VitServeClient, VitServeError
 from protos import vitserve_pb2
+from serving.gateway import BackgroundGateway
 from serving.grpc_server import ServerOptions
-from serving.server import BackgroundGateway
 from serving.triton_launcher import TritonLauncher
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,9 @@ from clients.client import (AsyncVitServeClient, VitServeClient, VitServeError, 
                             to_proto_images)
 from protos import vitserve_pb2
 from serving.errors import RequestError
-from serving.gateway import VisionEncoderGateway
+from serving.gateway import BackgroundGateway
 from serving.grpc_server import ServerOptions
-from serving.server import BackgroundGateway
+from serving.service import EncoderService
 from tests.serving.tls_certs import make_certificates
 from tests.serving.triton_stats import inference_count
 
@@ -62,13 +62,13 @@ def png_declaring(width: int, height: int) -> bytes:
 
 def test_expired_deadline_is_refused_before_inference(triton, exported, fmnist_test_images, count):
     async def run(remaining):
-        gateway = VisionEncoderGateway(triton.grpc_url)
+        service = EncoderService(triton.grpc_url)
         try:
-            await gateway.refresh()
+            await service.registry.refresh()
             request = vitserve_pb2.EmbedRequest(images=to_proto_images(fmnist_test_images[:4]))
-            return await gateway.embed(request, remaining)
+            return await service.embed(request, remaining)
         finally:
-            await gateway.close()
+            await service.close()
 
     before = count()
     with pytest.raises(RequestError) as e:
@@ -86,13 +86,13 @@ def test_expired_deadline_is_refused_before_inference(triton, exported, fmnist_t
 
 def test_deadline_travels_to_triton(triton, fmnist_test_images):
     async def run():
-        gateway = VisionEncoderGateway(triton.grpc_url)
+        service = EncoderService(triton.grpc_url)
         try:
-            await gateway.refresh()
+            await service.registry.refresh()
             request = vitserve_pb2.FeaturesRequest(images=to_proto_images(fmnist_test_images[:512]))
-            return await gateway.features(request, lambda: 0.001)  # 1 ms for 32 Triton calls
+            return await service.features(request, lambda: 0.001)  # 1 ms for 32 Triton calls
         finally:
-            await gateway.close()
+            await service.close()
 
     with pytest.raises(RequestError) as e:
         asyncio.run(run())

@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import VitServeClient, VitServeError
+from serving.gateway import BackgroundGateway
 from serving.grpc_server import ServerOptions
-from serving.server import BackgroundGateway
 from serving.triton_launcher import TritonLauncher, free_port
 
 SERVICE = "vitserve.v1.VisionEncoder"

@@ -3,7 +3,8 @@ import threading
 
 import pytest
 
-from serving.triton_launcher import TritonLaunchError, TritonLauncher, free_port, prepare_server_tree
+from serving.triton_launcher import TritonLaunchError, TritonLauncher, free_port
+from serving.triton_tree import prepare_server_tree
 
 
 def test_server_tree_is_prepared_once_even_when_raced(tmp_path):

@@ -17,9 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import VitServeClient, VitServeError
-from serving.grpc_server import ServerOptions, TritonEvents
+from serving.gateway import BackgroundGateway
+from serving.grpc_server import ServerOptions
 from serving.metrics import GatewayMetrics
-from serving.server import BackgroundGateway
+from serving.triton_events import TritonEvents
 from serving.triton_launcher import TritonLaunchError, TritonLauncher
 
 SERVICE = "vitserve.v1.VisionEncoder"
@@ -172,7 +173,7 @@ def test_restart_reloads_only_the_models_that_were_loaded(exported, torch_refere
     restarted by the supervisor (wired as ``vitserve serve --enable-admin`` wires it); the others serve."""
     import shutil
 
-    from serving.server import supervise_embedded
+    from serving.embedded import supervise_embedded
 
     repo = tmp_path / "repository"
     for name in ("keep", "drop"):
@@ -190,7 +191,7 @@ def test_restart_reloads_only_the_models_that_were_loaded(exported, torch_refere
         config = repo / "later" / "config.pbtxt"
         config.write_text(config.read_text().replace('name: "keep"', 'name: "later"'))
         options = ServerOptions(enable_admin=True, health_interval=3600)
-        supervise_embedded(launcher, options, max_restarts=2, backoff=0.5, ready_timeout=120)
+        options = supervise_embedded(launcher, options, max_restarts=2, backoff=0.5, ready_timeout=120)
         with BackgroundGateway(launcher.grpc_url, options=options) as gw, \
                 grpc.insecure_channel(gw.target) as channel, VitServeClient(gw.target, timeout=60) as client:
             assert client.unload_model("drop").state == "UNAVAILABLE"
