@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("clients.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
     "bench": ("clients.bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
     "probe": ("probes.cli", "main", "k-NN, linear and dense probe quality of a run, ONNX model or service"),
+    "embed-dataset": ("embed_dataset.cli", "main",
+                      "embed a folder, Parquet table or WebDataset shards on Ray Data (resumable)"),
 }
 
 
