@@ -28,6 +28,7 @@ import numpy as np
 
 from google.protobuf import json_format
 
+from contract.tensors import tensor_to_numpy
 from protos import vitserve_pb2, vitserve_pb2_grpc
 
 ImageLike = Union[np.ndarray, bytes, bytearray, memoryview, str, Path]
@@ -39,8 +40,6 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 _DTYPES = {"float32": vitserve_pb2.FLOAT32, "fp32": vitserve_pb2.FLOAT32,
            "float16": vitserve_pb2.FLOAT16, "fp16": vitserve_pb2.FLOAT16}
-_NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
-              vitserve_pb2.DTYPE_UNSPECIFIED: "<f4"}
 _LAYOUTS = {"grid": vitserve_pb2.FeaturesRequest.GRID, "tokens": vitserve_pb2.FeaturesRequest.TOKENS}
 _Pooling = vitserve_pb2.EmbedRequest.Pooling
 POOLINGS = {"cls": _Pooling.CLS, "mean": _Pooling.MEAN_PATCH, "both": _Pooling.CLS_AND_MEAN_PATCH}
@@ -133,12 +132,6 @@ class ModelControlResult:
     info: "ModelDescription | None"
     elapsed_ms: float
     served_models: tuple[str, ...]
-
-
-def tensor_to_numpy(tensor: vitserve_pb2.Tensor) -> np.ndarray:
-    """A response ``Tensor`` as a native-endian array of its shape and dtype."""
-    dtype = np.dtype(_NP_DTYPES[tensor.dtype])
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).astype(dtype.newbyteorder("="))
 
 
 def _raw(array: np.ndarray) -> vitserve_pb2.Image:

@@ -1,5 +1,5 @@
 """The manifest's ``preprocessing`` entry: how the gateway should bring an image of another size to the
-model's input (``serving.preprocess.PreprocessSpec.from_manifest`` reads it).
+model's input (``contract.preprocess.PreprocessSpec.from_manifest`` reads it).
 
 Schema (docs/CONTRACTS.md): ``resize_op`` (``resize`` | ``center_crop`` | ``letterbox``), ``crop_pct``
 (in (0, 1]), ``interpolation`` (``bilinear`` | ``bicubic`` | ``nearest`` | ``lanczos``), plus what the
@@ -26,11 +26,11 @@ from typing import Any
 
 from torch import nn
 
+from contract.preprocess import INTERPOLATIONS, PreprocessSpec, PreprocessSpecError
 from training.backbone import EncoderSpec
 
 log = logging.getLogger(__name__)
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")  # serving.preprocess._RESAMPLING
 RUN_CONFIG_FILENAME = "config.json"  # training.run_dir.CONFIG_FILENAME
 
 
@@ -114,9 +114,8 @@ def run_preprocessing(run_dir: str | Path, spec: EncoderSpec) -> dict[str, Any]:
 
 
 def check_preprocessing(entry: dict[str, Any], spec: EncoderSpec) -> None:
-    """Refuse a ``preprocessing`` entry the gateway (``serving.preprocess``) would reject."""
+    """Refuse a ``preprocessing`` entry the gateway's parser (``contract.preprocess``) would reject."""
     from export.onnx_export import ExportUsageError
-    from serving.preprocess import PreprocessSpec, PreprocessSpecError
 
     try:
         PreprocessSpec.from_manifest({"encoder_spec": spec.to_dict(), "preprocessing": entry}, spec.in_chans)

@@ -14,7 +14,7 @@ from typing import Any
 
 from protos import vitserve_pb2
 from serving.images import InputGeometry
-from serving.preprocess import PreprocessSpec, PreprocessSpecError
+from contract.preprocess import PreprocessSpec, PreprocessSpecError
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as tritonaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from contract.tensors import NUMPY_DTYPES, to_tensor
 from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT, CatalogError, ServedModel, model_from_config
 from serving.errors import GatewayError, RequestError
@@ -30,8 +31,6 @@ from serving.streaming import Remaining, stream_features
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGES = 1024
-_NP_DTYPES = {vitserve_pb2.FLOAT32: "<f4", vitserve_pb2.FLOAT16: "<f2",
-              vitserve_pb2.DTYPE_UNSPECIFIED: "<f4"}
 _TRITON_CODES = {"UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
                  "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
                  "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -53,16 +52,6 @@ _LANE_NAMES = {vitserve_pb2.THROUGHPUT: "throughput", vitserve_pb2.LATENCY: "lat
 UNLOAD_WAIT_S = 60.0  # how long UnloadModel waits for Triton to finish unloading before answering
 ADMIN_DISABLED = ("model management is off on this server; start it with `vitserve serve --enable-admin` "
                   "(Triton then runs with explicit model control)")
-
-
-def to_tensor(array: np.ndarray, dtype: int) -> vitserve_pb2.Tensor:
-    """A float array as a little-endian ``Tensor`` in the requested dtype (fp32 or fp16)."""
-    np_dtype = _NP_DTYPES.get(dtype)
-    if np_dtype is None:
-        raise ValueError(f"unknown dtype {dtype}")
-    out = np.ascontiguousarray(array, dtype=np_dtype)
-    return vitserve_pb2.Tensor(data=out.tobytes(), shape=list(out.shape),
-                               dtype=dtype or vitserve_pb2.FLOAT32)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -103,7 +92,7 @@ def _check_enums(dtype: int, layout: int = 0, pooling: int = 0, lane: int = 0) -
     # proto3 enums are open: a newer client may send values this gateway does not know.
     if lane not in vitserve_pb2.Lane.values():
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown lane {lane}; use THROUGHPUT or LATENCY")
-    if dtype not in _NP_DTYPES:
+    if dtype not in NUMPY_DTYPES:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown dtype {dtype}; use FLOAT32 or FLOAT16")
     if layout not in vitserve_pb2.FeaturesRequest.Layout.values():
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown layout {layout}; use GRID or TOKENS")

@@ -24,55 +24,15 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from contract.preprocess import INTERPOLATIONS, OP_NAMES, PreprocessSpec, ResizeOp
 from protos import vitserve_pb2
 from serving.images import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageError, InputGeometry, decode_encoded,
                             decode_raw)
 
-ResizeOp = vitserve_pb2.ResizeOp
-OP_NAMES = {ResizeOp.RESIZE: "resize", ResizeOp.CENTER_CROP: "center_crop", ResizeOp.LETTERBOX: "letterbox"}
-OPS_BY_NAME = {v: k for k, v in OP_NAMES.items()}
-_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-               "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_RESAMPLING = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}  # every name the spec accepts
 _MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "LA": 2, "PA": 4, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3,
                   "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1, "F": 1}
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
-
-
-class PreprocessSpecError(ValueError):
-    """A model's manifest ``preprocessing`` entry is malformed."""
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How a model wants images of another size treated (from its manifest's ``preprocessing``)."""
-
-    resize_op: int = ResizeOp.RESIZE
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-    pad_value: tuple[int, ...] = (0,)
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], channels: int) -> "PreprocessSpec":
-        spec = manifest.get("encoder_spec", {}) or {}
-        mean = spec.get("mean") or [0.0] * channels
-        pad = tuple(int(round(255 * float(m))) for m in list(mean)[:channels])
-        if len(pad) != channels:
-            pad = (pad[0] if pad else 0,) * channels
-        entry = manifest.get("preprocessing") or {}
-        if not isinstance(entry, dict):
-            raise PreprocessSpecError(f"manifest 'preprocessing' must be an object, got {entry!r}")
-        op_name = str(entry.get("resize_op", "resize"))
-        if op_name not in OPS_BY_NAME:
-            raise PreprocessSpecError(f"manifest preprocessing.resize_op {op_name!r} is not one of "
-                                      f"{', '.join(OPS_BY_NAME)}")
-        crop_pct = float(entry.get("crop_pct", 1.0))
-        if not 0.0 < crop_pct <= 1.0:
-            raise PreprocessSpecError(f"manifest preprocessing.crop_pct {crop_pct} is not in (0, 1]")
-        interpolation = str(entry.get("interpolation", "bilinear")).lower()
-        if interpolation not in _RESAMPLING:
-            raise PreprocessSpecError(f"manifest preprocessing.interpolation {interpolation!r} is not one "
-                                      f"of {', '.join(_RESAMPLING)}")
-        return cls(OPS_BY_NAME[op_name], crop_pct, interpolation, pad)
 
 
 @dataclass(frozen=True)

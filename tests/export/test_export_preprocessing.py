@@ -14,7 +14,7 @@ from export.repository import read_manifest
 from export.triton_config import parse_pbtxt
 from protos import vitserve_pb2
 from serving.catalog import model_from_config
-from serving.preprocess import PreprocessSpec
+from contract.preprocess import PreprocessSpec
 from training.backbone import create_encoder
 
 ResizeOp = vitserve_pb2.ResizeOp

@@ -8,8 +8,8 @@ from PIL import Image, features
 
 from protos import vitserve_pb2
 from serving.images import ImageError, InputGeometry
-from serving.preprocess import (PreprocessSpec, PreprocessSpecError, ResizeOp, placement, prepare_batch,
-                                resolve_op)
+from contract.preprocess import PreprocessSpec, PreprocessSpecError, ResizeOp
+from serving.preprocess import placement, prepare_batch, resolve_op
 
 GREY28 = InputGeometry(28, 28, 1)
 RGB28 = InputGeometry(28, 28, 3)
