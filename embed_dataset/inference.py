@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from clients.client import POOLINGS, VitServeClient, VitServeError
-from serving.catalog import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT
+from contract.names import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT
 from serving.gateway import pool_embeddings
 
 from embed_dataset.decode import Batch

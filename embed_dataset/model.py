@@ -8,19 +8,19 @@ input exactly as the gateway would bring them.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from clients.client import VitServeClient, VitServeError
-from serving.catalog import CLS_OUTPUT, PATCH_OUTPUT, version_weights
+from contract.manifest import Manifest, ManifestError
+from contract.names import CLS_OUTPUT, INPUT_NAME, MANIFEST_FILENAME, PATCH_OUTPUT
+from contract.preprocess import OP_NAMES, PreprocessSpec, PreprocessSpecError
 from serving.images import InputGeometry
-from serving.preprocess import OP_NAMES, PreprocessSpec, PreprocessSpecError, resolve_op
+from serving.preprocess import resolve_op
 
 from embed_dataset.options import EmbedOptions, UsageError
 
-MANIFEST_FILENAME = "manifest.json"
 ONNX_FILENAME = "model.onnx"
 _SERVICE_TIMEOUT_S = 10.0
 
@@ -65,16 +65,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _spec(manifest: dict[str, Any], channels: int, where: str) -> PreprocessSpec:
+def _spec(manifest: Manifest | dict[str, Any], channels: int, where: str) -> PreprocessSpec:
     try:
         return PreprocessSpec.from_manifest(manifest, channels)
     except PreprocessSpecError as e:
         raise UsageError(f"{where}: {e}") from e
 
 
-def _grid(manifest: dict[str, Any]) -> tuple[int, int]:
-    bucket = manifest.get("bucket") or {}
-    grid = bucket.get("grid") or (manifest.get("encoder_spec") or {}).get("grid_size") or (0, 0)
+def _grid(manifest: Manifest, name: str) -> tuple[int, int]:
+    bucket = manifest.own_bucket(name)
+    if bucket is not None:
+        return bucket.grid
+    grid = manifest.spec.get("grid_size") or (0, 0)
     return int(grid[0]), int(grid[1])
 
 
@@ -88,32 +90,32 @@ def from_repository(repository: Path, name: str) -> EmbedModel:
         raise UsageError(f"no model {name!r} in {repository} (no {name}/{MANIFEST_FILENAME}); "
                          f"it holds: {', '.join(names) or 'no exported models'}")
     try:
-        manifest = json.loads((entry / MANIFEST_FILENAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = Manifest.read(entry)
+    except (OSError, ManifestError) as e:
         raise UsageError(f"{entry / MANIFEST_FILENAME} cannot be read: {e}") from e
     versions = sorted((int(p.name) for p in entry.iterdir() if p.name.isdigit() and (p / ONNX_FILENAME).is_file()))
     if not versions:
         raise UsageError(f"{entry} has no <version>/{ONNX_FILENAME} (a TensorRT-only entry? "
                          f"embed with its base model)")
     version = str(versions[-1])
-    outputs = manifest.get("outputs") or {}
+    outputs = manifest.outputs or {}
     missing = [o for o in (CLS_OUTPUT, PATCH_OUTPUT) if o not in outputs]
-    shape = ((manifest.get("inputs") or {}).get("images") or {}).get("shape") or []
+    shape = ((manifest.inputs or {}).get(INPUT_NAME) or {}).get("shape") or []
     if missing or len(shape) != 4:
         raise UsageError(f"{entry / MANIFEST_FILENAME} does not describe a vitserve encoder "
                          f"(needs inputs.images [N, H, W, C] and outputs cls, patch_tokens)")
     geometry = InputGeometry(int(shape[1]), int(shape[2]), int(shape[3]))
     onnx_path = entry / version / ONNX_FILENAME
     onnx_sha256 = _sha256(onnx_path)
-    weights_sha256, _ = version_weights(manifest, version)
-    record = (manifest.get("versions") or {}).get(version) or {}
-    recorded = (record.get("files") or manifest.get("files") or {}).get(f"{version}/{ONNX_FILENAME}")
+    weights_sha256, _ = manifest.version_record(version)
+    record = (manifest.versions or {}).get(version) or {}
+    recorded = (record.get("files") or manifest.files or {}).get(f"{version}/{ONNX_FILENAME}")
     if recorded and recorded != onnx_sha256:
         raise UsageError(f"{onnx_path} does not match the SHA-256 its manifest records ({recorded[:12]}...); "
                          f"the repository was changed after export; export the model again")
     return EmbedModel(name=name, version=version, weights_sha256=weights_sha256, geometry=geometry,
                       preprocess=_spec(manifest, geometry.channels, str(entry)),
-                      embed_dim=int(outputs[CLS_OUTPUT]["shape"][-1]), grid=_grid(manifest),
+                      embed_dim=int(manifest.output(CLS_OUTPUT)["shape"][-1]), grid=_grid(manifest, name),
                       onnx_path=onnx_path, onnx_sha256=onnx_sha256)
 
 

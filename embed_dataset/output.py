@@ -215,8 +215,8 @@ def _fixed_lists(values: np.ndarray) -> Any:
     import pyarrow as pa
 
     arr = pa.array(np.ascontiguousarray(values).reshape(-1))
-    for size in reversed(values.shape[1:]):
-        arr = pa.FixedSizeListArray.from_arrays(arr, int(size))
+    for size in reversed(values.shape[1:]):  # children named "element", as Parquet reads them back
+        arr = pa.FixedSizeListArray.from_arrays(arr, type=pa.list_(pa.field("element", arr.type), int(size)))
     return arr
 
 

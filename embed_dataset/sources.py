@@ -112,11 +112,10 @@ def is_tar(path: Path) -> bool:
         return False
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
+def _walk(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted by relative path (the order of a folder's shards)."""
+    files = [Path(d) / name for d, _, names in os.walk(root) for name in names]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
 def _readable_dir(path: Path) -> None:
@@ -226,7 +225,7 @@ def _detect(source: str, forced: str) -> tuple[str, Path, list[Path]]:
         kind = forced if forced != "auto" else _kind_of_files([path], f"source {source}")
         return kind, path.parent, [path]
     _readable_dir(path)
-    all_files = list(_walk(path))
+    all_files = _walk(path)
     images = [f for f in all_files if f.suffix.lower() in IMAGE_EXTENSIONS]
     parquet = [f for f in all_files if f.suffix.lower() in (".parquet", ".pq") or (
         forced == "parquet" and is_parquet(f))]
@@ -237,9 +236,9 @@ def _detect(source: str, forced: str) -> tuple[str, Path, list[Path]]:
     present = [k for k, v in chosen.items() if v]
     if len(present) == 1:
         kind = present[0]
-        if kind != "folder":
-            _kind_of_files(chosen[kind], f"source {source}")  # contents must agree with the names
-        return kind, path, chosen[kind]
+        if kind != "folder":  # the contents decide: a Parquet file named .tar is still Parquet
+            kind = _kind_of_files(chosen[kind], f"source {source}")
+        return kind, path, chosen[present[0]]
     counts = ", ".join(f"{len(v)} {k} file(s)" for k, v in chosen.items() if v)
     if not present:
         raise UsageError(f"source {path} holds no image ({'/'.join(IMAGE_EXTENSIONS[:5])}...), Parquet or tar files")
@@ -328,36 +327,63 @@ def _sample_item(seq: int, key: str, members: dict[str, bytes]) -> Item:
                                 f"it has {', '.join('.' + e for e in sorted(members)) or 'no files'}")
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
+
+
+def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes], str, str]]:
+    """``(key, {ext: bytes}, first member, why it is cut short or "")`` for each run of consecutive members
+    with one key; raises when the tar is corrupt or truncated, after the groups read intact.
+
+    Image members are read, others only noted. Python's tarfile takes a header cut short for the end
+    of the archive, so an uncompressed tar must end in a zero block, or it is reported as truncated.
+    """
+    key, members, first = None, {}, ""
+    try:
+        with path.open("rb") as raw:
+            compressed = raw.read(6).startswith(_COMPRESSED_MAGIC)
+            raw.seek(0)
+            with tarfile.open(fileobj=raw, mode="r:*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, ext = _split_member(member.name)
+                    if k != key:
+                        if key is not None:
+                            yield key, members, first, ""
+                        key, members, first = k, {}, member.name
+                    if ext in WDS_IMAGE_KEYS:
+                        f = tar.extractfile(member)
+                        members[ext] = f.read() if f is not None else b""
+                    else:
+                        members.setdefault(ext, b"")
+                if not compressed:
+                    raw.seek(tar.offset)
+                    tail = raw.read(512)
+                    if len(tail) < 512 or tail.strip(b"\0"):
+                        raise tarfile.ReadError(f"truncated: the archive stops at byte {tar.offset + len(tail)} "
+                                                f"without its end-of-archive block")
+    except _TAR_ERRORS as e:
+        if key is not None:
+            intact = any(ext in members for ext in WDS_IMAGE_KEYS)
+            yield key, members, first, "" if intact else f"the tar breaks inside this sample: {e}"
+        raise
+    if key is not None:
+        yield key, members, first, ""
+
+
 def _webdataset_items(plan: SourcePlan, shard: Shard) -> Iterator[Item]:
-    path = plan.root / shard.path
     seq = itertools.count()
     seen: set[str] = set()
-    key, members = None, {}
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_member(member.name)
-                if k != key:
-                    if key is not None:
-                        yield _sample_item(next(seq), key, members)
-                    if k in seen:  # members of one sample must be consecutive (WebDataset's rule)
-                        yield Item(next(seq), f"{k}@{member.name}", None,
-                                   f"sample key {k!r} appears again at {member.name} in {shard.path}; the files "
-                                   f"of a sample must be consecutive in the tar")
-                        key, members = None, {}
-                        continue
-                    seen.add(k)
-                    key, members = k, {}
-                if ext in WDS_IMAGE_KEYS:
-                    f = tar.extractfile(member)
-                    members[ext] = f.read() if f is not None else b""
-                else:
-                    members.setdefault(ext, b"")
-            if key is not None:
-                yield _sample_item(next(seq), key, members)
-    except (tarfile.TarError, OSError, EOFError) as e:
+        for key, members, first, cut in _tar_groups(plan.root / shard.path):
+            if key in seen:  # the files of one sample must be consecutive (WebDataset's rule)
+                yield Item(next(seq), f"{key}@{first}", None, f"sample key {key!r} appears again at {first} in "
+                                                             f"{shard.path}; a sample's files must be consecutive")
+                continue
+            seen.add(key)
+            yield Item(next(seq), key, None, cut) if cut else _sample_item(next(seq), key, members)
+    except _TAR_ERRORS as e:
         yield Item(next(seq), f"{shard.path}:unreadable", None,
                    f"tar shard {shard.path} cannot be read past its first {len(seen)} sample(s): {e}")
 
