@@ -52,6 +52,16 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) ->
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def mae_flip(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.Tensor:
+    """MAE's augmentation reduced to a random horizontal flip for ``[N, C, H, W]`` (``hflip=False``: none).
+
+    MAE uses RandomResizedCrop(scale 0.2-1) + flip at 224 px. At 28 px a 20%-area crop upsampled to
+    28 px is a blur of a 12 px region that 4 px patches can barely reconstruct, and Fashion-MNIST
+    items are already centred and size-normalised, so only the flip is kept.
+    """
+    return random_hflip(x, generator) if hflip else x
+
+
 def brightness_contrast(
     x: torch.Tensor, generator: torch.Generator, brightness: float = 0.4, contrast: float = 0.4,
     p: float = 0.8,

@@ -173,11 +173,6 @@ def build_from_spec(spec: EncoderSpec) -> nn.Module:
     return model
 
 
-def encoder_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Final-norm token sequence ``[N, prefix + h*w, D]`` of a timm ViT for float input ``[N, C, H, W]``."""
-    return model.forward_features(x)
-
-
 def parse_override_value(text: str) -> Any:
     """Parse ``key=value`` override values: ints, floats, bools, JSON lists, else strings."""
     try:

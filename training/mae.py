@@ -243,7 +243,7 @@ class MaskedAutoencoder(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         target = patchify(imgs, self.patch)  # [N, L, p*p*C]
         # At mask_ratio 0 nothing is masked and the encoder sees every patch (the unmasked baseline
-        # of training.bench); the loss is then taken over all patches, a plain autoencoder's.
+        # of benchmarks.training_bench); the loss is then taken over all patches, a plain autoencoder's.
         loss_mask = mask if self.mask_ratio > 0 else torch.ones_like(mask)
         loss = mae_loss(pred, target, loss_mask, self.norm_pix_loss)
         return {"loss": loss, "pred": pred, "mask": mask}

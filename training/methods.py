@@ -21,7 +21,7 @@ from training.contrastive import MoCo, SimCLR
 from training.dino import DINO
 from training.mae import MaskedAutoencoder
 from training.pretrained import init_encoder
-from training.schedules import cosine_schedule, warmup_schedule, weight_decay_schedule
+from training.schedules import momentum_schedule, warmup_schedule, weight_decay_schedule
 
 Views = list[torch.Tensor]
 
@@ -50,8 +50,7 @@ def _build_moco(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn.M
 
 
 def _flip_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec, gen: torch.Generator) -> Views:
-    # MAE keeps only the flip (see training.train.augment for why).
-    return [aug.normalize(aug.random_hflip(x01, gen) if cfg.hflip else x01, spec.mean, spec.std)]
+    return [aug.normalize(aug.mae_flip(x01, gen, cfg.hflip), spec.mean, spec.std)]
 
 
 def _two_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec, gen: torch.Generator) -> Views:
@@ -74,10 +73,6 @@ class Method:
     views: Callable[[TrainConfig, torch.Tensor, EncoderSpec, torch.Generator], Views]
     schedules: tuple[str, ...] = ()  # names of the schedules_at values its forward/after_step take
 
-    @property
-    def takes_schedules(self) -> bool:
-        return bool(self.schedules)
-
 
 METHOD_REGISTRY: dict[str, Method] = {
     "mae": Method(_build_mae, _flip_views),
@@ -90,7 +85,7 @@ METHOD_REGISTRY: dict[str, Method] = {
 def schedules_at(cfg: TrainConfig, progress: float, total: float) -> dict[str, float]:
     """The per-step values the methods take: EMA ``momentum`` (cosine to 1 when
     ``momentum_cosine``) and DINO's ``teacher_temp`` (linear warm-up)."""
-    momentum = cosine_schedule(progress, total, cfg.momentum, 1.0) if cfg.momentum_cosine else cfg.momentum
+    momentum = momentum_schedule(progress, total, cfg.momentum) if cfg.momentum_cosine else cfg.momentum
     temp = warmup_schedule(progress, cfg.teacher_temp_warmup * total, cfg.teacher_temp_start, cfg.teacher_temp)
     return {"momentum": momentum, "teacher_temp": temp}
 

@@ -30,14 +30,15 @@ import torch
 from torch import nn
 
 from training import data as data_mod
-from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, BackboneError, EncoderSpec
+from training.backbone import BackboneError
 from training.config import (  # noqa: F401  (TrainConfig and friends are part of this module's API)
     FASHION_MNIST, METHOD_DEFAULTS, METHODS, ConfigError, TrainConfig, apply_overrides, config_from_yaml,
 )
 from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from training import distributed as dist_mod
 from training.methods import METHOD_REGISTRY, build_model, schedules_at, weight_decay_at  # noqa: F401
-from training.online_knn import OnlineKNN, split_validation
+from training.online_knn import OnlineKNN
+from training.pretraining_data import load_pretraining_data
 from training.run_dir import CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, write_json
 
 log = logging.getLogger(__name__)
@@ -71,64 +72,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-def load_pretraining_data(cfg: TrainConfig, spec: EncoderSpec
-                          ) -> tuple[data_mod.LabelledImages, data_mod.LabelledImages, EncoderSpec]:
-    """``(train, val, spec)``: the pre-training images, the ``knn_val`` images held out of them for
-    the online k-NN (empty when 0) and the spec with the data's mean/std filled in. The hold-out is
-    drawn from the whole training split first, then ``limit_train`` subsets the rest; Fashion-MNIST's
-    test split is never touched."""
-    if cfg.data == FASHION_MNIST:
-        if spec.img_size != (28, 28) or spec.in_chans != 1:
-            raise ConfigError(
-                f"Fashion-MNIST is 28x28 grey but the encoder takes {spec.img_size} x "
-                f"{spec.in_chans} channels; set model.img_size=28 model.in_chans=1")
-        full = data_mod.load_fashion_mnist("train", cfg.data_dir)
-    else:
-        full = data_mod.load_image_folder(cfg.data, spec.img_size, spec.in_chans)
-    train_part, val = split_validation(full, cfg.knn_val, cfg.seed + 1)
-    train_part = train_part.subset(cfg.limit_train, cfg.seed)
-    if cfg.data == FASHION_MNIST:
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    else:
-        mean, std = channel_mean_std(train_part.images)
-    if len(train_part) < cfg.batch_size:
-        raise ConfigError(f"{len(train_part)} training images are fewer than batch_size={cfg.batch_size}")
-    return train_part, val, dataclasses.replace(spec, mean=mean, std=std)
-
-
-def load_pretraining_images(cfg: TrainConfig, spec: EncoderSpec) -> tuple[torch.Tensor, EncoderSpec]:
-    """uint8 training images ``[N, H, W, C]`` and the spec with the data's mean/std filled in."""
-    train_part, _, spec = load_pretraining_data(cfg, spec)
-    return torch.from_numpy(np.ascontiguousarray(train_part.images)), spec
-
-
-def channel_mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 ``[N, H, W, C]`` images on the 0-1 scale (chunked, float64)."""
-    c = images.shape[-1]
-    total, total_sq, count = np.zeros(c), np.zeros(c), 0
-    for i in range(0, len(images), chunk):
-        px = images[i:i + chunk].reshape(-1, c).astype(np.float64) / 255.0
-        total += px.sum(axis=0)
-        total_sq += (px * px).sum(axis=0)
-        count += len(px)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-    return tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std)  # 1e-3: constant channel
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.Tensor:
-    """MAE's augmentation reduced to a random horizontal flip for ``[N, C, H, W]``.
-
-    MAE uses RandomResizedCrop(scale 0.2-1) + flip at 224 px. At 28 px a 20%-area crop upsampled to
-    28 px is a blur of a 12 px region that 4 px patches can barely reconstruct, and Fashion-MNIST
-    items are already centred and size-normalised, so only the flip is kept.
-    """
-    if not hflip:
-        return x
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 class _MetricsWindow:

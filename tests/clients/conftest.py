@@ -71,6 +71,27 @@ class FakeEncoder(vitserve_pb2_grpc.VisionEncoderServicer):
             manifest_json=json.dumps({"format_version": 1}))
         return vitserve_pb2.ListModelsResponse(models=[info])
 
+    def _control(self, request, context, state: str):
+        self.requests.append(request)
+        if request.model == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no model 'missing' in the repository")
+        return vitserve_pb2.ModelControlResponse(model=request.model, state=state, elapsed_ms=1.5,
+                                                 served_models=["fake"] if state == "READY" else [])
+
+    def LoadModel(self, request, context):
+        return self._control(request, context, "READY")
+
+    def UnloadModel(self, request, context):
+        return self._control(request, context, "UNAVAILABLE")
+
+    def ReloadModel(self, request, context):
+        return self._control(request, context, "READY")
+
+    def ListRepository(self, request, context):
+        return vitserve_pb2.ListRepositoryResponse(models=[
+            vitserve_pb2.RepositoryModel(name="fake", version="1", state="READY"),
+            vitserve_pb2.RepositoryModel(name="other", state="UNAVAILABLE", reason="unloaded")])
+
 
 @pytest.fixture(scope="module")
 def fake_service() -> Iterator[tuple[str, FakeEncoder]]:

@@ -166,3 +166,36 @@ def test_bucket_and_version_options_build_the_request():
     for bad in (0, "-1", "v2"):
         with pytest.raises(ValueError, match="version must be an integer >= 1"):
             embed_request(image, "m", False, "float32", version=bad)
+
+
+def test_async_client_has_every_method_of_the_sync_client():
+    import inspect
+
+    public = {n for n in dir(VitServeClient) if not n.startswith("_")}
+    assert public <= set(dir(AsyncVitServeClient)), public - set(dir(AsyncVitServeClient))
+    for name in public:
+        method = getattr(AsyncVitServeClient, name)
+        assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
+
+
+def test_admin_calls_sync_and_async(fake_service):
+    with VitServeClient(fake_service[0]) as client:
+        sync = (client.load_model("fake"), client.unload_model("fake"), client.reload_model("fake"),
+                client.list_repository())
+
+    async def run():
+        async with AsyncVitServeClient(fake_service[0]) as client:
+            results = (await client.load_model("fake"), await client.unload_model("fake"),
+                       await client.reload_model("fake"), await client.list_repository())
+            with pytest.raises(VitServeError) as e:
+                await client.load_model("missing")
+            return results, e.value.code
+
+    results, code = asyncio.run(run())
+    assert results == sync
+    assert [r.state for r in results[:3]] == ["READY", "UNAVAILABLE", "READY"]
+    assert results[0].served_models == ("fake",) and results[0].elapsed_ms == 1.5 and results[0].info is None
+    assert results[3] == [{"name": "fake", "version": "1", "state": "READY", "reason": ""},
+                          {"name": "other", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    assert code == grpc.StatusCode.NOT_FOUND
+

@@ -58,7 +58,7 @@ class Service:
 
     def start(self, timeout: float = 300.0) -> "Service":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", "serve", "--model-repository", str(self.repository),
+            [sys.executable, "-m", "vitserve.cli", "serve", "--model-repository", str(self.repository),
              "--port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True)
         deadline = time.monotonic() + timeout

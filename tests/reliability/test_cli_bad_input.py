@@ -209,7 +209,7 @@ def test_serve_bad_arguments(tmp_path, capsys):
 
 
 def test_serve_missing_repository(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--model-repository",
+    done = subprocess.run([sys.executable, "-m", "vitserve.cli", "serve", "--model-repository",
                            str(tmp_path / "nope"), "--port", "0"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and "is not a directory" in done.stderr, done.stderr[-1000:]
@@ -223,7 +223,7 @@ def test_serve_repository_with_a_corrupt_model(tmp_path):
     model_dir = export_run(write_run_dir(tmp_path / "run"), tmp_path / "repo", "m")
     onnx = model_dir / "1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:5000])
-    done = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--model-repository",
+    done = subprocess.run([sys.executable, "-m", "vitserve.cli", "serve", "--model-repository",
                            str(tmp_path / "repo"), "--port", "0", "--triton-timeout", "120"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]

@@ -47,7 +47,7 @@ def whole_models(repository: Path) -> dict[str, str]:
 
 
 def export_cmd(run: Path, repository: Path, force: bool) -> list[str]:
-    return [sys.executable, "-m", "clients.cli", "export", str(run), "--repository", str(repository),
+    return [sys.executable, "-m", "vitserve.cli", "export", str(run), "--repository", str(repository),
             "--name", "m", *(["--force"] if force else [])]
 
 

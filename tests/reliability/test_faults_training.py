@@ -63,7 +63,7 @@ def logged(run: Path) -> list[tuple[int, float]]:
 
 
 def vitserve_train(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clients.cli", "train", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "vitserve.cli", "train", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -103,7 +103,7 @@ def test_sigkilled_training_resumes_exactly(tmp_path, pngs):
         args = ["--resume", str(run)] if has_checkpoint else [*TINY, "--data", str(pngs), "--out", str(run)]
         if not has_checkpoint and run.exists():
             # Killed before the first checkpoint: resuming is refused with a clear message ...
-            refused = subprocess.run([sys.executable, "-m", "clients.cli", "train", "--resume", str(run)],
+            refused = subprocess.run([sys.executable, "-m", "vitserve.cli", "train", "--resume", str(run)],
                                      cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert refused.returncode == 2 and "checkpoint.pt does not exist" in refused.stderr
             restarts += 1  # ... and a fresh start in the same directory is allowed (nothing to lose)

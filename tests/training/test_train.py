@@ -14,9 +14,10 @@ import training.mae
 from training.backbone import FASHION_MNIST_MEAN
 from training.data import DataError
 from training.run_dir import load_encoder
+from training.augment import mae_flip as augment
+from training.pretraining_data import channel_mean_std
 from training.train import (
-    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, augment, channel_mean_std, lr_at, main,
-    param_groups, train, train_step,
+    ConfigError, NonFiniteLossError, TrainConfig, apply_overrides, lr_at, main, param_groups, train, train_step,
 )
 
 TINY = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}

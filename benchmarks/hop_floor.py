@@ -4,7 +4,7 @@ A server whose handler returns its request unchanged (``grpc.aio`` as the gatewa
 thread-pool server for comparison) runs in its own process; a sync client sends ~1 KB requests (a
 28x28 frame and its envelope) one at a time and reports the p50 round trip. Every call to vitserve
 crosses one such hop (client -> gateway) on top of the gateway's call into Triton, so this is a
-lower bound on what the gateway adds. Run: ``python -m clients.hop_floor``.
+lower bound on what the gateway adds. Run: ``python -m benchmarks.hop_floor``.
 """
 
 from __future__ import annotations

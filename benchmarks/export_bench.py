@@ -1,4 +1,4 @@
-"""CPU throughput and quality of every precision path, side by side in one run (``python -m export.bench``).
+"""CPU throughput and quality of every precision path, side by side in one run (``python -m benchmarks.export_bench``).
 
 For each model — ViT-S/16 at 224 (random init) and the Fashion-MNIST encoder (a run directory, or
 the default architecture with random weights) — it times PyTorch eager fp32, PyTorch bf16 autocast,
@@ -267,8 +267,8 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export.bench [--run-dir RUN] [--threads T] ...``: prints and writes the report."""
-    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.split("\n")[0])
+    """``python -m benchmarks.export_bench [--run-dir RUN] [--threads T] ...``: prints and writes the report."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.export_bench", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", help="Fashion-MNIST run directory (default: random-init default encoder)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batches", default="1,8")
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(bench_model(label, model, spec, gate, a.threads, batches, a.rounds,
                                        a.min_seconds, Path(tmp)))
     kernels = ort_bf16_kernels()
-    report = {"command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": "python -m benchmarks.export_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "load_start": load_start, "ort_bf16_kernels": kernels,
               "ort_bf16_path": ort_bf16_path(kernels), "threads": a.threads, "batches": batches,
               "rounds": a.rounds, "gate": asdict(VariantGate()), "models": results}

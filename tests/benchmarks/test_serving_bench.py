@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients import bench
+from benchmarks import serving_bench as bench
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 import re
 
-from clients import demo
+from vitserve import demo
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from export.bench import main, time_paths
+from benchmarks.export_bench import main, time_paths
 
 
 def test_time_paths_counts_images_per_second():
@@ -45,7 +45,7 @@ def test_bench_small_encoder_end_to_end(tmp_path, fmnist_images, capsys):
 
 
 def test_ort_bf16_probe_reports_each_op():
-    from export.bench import ort_bf16_kernels, ort_bf16_path
+    from benchmarks.export_bench import ort_bf16_kernels, ort_bf16_path
 
     kernels = ort_bf16_kernels({"MatMul": [[2, 4], [4, 3]], "Transpose": [[2, 4]]})
     assert set(kernels) == {"MatMul", "Transpose"}

@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from probes.compare import check_claims, check_targets, main, training_info, write_outputs
+from benchmarks.probe_comparison import main, training_info
+from benchmarks.probe_report import check_claims, check_targets, write_outputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in tests/probes/
 
 KEYS = ("knn_cls_top1", "knn_mean_top1", "knn_last4_top1", "linear_cls_top1", "linear_mean_top1",
         "linear_last4_top1", "dense_patch_acc", "dense_miou")
@@ -95,7 +98,7 @@ def test_missing_run_dir_is_refused(tmp_path, capsys):
 def test_compare_runs_in_worker_processes_matches_in_process(small_run, tmp_path):
     import shutil
 
-    from probes.compare import compare_runs
+    from benchmarks.probe_comparison import compare_runs
     from probes.linear import LinearProtocol
 
     runs = [shutil.copytree(small_run, tmp_path / name) for name in ("a", "b")]

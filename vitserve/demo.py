@@ -34,7 +34,7 @@ class ServiceProcess:
     """``vitserve serve`` as a subprocess; waits for its ready line, stops it with SIGTERM."""
 
     def __init__(self, repository: Path, timeout: float = 300.0):
-        cmd = [sys.executable, "-m", "clients.cli", "serve", "--model-repository", str(repository),
+        cmd = [sys.executable, "-m", "vitserve.cli", "serve", "--model-repository", str(repository),
                "--port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      cwd=Path(__file__).resolve().parent.parent)

@@ -1,8 +1,8 @@
-"""training.bench: the step-time benchmark runs end to end on a tiny encoder and writes its report."""
+"""benchmarks.training_bench: the step-time benchmark runs end to end on a tiny encoder and writes its report."""
 
 from __future__ import annotations
 
-from training import bench
+from benchmarks import training_bench as bench
 
 
 def test_bench_small_writes_report(tmp_path, capsys):
@@ -10,7 +10,7 @@ def test_bench_small_writes_report(tmp_path, capsys):
     assert bench.main(["--small", "--rounds", "1", "--steps", "1", "--warmup", "0",
                        "--doc", str(doc)]) == 0
     text = doc.read_text()
-    assert "Masked / unmasked" in text and "python -m training.bench --small" in text
+    assert "Masked / unmasked" in text and "python -m benchmarks.training_bench --small" in text
     for method in ("mae", "dino", "simclr", "moco"):
         assert f"| {method} | 8 |" in text
     assert "Training step-time benchmark" in capsys.readouterr().out

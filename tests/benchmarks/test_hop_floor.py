@@ -1,8 +1,8 @@
-"""clients.hop_floor runs both echo servers for real and prints a p50 for each."""
+"""benchmarks.hop_floor runs both echo servers for real and prints a p50 for each."""
 
 import re
 
-from clients import hop_floor
+from benchmarks import hop_floor
 
 
 def test_hop_floor_prints_a_p50_per_server(capsys):

@@ -3,9 +3,10 @@
 For each point (batch size B, concurrency C) it runs, for a fixed duration each and interleaved (the
 order alternates from point to point so neither side always runs on a "warm" or "tired" machine):
 
-* **service**: C concurrent ``Embed`` calls of B random uint8 images each over one ``grpc.aio``
-  channel to a running gateway (``--target``), or to one this command starts itself on
-  ``--model-repository`` (Triton + gateway, stopped afterwards);
+* **service**: C concurrent ``Embed`` calls of B random uint8 images each, as C tasks on one
+  ``grpc.aio`` channel (``--client aio``, the default) or C threads sharing one sync
+  ``VitServeClient`` (``--client sync``), to a running gateway (``--target``) or to one this command
+  starts itself on ``--model-repository`` (Triton + gateway, stopped afterwards);
 * **in-process**: C threads calling ONNX Runtime directly on the same ``<model>/1/model.onnx``
   (same intra-op thread count as the served model's ``config.pbtxt``), with the same uint8 batches.
 

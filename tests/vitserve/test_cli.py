@@ -2,9 +2,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clients import cli
+from vitserve import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_every_command(capsys):

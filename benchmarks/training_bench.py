@@ -1,4 +1,4 @@
-"""Training step-time benchmark: ``python -m training.bench [--rounds R] [--doc PATH]``.
+"""Training step-time benchmark: ``python -m benchmarks.training_bench [--rounds R] [--doc PATH]``.
 
 1. MAE masking: one full training step (forward + backward + AdamW) of MAE at mask ratio 0.75
    against the same encoder + decoder at mask ratio 0 (the encoder sees every patch), same weights,
@@ -159,7 +159,7 @@ def format_report(mae: dict[str, Any], rows: list[dict[str, Any]], info: dict[st
         "# Training step-time benchmark",
         "",
         f"Command: `{command}` (took {elapsed:.0f} s). Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-        "by `training/bench.py`.",
+        "by `benchmarks/training_bench.py`.",
         "",
         f"Machine: {info['cpu']}, {info['cpus']} CPUs, torch {info['torch']} with {info['threads']} "
         f"threads; load average (1/5/15 min) {info['load_start']} at the start, {info['load_end']} at the end. "
@@ -202,7 +202,7 @@ def format_report(mae: dict[str, Any], rows: list[dict[str, Any]], info: dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.training_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="MAE masking comparison batch size (default 64)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
     p.add_argument("--steps", type=int, default=3, help="steps per model per round (default 3)")
@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                              batch=8 if args.small else None)
     elapsed = time.perf_counter() - start
     info["load_end"] = machine()["load"]
-    command = "python -m training.bench" + ("" if argv is None else " " + " ".join(argv)).rstrip()
+    command = "python -m benchmarks.training_bench" + ("" if argv is None else " " + " ".join(argv)).rstrip()
     if argv is None and len(sys.argv) > 1:
-        command = "python -m training.bench " + " ".join(sys.argv[1:])
+        command = "python -m benchmarks.training_bench " + " ".join(sys.argv[1:])
     report = format_report(mae, rows, info, command, elapsed, overrides)
     print(report)
     if args.doc:
