@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from clients.client import POOLINGS, VitServeClient, VitServeError
+from clients.client import VitServeClient, VitServeError
+from clients.messages import POOLINGS
 from contract.names import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT
 from serving.gateway import pool_embeddings
 
