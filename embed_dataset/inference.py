@@ -38,6 +38,17 @@ SERVICE_ATTEMPTS = 5
 SERVICE_TIMEOUT_S = 120.0
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``; ``ru_maxrss`` would include a forking parent's)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @dataclass(frozen=True)
 class EmbedSettings:
     """What each actor computes: the pooling, normalisation, output dtype and whether patch features."""
@@ -96,10 +107,9 @@ class _Embedder:
                 out["embedding"][ok] = embeddings
                 if patches is not None:
                     out["patch_features"][ok] = patches
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"shard": batch["shard"], "seq": batch["seq"], "id": batch["id"], "error": errors,
                 "count": batch["count"], **out, "pid": np.full(n, os.getpid(), np.int64),
-                "rss_kb": np.full(n, rss, np.int64)}
+                "rss_mb": np.full(n, peak_rss_mb(), np.float64)}
 
 
 class OrtEmbedder(_Embedder):

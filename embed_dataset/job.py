@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -25,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from embed_dataset.decode import Batch, decode_shards
-from embed_dataset.inference import EmbedSettings, OrtEmbedder, ServiceEmbedder
+from embed_dataset.inference import EmbedSettings, OrtEmbedder, ServiceEmbedder, peak_rss_mb
 from embed_dataset.model import EmbedModel, resolve_model
 from embed_dataset.options import EmbedOptions, JobError, UsageError
 from embed_dataset.output import FORMAT_VERSION, OutputDir, ShardBuffer, shard_tables
@@ -128,13 +127,13 @@ class Collector:
         images = int((batch["seq"] >= 0).sum())
         if images:
             self.arrivals.append((time.perf_counter(), images))
-        for pid, rss in zip(batch["pid"], batch["rss_kb"]):
+        for pid, rss in zip(batch["pid"], batch["rss_mb"]):
             self.result.actor_peak_rss_mb[int(pid)] = max(self.result.actor_peak_rss_mb.get(int(pid), 0.0),
-                                                          int(rss) / 1024)
+                                                          float(rss))
         for index in np.unique(batch["shard"]):
             mask = batch["shard"] == index
             buffer = self.buffers.setdefault(int(index), ShardBuffer())
-            buffer.add({k: v[mask] for k, v in batch.items() if k not in ("pixels", "pid", "rss_kb")})
+            buffer.add({k: v[mask] for k, v in batch.items() if k not in ("pixels", "pid", "rss_mb")})
             if buffer.complete:
                 self._commit(int(index), self.buffers.pop(int(index)))
 
@@ -165,6 +164,11 @@ def _pipeline(options: EmbedOptions, model: EmbedModel, plan: SourcePlan, todo: 
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = options.stall_timeout_s
     ctx.enable_progress_bars = options.progress
+    # Ray Data merges what a task yields into blocks of up to target_max_block_size (128 MiB by
+    # default), so a decode task's batches would leave it as one block at the end of its shard and the
+    # actors would wait for whole shards. Half a decoded batch makes each batch its own block, streamed.
+    g = model.geometry
+    ctx.target_max_block_size = max(1, options.batch_size * g.height * g.width * g.channels // 2)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     actor_cpus, decode_cpus = pool_sizing(cpus, options.workers)
     log.info("Ray has %g CPUs: %d worker(s) at %.2g CPU each, decode tasks at %.2g CPU",
@@ -176,7 +180,6 @@ def _pipeline(options: EmbedOptions, model: EmbedModel, plan: SourcePlan, todo: 
     # A memory estimate of one decode task (its batch of pixels a few times over): it also keeps Ray Data
     # from fusing the decode tasks into the actors (it fuses only equal resource requests), where
     # decoding would wait for inference instead of running beside it.
-    g = model.geometry
     decode_memory = 4 * options.batch_size * g.height * g.width * g.channels + DECODE_MEMORY_BASE
     ds = ds.map_batches(decode_shards, batch_size=1, num_cpus=decode_cpus, memory=decode_memory,
                         fn_kwargs={"plan": bare, "model": model, "batch_size": options.batch_size,
@@ -242,5 +245,5 @@ def embed_dataset(options: EmbedOptions) -> JobResult:
     result.total_embedded = sum(int(r["embedded"]) for r in records)
     result.total_errors = sum(int(r["errors"]) for r in records)
     result.wall_s = time.perf_counter() - t0
-    result.driver_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.driver_peak_rss_mb = peak_rss_mb()
     return result

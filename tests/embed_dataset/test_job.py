@@ -22,6 +22,7 @@ from embed_dataset.cli import main  # noqa: E402
 from embed_dataset.job import embed_dataset, pool_sizing  # noqa: E402
 from embed_dataset.options import EmbedOptions, JobError, UsageError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # about ten jobs on one local Ray: a minute or more on 2 shared CPUs
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE = native_images(40)
 
