@@ -195,9 +195,22 @@ def _pipeline(options: EmbedOptions, model: EmbedModel, plan: SourcePlan, todo: 
                           fn_constructor_kwargs={"model": model, "settings": settings, **kwargs})
 
 
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's message (Ray wraps a task's exception in its own, with a traceback)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        e = inner
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def _run(options: EmbedOptions, model: EmbedModel, plan: SourcePlan, todo: list[Any], out: OutputDir,
          result: JobResult) -> None:
     from ray.data.exceptions import ExecutionTimeoutError
+    from ray.exceptions import RayError
 
     collector = Collector(out, options, model, result)
     t0 = time.perf_counter()
@@ -208,6 +221,9 @@ def _run(options: EmbedOptions, model: EmbedModel, plan: SourcePlan, todo: list[
         raise JobError(f"no progress for {options.stall_timeout_s:.0f} s (--stall-timeout), so the job stopped; "
                        f"{result.shards_committed} shard(s) were committed and a rerun resumes from them. "
                        f"Ray Data said: {e}") from e
+    except RayError as e:  # a task or actor failed for good (e.g. the gateways stayed unreachable)
+        raise JobError(f"the job stopped after committing {result.shards_committed} shard(s); a rerun resumes "
+                       f"from them: {_root_cause(e)}") from e
     result.pipeline_s = time.perf_counter() - t0
     result.steady_img_s = collector.steady_img_s()
     if collector.buffers:
