@@ -31,9 +31,9 @@ OUTPUT_NAMES = ("cls", "patch_tokens")
 THREADS_PARAMETER = "intra_op_threads"  # config.pbtxt string parameter; "0" or absent: ORT default
 
 
-def make_session(onnx_path: str, intra_op_threads: int = 0, providers: Sequence[Any] | None = None,
+def make_session(onnx_path: str | bytes, intra_op_threads: int = 0, providers: Sequence[Any] | None = None,
                  ) -> ort.InferenceSession:
-    """An ORT session; ``intra_op_threads=0`` lets ORT use one thread per physical core."""
+    """An ORT session of a model file's path or bytes; ``intra_op_threads=0``: one thread per physical core."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(0, int(intra_op_threads))
     options.inter_op_num_threads = 1

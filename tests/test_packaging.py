@@ -30,7 +30,7 @@ DISTRIBUTION_MODULES = {
     "grpcio-health-checking": {"grpc_health"}, "grpcio-reflection": {"grpc_reflection"},
     "prometheus_client": {"prometheus_client"}, "matplotlib": {"matplotlib"},
     "pytest": {"pytest"}, "pytest-timeout": {"pytest_timeout"}, "grpcio-tools": {"grpc_tools"},
-    "hypothesis": {"hypothesis"},
+    "hypothesis": {"hypothesis"}, "ray": {"ray"}, "pyarrow": {"pyarrow"},
 }
 # Imported only where present, behind a check that reports its absence (export --tensorrt).
 OPTIONAL = {"tensorrt"}

@@ -23,12 +23,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("vitserve.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
     "bench": ("benchmarks.serving_bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
     "probe": ("probes.cli", "main", "k-NN, linear and dense probe quality of a run, ONNX model or service"),
+    "embed-dataset": ("embed_dataset.cli", "main",
+                      "embed a folder, Parquet table or WebDataset shards on Ray Data (resumable)"),
 }
 
 # name -> the extra (pyproject.toml [project.optional-dependencies]) its module needs; None: the client.
 EXTRAS: dict[str, str | None] = {
     "train": "train", "export": "export", "serve": "serve", "embed": None, "features": None, "admin": None,
-    "demo": "all", "bench": "serve", "probe": "probe",
+    "demo": "all", "bench": "serve", "probe": "probe", "embed-dataset": "dataset",
 }
 # Top-level packages of this project: a missing one is a broken install, not a missing extra.
 PROJECT_PACKAGES = frozenset({"contract", "protos", "training", "export", "serving", "clients", "probes",
