@@ -25,7 +25,7 @@ import numpy as np
 from clients.client import VitServeClient, VitServeError
 from clients.messages import POOLINGS
 from contract.names import CLS_OUTPUT, INPUT_NAME, PATCH_OUTPUT
-from serving.gateway import pool_embeddings
+from serving.pooling import pool_embeddings
 
 from embed_dataset.decode import Batch
 from embed_dataset.model import EmbedModel

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gateways(exported) -> Iterator[tuple[str, str]]:
-    from serving.server import BackgroundGateway
+    from serving.gateway import BackgroundGateway
     from serving.triton_launcher import TritonLauncher
 
     launcher = TritonLauncher(exported.repository)
