@@ -10,11 +10,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_service_and_in_process_probe_scores_agree(probe_service, small_run, small_export):
-    # 2000 test images: one flipped prediction is 0.05 points. One L2 strength, fitted to convergence:
+    # 2000 test images: one flipped prediction is 0.05 points. One L2 strength (1e-2: at 1e-3 the fit is
+    # ill-conditioned enough on some CPUs that 3 predictions flip on the same inputs), fitted to convergence:
     # the optimum of a strictly convex problem moves only by the ~1e-6 feature differences, while a
     # truncated fit or a near-tie in the L2 search could amplify them.
     data = load_probe_data(limit_train=2000, limit_test=2000, train_scenes=80, test_scenes=40)
-    protocol = LinearProtocol(l2_grid=(1e-3,), max_iter=500)
+    protocol = LinearProtocol(l2_grid=(1e-2,), max_iter=500)
     local = probe_source(TorchEncoderSource.from_run_dir(small_run), data, protocol=protocol, batch=128)
     service = ServiceSource(probe_service, small_export.name)
     try:
