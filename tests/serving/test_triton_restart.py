@@ -153,6 +153,8 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
             assert events == ["down", "restarted", "down", "gave_up"]
             assert launcher.poll() is not None and metrics.triton_up._value.get() == 0
             wait_for(lambda: health(channel) == NOT_SERVING, 10, "NOT_SERVING after giving up")
+            # As above: the Watch thread may record the change a moment after the unary check sees it.
+            wait_for(lambda: watch.statuses[-1:] == [NOT_SERVING], 5, "the Watch stream's NOT_SERVING")
             assert watch.statuses[-4:] == [SERVING, NOT_SERVING, SERVING, NOT_SERVING], watch.statuses
             with pytest.raises(VitServeError) as e:
                 client.embed(images)
