@@ -1,4 +1,5 @@
-"""Run the gateway: the request layer, its gRPC server and the health watcher, on one event loop.
+"""Run the gateway: the request layer, its gRPC server, the HTTP API (when asked) and the health
+watcher, on one event loop.
 
 ``run_gateway`` serves until an event is set, then drains (new calls refused UNAVAILABLE, calls in
 flight given a grace period) and stops; ``BackgroundGateway`` runs it on its own loop in a daemon
@@ -16,6 +17,7 @@ from typing import Callable
 from serving.errors import GatewayError
 from serving.grpc_server import ServerOptions, create_server
 from serving.health import set_serving, watch_triton
+from serving.http_api import HttpContext, HttpServer, start_http
 from serving.service import EncoderService
 
 log = logging.getLogger(__name__)
@@ -23,14 +25,16 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 DRAIN_LINGER_S = 0.25
 
-ReadyCallback = Callable[[int, list[str]], None]
+# (gRPC port, model names, HTTP port or None when the HTTP API is off)
+ReadyCallback = Callable[[int, list[str], "int | None"], None]
 
 
 async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.0.0.1", port: int = 0,
                       on_ready: ReadyCallback | None = None, connect_timeout: float = 60.0,
                       grace: float = STOP_GRACE_S, options: ServerOptions | None = None,
                       service: EncoderService | None = None) -> None:
-    """Serve the gateway until ``stop`` is set; ``on_ready(port, model_names)`` once it is serving.
+    """Serve the gateway until ``stop`` is set; ``on_ready(port, model_names, http_port)`` once it is
+    serving (``http_port`` None unless ``options.http_port`` asks for the HTTP API).
 
     The request layer is built from ``options``; a ``service`` given instead (tests inject one whose
     registry already knows its models, which skips the wait for Triton) brings its own options.
@@ -46,12 +50,23 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
             except OSError as e:
                 raise GatewayError(f"cannot serve metrics on {host}:{options.metrics_port}: {e}") from e
         await gateway.server.start()
+        http: HttpServer | None = None
+        if options.http_port is not None:
+            context = HttpContext(service, gateway.health, gateway.limit, options.max_message_bytes,
+                                  options.auth_token, options.metrics)
+            try:
+                http = await start_http(context, host, options.http_port, options.http_tls)
+            except BaseException as e:
+                await gateway.server.stop(0)
+                if isinstance(e, OSError):
+                    raise GatewayError(str(e)) from e
+                raise
         await set_serving(gateway.health)
         watcher = asyncio.create_task(watch_triton(service, gateway.health, options.health_interval,
                                                    options.triton_events))
         try:
             if on_ready:
-                on_ready(gateway.port, sorted(m.name for m in models))
+                on_ready(gateway.port, sorted(m.name for m in models), http.port if http else None)
             await stop.wait()
         finally:
             watcher.cancel()
@@ -71,6 +86,8 @@ async def run_gateway(triton_url: str, stop: asyncio.Event, *, host: str = "127.
             # its next call now.
             await asyncio.sleep(min(DRAIN_LINGER_S, max(0.0, grace - (time.monotonic() - t0))))
             await gateway.server.stop(max(0.0, grace - (time.monotonic() - t0)))
+            if http is not None:
+                await http.stop()
             log.info("gateway stopped after %.2fs; %d call(s) were still in flight",
                      time.monotonic() - t0, limit.in_flight)
     finally:
@@ -88,6 +105,7 @@ class BackgroundGateway:
         self.options = options or ServerOptions()
         self._service = service
         self.models: list[str] = []
+        self.http_port: int | None = None  # bound once started, when options.http_port is set
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,8 +116,16 @@ class BackgroundGateway:
     def target(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def _on_ready(self, port: int, models: list[str]) -> None:
-        self.port, self.models = port, models
+    @property
+    def http_url(self) -> str:
+        """``http(s)://host:port`` of the HTTP API (started with ``options.http_port``)."""
+        if self.http_port is None:
+            raise GatewayError("the gateway serves no HTTP API; give ServerOptions(http_port=0)")
+        scheme = "https" if self.options.http_tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
+
+    def _on_ready(self, port: int, models: list[str], http_port: int | None = None) -> None:
+        self.port, self.models, self.http_port = port, models, http_port
         self._ready.set()
 
     def _run(self) -> None:

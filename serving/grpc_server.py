@@ -6,6 +6,7 @@ the servicer, the admin and the interceptor chain from it, once, and binds the p
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,10 @@ class ServerOptions:
     # Images per request (more: INVALID_ARGUMENT) and pixels per image (checked before decoding).
     max_images: int = DEFAULT_MAX_IMAGES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # The HTTP API (serving.http_api) on the same host and event loop (0: a free port; None: off),
+    # with the same token, limits and metrics; TLS from the same files as ``tls`` (``from_files``).
+    http_port: int | None = None
+    http_tls: ssl.SSLContext | None = None
 
     @classmethod
     def from_files(cls, *, auth_token_file: str | Path | None = None, tls_cert_file: str | Path | None = None,
@@ -59,12 +64,13 @@ class ServerOptions:
                    **kwargs: Any) -> "ServerOptions":
         """Options with the token and TLS material read from files (raises OSError / ValueError)."""
         token = read_token(auth_token_file) if auth_token_file is not None else None
-        tls = None
+        tls, http_tls = None, None
         if tls_cert_file is not None or tls_key_file is not None or tls_client_ca_file is not None:
             if tls_cert_file is None or tls_key_file is None:
                 raise ValueError("TLS needs both a certificate and its private key")
             tls = server_tls_credentials(tls_cert_file, tls_key_file, tls_client_ca_file)
-        return cls(auth_token=token, tls=tls, **kwargs)
+            http_tls = server_ssl_context(tls_cert_file, tls_key_file, tls_client_ca_file)
+        return cls(auth_token=token, tls=tls, http_tls=http_tls, **kwargs)
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and self.metrics is None:
@@ -84,6 +90,22 @@ def server_tls_credentials(cert_file: str | Path, key_file: str | Path,
     client_ca = Path(client_ca_file).read_bytes() if client_ca_file is not None else None
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def server_ssl_context(cert_file: str | Path, key_file: str | Path,
+                       client_ca_file: str | Path | None = None) -> ssl.SSLContext:
+    """The HTTP API's TLS from the same files as ``server_tls_credentials`` (mutual with a client CA)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
+        if client_ca_file is not None:
+            context.load_verify_locations(str(client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as e:
+        raise ValueError(f"cannot use the TLS files {cert_file}, {key_file}"
+                         f"{', ' + str(client_ca_file) if client_ca_file else ''}: {e}") from e
+    return context
 
 
 @dataclass(frozen=True)

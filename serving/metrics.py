@@ -6,7 +6,9 @@ Names: ``vitserve_requests_total`` and ``vitserve_request_errors_total`` {rpc, m
 after the gateway splits a request by ``max_batch_size``), ``vitserve_requests_in_flight``,
 ``vitserve_stream_frames_total`` {model, outcome: ran / skipped / error}; with an embedded Triton,
 ``vitserve_triton_restarts_total`` (restarts by the launcher's supervisor) and ``vitserve_triton_up``
-(1 while the embedded tritonserver runs, 0 while it is down and being restarted).
+(1 while the embedded tritonserver runs, 0 while it is down and being restarted); the HTTP API's
+``vitserve_http_requests_total`` {route, method, status} and ``vitserve_http_request_latency_seconds``
+{route}.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class GatewayMetrics:
         self.triton_restarts = Counter("vitserve_triton_restarts", "restarts of the embedded tritonserver "
                                        "after it died", registry=r)
         self.triton_up = Gauge("vitserve_triton_up", "1 while the embedded tritonserver runs", registry=r)
+        self.http_requests = Counter("vitserve_http_requests", "HTTP API requests answered, by route, method "
+                                     "and HTTP status", ["route", "method", "status"], registry=r)
+        self.http_latency = Histogram("vitserve_http_request_latency_seconds", "HTTP API latency in the gateway",
+                                      ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.port: int | None = None  # the /metrics port once serve_http ran
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -57,6 +63,10 @@ class GatewayMetrics:
         if code != "OK":
             self.errors.labels(rpc, model, code).inc()
         self.latency.labels(rpc, model).observe(seconds)
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_latency.labels(route).observe(seconds)
 
     def observe_triton_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)

@@ -4,6 +4,8 @@ Prints exactly one line to stdout when everything is ready::
 
     vitserve ready: gateway 127.0.0.1:PORT, triton grpc 127.0.0.1:P, models: a, b
 
+(with ``--http-port``: ``gateway 127.0.0.1:PORT, http http://127.0.0.1:HP, triton grpc ...``)
+
 and on SIGINT/SIGTERM stops the gateway (letting in-flight calls finish) and then Triton, exit 0.
 An embedded Triton that dies is restarted on the same ports (``--triton-max-restarts``); while it is
 down health reports NOT_SERVING and calls end UNAVAILABLE. Exit code 1 once restarts are exhausted.
@@ -55,8 +57,10 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
         loop.add_signal_handler(sig, stop.set)
     exit_code = 0
 
-    def ready(bound: int, models: list[str]) -> None:
-        print(f"vitserve ready: gateway {host}:{bound}, triton grpc {triton_url}, "
+    def ready(bound: int, models: list[str], http_port: int | None) -> None:
+        scheme = "https" if options.http_tls is not None else "http"
+        http = f", http {scheme}://{host}:{http_port}" if http_port is not None else ""
+        print(f"vitserve ready: gateway {host}:{bound}{http}, triton grpc {triton_url}, "
               f"models: {', '.join(models)}", flush=True)
 
     def triton_lost() -> bool:
@@ -134,15 +138,20 @@ def _number(flag: str, kind: type[int] | type[float], *, minimum: float, inclusi
     return convert
 
 
-def parse_port(text: str) -> int:
-    """``--port``: 0 (a free port) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise _flag_error(f"--port {text} is not a port number (0-65535)")
-    return port
+def _port(flag: str) -> Callable[[str], int]:
+    """A ``type=`` converter for ``flag``: 0 (a free port) to 65535."""
+    def convert(text: str) -> int:
+        try:
+            port = int(text)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            raise _flag_error(f"{flag} {text} is not a port number (0-65535)")
+        return port
+    return convert
+
+
+parse_port = _port("--port")
 
 
 def parse_pixels(text: str) -> int:
@@ -179,6 +188,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--triton-url", help="HOST:PORT of a running Triton's gRPC endpoint to use instead")
     p.add_argument("--port", type=parse_port, default=DEFAULT_PORT, help=f"gateway port (0: pick a free one; "
                    f"default {DEFAULT_PORT})")
+    p.add_argument("--http-port", type=_port("--http-port"), metavar="PORT",
+                   help="also serve the HTTP API (OpenAI-style /v1/embeddings, /v1/features, /v1/models, "
+                        "/health/*, the page at /) on this port of --host (0: a free one), with the same "
+                        "TLS, token, limits and metrics as gRPC")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
     p.add_argument("--triton-timeout", type=float, default=300.0,
                    help="seconds to wait for Triton and its models to be ready (default 300)")
@@ -250,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         options = ServerOptions.from_files(
             auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port,
-            enable_admin=args.enable_admin, max_images=args.max_images_per_request, max_pixels=args.max_pixels,
+            enable_admin=args.enable_admin, http_port=args.http_port, max_images=args.max_images_per_request,
+            max_pixels=args.max_pixels,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except (OSError, ValueError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ DISTRIBUTION_MODULES = {
     "prometheus_client": {"prometheus_client"}, "matplotlib": {"matplotlib"},
     "pytest": {"pytest"}, "pytest-timeout": {"pytest_timeout"}, "grpcio-tools": {"grpc_tools"},
     "hypothesis": {"hypothesis"}, "ray": {"ray"}, "pyarrow": {"pyarrow"},
+    "aiohttp": {"aiohttp"}, "openai": {"openai"}, "selenium": {"selenium"},
 }
 # Imported only where present, behind a check that reports its absence (export --tensorrt).
 OPTIONAL = {"tensorrt"}

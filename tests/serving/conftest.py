@@ -135,6 +135,9 @@ def client(gateway: object) -> Iterator[object]:
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_READY = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), triton grpc (127\.0\.0\.1:\d+), "
                          r"models: (.+)$")
+# with --http-port: group 2 is the HTTP API's URL
+SERVE_READY_HTTP = re.compile(r"^vitserve ready: gateway (127\.0\.0\.1:\d+), http (https?://127\.0\.0\.1:\d+), "
+                              r"triton grpc (127\.0\.0\.1:\d+), models: (.+)$")
 
 
 @dataclass
@@ -151,7 +154,7 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def serve_process(*args: str) -> Iterator[ServeProcess]:
+def serve_process(*args: str, ready: re.Pattern = SERVE_READY) -> Iterator[ServeProcess]:
     """``python -m serving.server ARGS`` up to its ready line; killed on exit if still running.
 
     stderr is read by a thread throughout (so the process never blocks on a full pipe) and is
@@ -164,7 +167,7 @@ def serve_process(*args: str) -> Iterator[ServeProcess]:
     drain.start()
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        match = SERVE_READY.match(line.strip())
+        match = ready.match(line.strip())
         assert match, f"unexpected first line {line!r}; stderr:\n{''.join(lines)}"
         yield ServeProcess(proc, match, lines)
     finally:
