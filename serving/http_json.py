@@ -204,7 +204,7 @@ def message_json(message: Message) -> Json:
     for field, value in message.ListFields():
         if field.message_type is vitserve_pb2.Tensor.DESCRIPTOR:
             out[field.name] = _tensor_json(value)
-        elif field.message_type is not None and field.label == field.LABEL_REPEATED \
+        elif field.message_type is not None and field.is_repeated \
                 and not field.message_type.GetOptions().map_entry:
             out[field.name] = [message_json(v) for v in value]
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
