@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,30 +30,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks.machine import machine as base_machine
+
 log = logging.getLogger("benchmarks.embed_dataset")
 TARGET = 0.85
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and flags (lscpu), cores, load, and the fp32 matmul rate numpy reaches here."""
-    facts: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        facts["cpu"] = fields.get("Model name", "").strip()
-        flags = fields.get("Flags", "").split()
-        facts["flags"] = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
-    except (OSError, subprocess.SubprocessError):
-        facts["cpu"] = platform.processor()
-    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
-    a @ a  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
-        a @ a
-        n += 1
-    facts["fp32_matmul_gflops"] = round(2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9, 1)
-    facts["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    """``benchmarks.machine.machine()`` plus the versions of the engines this benchmark runs."""
+    facts = base_machine()
     import onnxruntime
     import pyarrow
     import ray

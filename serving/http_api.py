@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2
 
 from serving.errors import Remaining, RequestError
 from serving.http_json import (BODY_TOO_LARGE, HttpError, Json, bad_request, embed_request, embed_response,
@@ -48,7 +49,7 @@ class HttpContext:
     """What the handlers and middlewares share: the request layer and the gRPC server's guards."""
 
     service: EncoderService
-    health: health.aio.HealthServicer
+    health: grpc_health.aio.HealthServicer
     limit: InFlightLimit
     max_body_bytes: int
     auth_token: str | None = None

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.client import AsyncVitServeClient, VitServeError
+from clients.client import AsyncVitServeClient
 from protos import vitserve_pb2, vitserve_pb2_grpc
 from serving.gateway import BackgroundGateway
 from serving.grpc_server import ServerOptions
