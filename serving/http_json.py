@@ -112,9 +112,7 @@ def decode_image(item: Any, index: int) -> vitserve_pb2.Image:
         data = base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError) as e:
         raise bad_request(f"{where} is not base64 (nor a data URL): {e}") from None
-    if not data:
-        raise bad_request(f"{where} is empty")
-    return vitserve_pb2.Image(encoded=data)
+    return vitserve_pb2.Image(encoded=data)  # empty or undecodable bytes: the request layer says so
 
 
 def decode_inputs(value: Any) -> list[vitserve_pb2.Image]:

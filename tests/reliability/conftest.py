@@ -57,11 +57,13 @@ def rel_triton(rel_exported: ExportedModel) -> Iterator[object]:
 
 
 def start_gateway(triton_url: str, **options: object) -> object:
-    """A started ``BackgroundGateway`` with the suite's limits (``options``: ServerOptions fields)."""
+    """A started ``BackgroundGateway`` with the suite's limits and the HTTP API (``options``: ServerOptions
+    fields)."""
     from serving.gateway import BackgroundGateway
     from serving.grpc_server import ServerOptions
 
     options.setdefault("max_message_bytes", MAX_MESSAGE_BYTES)
+    options.setdefault("http_port", 0)  # the HTTP API too (test_fuzz_http), on the same limits
     options = {"max_images": MAX_IMAGES, "max_pixels": MAX_PIXELS, **options}
     return BackgroundGateway(triton_url, options=ServerOptions(**options)).start(timeout=120)
 
