@@ -1,7 +1,8 @@
 """A bounded load test of ``vitserve serve`` on loopback: many concurrent clients for a fixed time.
 
-Each client (an asyncio task with its own channel) loops over a random mix of Embed, Features and
-StreamFeatures calls on random batches of Fashion-MNIST images (raw frames and PNG files) until the
+Each client (an asyncio task with its own channel and HTTP session) loops over a random mix of Embed,
+Features and StreamFeatures calls and the HTTP API's ``/v1/embeddings`` and ``/v1/features``
+(``load_http``) on random batches of Fashion-MNIST images (raw frames and PNG files) until the
 duration is up. Every call is accounted for: an answer equal to in-process ONNX Runtime features of
 the same images (on the same ``model.onnx`` the server runs, within ``atol``), or an explicit
 RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED; anything else, including a wrong answer, is a failure. The
@@ -19,15 +20,11 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
-import io
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,112 +37,11 @@ if str(ROOT) not in sys.path:  # run as a script by path
     sys.path.insert(0, str(ROOT))
 
 from protos import vitserve_pb2, vitserve_pb2_grpc  # noqa: E402
+from tests.reliability.load_http import HttpCalls, HttpRefused, WrongAnswer  # noqa: E402
+from tests.reliability.load_service import (Service, export_test_model, fashion_mnist_pool, onnx_reference,  # noqa: E402,F401
+                                            png, rss_mb)
 
 EXPECTED_REFUSALS = {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
-
-
-# -- the service under test ---------------------------------------------------------------------
-
-class Service:
-    """``vitserve serve`` as a subprocess (gateway + its own Triton); always stopped on exit."""
-
-    def __init__(self, repository: Path, max_in_flight: int = 64, extra: list[str] | None = None) -> None:
-        self.repository = repository
-        self.args = ["--max-in-flight", str(max_in_flight), *(extra or [])]
-        self.proc: subprocess.Popen | None = None
-        self.target = ""
-        self.log: list[str] = []
-
-    def start(self, timeout: float = 300.0) -> "Service":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vitserve.cli", "serve", "--model-repository", str(self.repository),
-             "--port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"vitserve serve exited ({self.proc.wait()}):\n{''.join(self.log[-30:])}")
-            self.log.append(line)
-            if line.startswith("vitserve ready: gateway "):
-                self.target = line.split("gateway ", 1)[1].split(",", 1)[0]
-                # Keep draining the log so the server never blocks on a full pipe.
-                threading.Thread(target=self._drain, daemon=True).start()
-                return self
-        raise RuntimeError("vitserve serve was not ready in time")
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.append(line)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def triton_pid(self) -> int | None:
-        """The tritonserver child of the gateway process."""
-        children = []
-        for task in Path(f"/proc/{self.pid}/task").glob("*"):  # a restart is spawned by another thread
-            try:
-                children += (task / "children").read_text().split()
-            except OSError:
-                continue
-        for pid in children:
-            try:
-                if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                    return int(pid)
-            except OSError:
-                continue
-        return None
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
-
-    def __enter__(self) -> "Service":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process in MiB (VmRSS), or None if it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def onnx_reference(model_dir: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CLS ``[N, D]`` and patch tokens ``[N, h*w, D]`` from ONNX Runtime on the served ``model.onnx``."""
-    import onnxruntime as ort
-
-    (onnx_path,) = sorted(model_dir.glob("*/model.onnx"))[:1]
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    cls, tokens = session.run(["cls", "patch_tokens"], {name: images})
-    return cls, tokens
-
-
-def png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # -- the load -----------------------------------------------------------------------------------
@@ -190,7 +86,7 @@ class Load:
 
     def __init__(self, target: str, images: np.ndarray, cls: np.ndarray, tokens: np.ndarray, grid: tuple[int, int],
                  atol: float = 1e-4, deadline_s: float = 10.0, max_batch: int = 8, seed: int = 0,
-                 allowed: frozenset[str] | set[str] = frozenset(EXPECTED_REFUSALS)) -> None:
+                 allowed: frozenset[str] | set[str] = frozenset(EXPECTED_REFUSALS), http_url: str = "") -> None:
         self.target, self.images, self.cls, self.tokens, self.grid = target, images, cls, tokens, grid
         self.pngs = [png(im) for im in images]
         self.atol, self.deadline_s, self.max_batch = atol, deadline_s, max_batch
@@ -205,6 +101,11 @@ class Load:
         self.frames = 0
         self.images_done = 0
         self.failures: list[str] = []
+        # with the service's HTTP API: its two calls join the mix (same batches, checks and deadline)
+        self.http = HttpCalls(http_url, images, self.pngs, cls, tokens, self._check, deadline_s, max_batch) \
+            if http_url else None
+        self.rpcs_mix = ["Embed", "Features", "StreamFeatures"] + (["HTTP:embeddings", "HTTP:features"]
+                                                                   if http_url else [])
 
     def _batch(self, rng: random.Random) -> tuple[list[int], list[vitserve_pb2.Image]]:
         idx = [rng.randrange(len(self.images)) for _ in range(rng.randint(1, self.max_batch))]
@@ -245,29 +146,40 @@ class Load:
 
     async def client(self, k: int, until: float) -> None:
         rng = random.Random(self.seed * 1000 + k)
+        session = None
+        if self.http is not None:
+            import aiohttp
+
+            session = aiohttp.ClientSession()
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = vitserve_pb2_grpc.VisionEncoderStub(channel)
             sync_channel = grpc.insecure_channel(self.target)
             sync_stub = vitserve_pb2_grpc.VisionEncoderStub(sync_channel)
             while time.monotonic() < until:
-                rpc = rng.choice(["Embed", "Features", "StreamFeatures"])
+                rpc = rng.choice(self.rpcs_mix)
                 t0, start = time.perf_counter(), time.monotonic()
                 try:
                     if rpc == "StreamFeatures":  # a stream's code: its first failed frame's, else OK
                         images, code = await self.streamfeatures(sync_stub, rng)
+                    elif rpc.startswith("HTTP:"):
+                        assert self.http is not None
+                        images, code = await getattr(self.http, rpc[5:])(session, rng), "OK"
                     else:
                         images, code = await getattr(self, rpc.lower())(stub, rng), "OK"
-                except grpc.RpcError as e:
-                    code, images = e.code().name, 0
+                except (grpc.RpcError, HttpRefused) as e:
+                    code, details = (e.code, e.message) if isinstance(e, HttpRefused) else (e.code().name, e.details())
+                    images = 0
                     if code not in self.allowed:
-                        self.failures.append(f"{rpc}: {code}: {e.details()}")
+                        self.failures.append(f"{rpc}: {code}: {details}")
                     else:
                         await asyncio.sleep(rng.uniform(0.02, 0.1))  # back off, as a client should
-                except _WrongAnswer:
+                except (_WrongAnswer, WrongAnswer):
                     code, images = "OK", 0  # answered, but wrongly: counted in self.wrong
                 self._record(rpc, code, t0, images)
                 self.timeline.append((start, time.monotonic(), rpc, code))
             sync_channel.close()
+        if session is not None:
+            await session.close()
 
     async def embed(self, stub: vitserve_pb2_grpc.VisionEncoderStub, rng: random.Random) -> int:
         idx, protos = self._batch(rng)
@@ -360,30 +272,6 @@ def run_load(load: Load, clients: int, duration_s: float, gateway_pid: int | Non
 
 # -- script -------------------------------------------------------------------------------------
 
-def fashion_mnist_pool(n: int = 256) -> np.ndarray:
-    from training.data import DataError, load_fashion_mnist
-
-    try:
-        return np.ascontiguousarray(load_fashion_mnist("test").images[:n])
-    except DataError:
-        return np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
-
-
-def export_test_model(repository: Path, name: str = "loadtest") -> Path:
-    """A freshly initialised default encoder (28x28 grey, patch 4) exported with the real exporter."""
-    import torch
-
-    from export.options import ExportOptions, TritonOptions
-    from export.repository import export_entries
-    from export.sources import EncoderSource
-    from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_encoder
-
-    torch.manual_seed(0)
-    model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    return export_entries(EncoderSource(model.eval(), spec), repository, name,
-                          ExportOptions(triton=TritonOptions(max_batch_size=16)))[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
@@ -397,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = fashion_mnist_pool()
         cls, tokens = onnx_reference(model_dir, pool)
         with Service(Path(tmp) / "repo", a.max_in_flight) as service:
-            load = Load(service.target, pool, cls, tokens, (7, 7), deadline_s=a.deadline)
+            load = Load(service.target, pool, cls, tokens, (7, 7), deadline_s=a.deadline, http_url=service.http_url)
             report = run_load(load, a.clients, a.duration, service.pid)
     load_avg = os.getloadavg()
     print(report.summary())
