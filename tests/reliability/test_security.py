@@ -3,6 +3,8 @@
 * Only a client with a certificate from the test CA gets a connection (plaintext, no client
   certificate: UNAVAILABLE); a missing or wrong token is UNAUTHENTICATED and costs no inference
   (Triton's own statistics); the right token gets correct features.
+* The HTTP API (``--http-port``) is behind the same mutual TLS and token (HTTPS without a client
+  certificate or in plaintext: no connection; no or a wrong token: 401 and no inference).
 * Triton's ports (and the gateway's) listen on loopback only (``/proc/net/tcp*`` of the processes).
 * No path from a request is ever opened on the server: a model-shaped directory beside the model
   repository (reachable as ``../canary``) is watched with inotify while requests name it every way
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 import shutil
@@ -153,6 +156,36 @@ def test_mtls_and_token_gate_every_call(secured, rel_exported, reference, sample
             with pytest.raises(grpc.RpcError) as e:
                 vitserve_pb2_grpc.VisionEncoderStub(ch).Features(request, metadata=auth(TOKEN), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.slow
+def test_https_mtls_and_token_gate_the_http_api(secured, rel_exported, reference, sample_images):
+    import ssl
+    import urllib.error
+
+    from serving.http_json import tensor_from_json
+    from tests.serving.http_calls import call
+
+    service, certs, triton_url = secured
+    assert service.http_url.startswith("https://127.0.0.1:")
+    url = f"{service.http_url}/v1/features"
+    images = sample_images[:2]
+    body = {"images": [{"raw": {"data": base64.b64encode(im.tobytes()).decode(), "height": 28,
+                                "width": 28, "channels": 1}} for im in images], "layout": "TOKENS"}
+    trusted = ssl.create_default_context(cafile=str(certs.ca))
+    trusted.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    before = inference_count(triton_url, rel_exported.name)
+    for headers, message in (({}, "missing credentials"), ({"Authorization": "Bearer wrong"}, "invalid bearer token")):
+        answer = call(url, body, headers=headers, context=trusted, timeout=20)
+        assert answer.status == 401 and message in answer.message
+    assert inference_count(triton_url, rel_exported.name) == before  # refused calls cost nothing
+    answer = call(url, body, headers={"Authorization": f"Bearer {TOKEN}"}, context=trusted, timeout=20)
+    assert answer.status == 200, answer.body
+    np.testing.assert_allclose(tensor_from_json(answer.body["features"]), reference(images)[1], atol=1e-4, rtol=1e-4)
+    no_client_cert = ssl.create_default_context(cafile=str(certs.ca))
+    for context, target in ((no_client_cert, url), (None, url.replace("https://", "http://"))):
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            call(target, body, headers={"Authorization": f"Bearer {TOKEN}"}, context=context, timeout=10)
 
 
 @pytest.mark.slow
