@@ -132,10 +132,11 @@ async function showModel(name, dataUrl, panels) {
   const d = tokens.shape[tokens.shape.length - 1];
   const X = Views.decodeTensor(tokens);
   Views.drawGrid(figure(maps, `PCA of patch tokens (${h}×${w}, ${d}-d)`, VIEW_PX, "pca"), Views.pcaColours(X, h * w, d), h, w);
-  const attention = features.layers.find((l) => l.name === ATTENTION);
-  if (attention) {
-    const A = Views.decodeTensor(attention.features);
-    const heads = attention.features.shape[1];
+  // FeaturesResponse.cls_attention [1, heads, h*w] when the request named it among its outputs
+  const attention = features.cls_attention;
+  if (attention && attention.data) {
+    const A = Views.decodeTensor(attention);
+    const heads = attention.shape[1];
     const mean = new Float32Array(h * w);
     for (let k = 0; k < heads; k++) for (let i = 0; i < h * w; i++) mean[i] += A[k * h * w + i] / heads;
     const att = document.createElement("div");
