@@ -80,7 +80,7 @@ def planted(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    driver = chrome_driver()
+    driver = chrome_driver(1500, 1150)
     try:
         yield driver
     finally:
