@@ -179,3 +179,26 @@ def test_attention_panels_for_a_model_with_cls_attention(shown, page_gateway):
     mean = _pixels(shown, f"{panel} canvas.attn-mean")[..., :3].astype(float)
     assert mean.std(axis=(0, 1)).max() > 10, "the mean attention map is constant"
     assert not shown.find_elements(By.CSS_SELECTOR, f".panel[data-model='{PLAIN}'] canvas.attn-mean")
+
+
+def test_features_pass_cls_attention_through_like_grpc(page_gateway, planted):
+    if not _attention_supported():
+        pytest.skip("export.options.ExportOptions has no `attention` field yet (the cls_attention export "
+                    "lands from branch h15-viz)")
+    import base64
+
+    import grpc
+
+    from protos import vitserve_pb2, vitserve_pb2_grpc
+
+    request = vitserve_pb2.FeaturesRequest(model=ATTENTION, images=[vitserve_pb2.Image(encoded=planted.read_bytes())],
+                                           outputs=["cls_attention"], layout=vitserve_pb2.FeaturesRequest.TOKENS)
+    with grpc.insecure_channel(page_gateway.target) as channel:
+        expected = vitserve_pb2_grpc.VisionEncoderStub(channel).Features(request, timeout=60)
+    answer = call(f"{page_gateway.http_url}/v1/features", {"model": ATTENTION, "input": [data_url(planted.read_bytes())],
+                                                           "outputs": ["cls_attention"], "layout": "tokens"})
+    assert answer.status == 200, answer.body
+    got = answer.body["cls_attention"]
+    assert got["shape"] == list(expected.cls_attention.shape) and got["shape"][0] == 1
+    assert base64.b64decode(got["data"]) == expected.cls_attention.data
+    assert base64.b64decode(answer.body["features"]["data"]) == expected.features.data
