@@ -216,7 +216,7 @@ def embed_response(response: vitserve_pb2.EmbedResponse, encoding: str, tokens_p
     data = []
     for i, row in enumerate(vectors):
         embedding: Any = base64.b64encode(row.tobytes()).decode("ascii") if encoding == "base64" \
-            else [float(v) for v in row]
+            else row.tolist()
         data.append({"object": "embedding", "index": i, "embedding": embedding})
     tokens = tokens_per_image * len(vectors)
     meta = message_json(response)
