@@ -157,9 +157,21 @@ def _summary(latencies: list[float], seconds: float, batch: int) -> dict[str, An
             "p50_ms": round(float(np.percentile(lat, 50)), 3), "p95_ms": round(float(np.percentile(lat, 95)), 3)}
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (its threads, not its children); 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(target: str, url: str, model: str, files: list[bytes], *, duration: float, rounds: int,
-        batch: int = 8, concurrency: int = 8) -> dict[str, Any]:
-    """Every side for ``duration`` s per round, alternating the order; latencies and time pooled."""
+        batch: int = 8, concurrency: int = 8, gateway_pid: int | None = None) -> dict[str, Any]:
+    """Every side for ``duration`` s per round, alternating the order; latencies and time pooled; with
+    ``gateway_pid``, the gateway process's CPU time per request of each side."""
     sides: dict[str, Callable[[], Awaitable[tuple[list[float], float]]]] = {
         "grpc_b8_c8": lambda: grpc_side(target, model, files[:batch], concurrency, duration),
         "http_float_b8_c8": lambda: http_side(url, model, files[:batch], concurrency, duration),
@@ -168,17 +180,32 @@ def run(target: str, url: str, model: str, files: list[bytes], *, duration: floa
         "http_float_b1_c1": lambda: http_side(url, model, files[:1], 1, duration),
     }
     pooled: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in sides}
+    per_round: dict[str, list[float]] = {name: [] for name in sides}  # img/s of each round
+    cpu: dict[str, float] = {name: 0.0 for name in sides}  # gateway CPU seconds (Triton is its child)
     for r in range(rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for name in order:
+            cpu0 = cpu_seconds(gateway_pid)
             latencies, seconds = asyncio.run(sides[name]())
+            cpu[name] += cpu_seconds(gateway_pid) - cpu0
             pooled[name] = (pooled[name][0] + latencies, pooled[name][1] + seconds)
+            per_round[name].append(len(latencies) * (batch if name.endswith("b8_c8") else 1) / seconds)
     result = {name: _summary(lat, sec, batch if name.endswith("b8_c8") else 1) for name, (lat, sec) in pooled.items()}
+    if gateway_pid is not None:
+        for name, side in result.items():  # the warm-up call of each run is a few more; noise at this scale
+            side["gateway_cpu_ms_per_request"] = round(1e3 * cpu[name] / max(side["requests"], 1), 3)
     grpc_tp = result["grpc_b8_c8"]["img_per_s"]
+
+    def round_ratios(side: str) -> list[float]:
+        return [round(h / g, 3) for h, g in zip(per_round[side], per_round["grpc_b8_c8"])]
+
     return {
         "sides": result,
         "throughput_ratio_http_float": round(result["http_float_b8_c8"]["img_per_s"] / grpc_tp, 3),
         "throughput_ratio_http_base64": round(result["http_base64_b8_c8"]["img_per_s"] / grpc_tp, 3),
+        # each round's ratio: how much of the spread is the shared machine's load moving
+        "round_ratios_http_float": round_ratios("http_float_b8_c8"),
+        "round_ratios_http_base64": round_ratios("http_base64_b8_c8"),
         "p50_overhead_ms_b1": round(result["http_float_b1_c1"]["p50_ms"] - result["grpc_b1_c1"]["p50_ms"], 3),
         "target_ratio": TARGET_RATIO,
     }
@@ -194,13 +221,17 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Model: `{report['model']}` ({report['model_note']}); the clients run in the benchmark process on the "
              f"same CPUs as the server; {report['rounds']} rounds of {report['duration_s']} s per side, order "
              f"alternating.", "",
-             "| side | requests | img/s | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|"]
+             "| side | requests | img/s | p50 ms | p95 ms | gateway CPU ms / request |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, s in figures["sides"].items():
-        lines.append(f"| {name} | {s['requests']} | {s['img_per_s']} | {s['p50_ms']} | {s['p95_ms']} |")
+        lines.append(f"| {name} | {s['requests']} | {s['img_per_s']} | {s['p50_ms']} | {s['p95_ms']} | "
+                     f"{s.get('gateway_cpu_ms_per_request', '—')} |")
     verdict = "meets" if figures["throughput_ratio_http_float"] >= TARGET_RATIO else "misses"
     lines += ["", f"- Embed batch 8 x concurrency 8, HTTP/gRPC throughput: **{figures['throughput_ratio_http_float']}x** "
                   f"(float JSON; {verdict} the {TARGET_RATIO}x target), {figures['throughput_ratio_http_base64']}x with "
                   f"`encoding_format: base64`.",
+              f"- Per round (HTTP/gRPC img/s, rounds {report['duration_s']} s apart in time): float "
+              f"{figures['round_ratios_http_float']}, base64 {figures['round_ratios_http_base64']}.",
               f"- Batch 1 at concurrency 1, HTTP p50 overhead: **{figures['p50_overhead_ms_b1']} ms**.", ""]
     return "\n".join(lines)
 
@@ -231,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = "random-init default encoder, 28x28x1, patch 4, 192-d, 6 blocks, 3 heads; fp32 ONNX Runtime in Triton"
         service = Service(repository)
         try:
-            result = run(service.target, service.http_url, model, pngs(8), duration=args.duration, rounds=args.rounds)
+            result = run(service.target, service.http_url, model, pngs(8), duration=args.duration, rounds=args.rounds,
+                         gateway_pid=service.proc.pid)
         finally:
             service.stop()
     command = "python -m benchmarks.http_vs_grpc " + " ".join(sys.argv[1:] if argv is None else argv)

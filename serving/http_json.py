@@ -199,15 +199,23 @@ def message_json(message: Message) -> Json:
     """A response message as JSON (proto field names, every field present), tensors as base64 + shape."""
     out = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
-    for field, value in message.ListFields():
-        if field.message_type is vitserve_pb2.Tensor.DESCRIPTOR:
-            out[field.name] = _tensor_json(value)
-        elif field.message_type is not None and field.is_repeated \
-                and not field.message_type.GetOptions().map_entry:
-            out[field.name] = [message_json(v) for v in value]
-        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            out[field.name] = message_json(value)
+    _tensors_as_base64(message, out)
     return out
+
+
+def _tensors_as_base64(message: Message, out: Json) -> None:
+    """Replace, in ``out`` (``message`` as JSON), every Tensor by ``{"data", "shape", "dtype"}``."""
+    for field, value in message.ListFields():
+        kind = field.message_type
+        if kind is None or kind.GetOptions().map_entry:
+            continue
+        if kind is vitserve_pb2.Tensor.DESCRIPTOR:
+            out[field.name] = _tensor_json(value)
+        elif field.is_repeated:
+            for item, item_out in zip(value, out[field.name]):
+                _tensors_as_base64(item, item_out)
+        else:
+            _tensors_as_base64(value, out[field.name])
 
 
 def embed_response(response: vitserve_pb2.EmbedResponse, encoding: str, tokens_per_image: int) -> Json:

@@ -22,6 +22,7 @@ def test_tiny_run_writes_the_report(tmp_path):
         assert side["requests"] > 0 and side["img_per_s"] > 0 and 0 < side["p50_ms"] <= side["p95_ms"]
     ratio = report["result"]["throughput_ratio_http_float"]
     assert ratio == round(sides["http_float_b8_c8"]["img_per_s"] / sides["grpc_b8_c8"]["img_per_s"], 3)
+    assert len(report["result"]["round_ratios_http_float"]) == 1 and report["result"]["round_ratios_http_base64"][0] > 0
     assert report["machine"]["fp32_matmul_gflops"] > 0 and len(report["machine"]["load_average"]) == 3
     assert "HTTP p50 overhead" in out_md.read_text() and report["command"].startswith("python -m benchmarks.http_vs_grpc")
 
