@@ -128,7 +128,8 @@ async def embeddings(request: web.Request) -> web.Response:
     response = await ctx.service.embed(pb, _remaining(request))
     model = ctx.service.registry.models.get(response.model.name)
     tokens = model.grid[0] * model.grid[1] + model.num_prefix_tokens if model is not None else 0
-    return json_response(await _off_loop(big or len(pb.images) > 64, embed_response, response, encoding, tokens))
+    text = await _off_loop(big or len(pb.images) > 64, embed_response, response, encoding, tokens)
+    return web.Response(text=text, content_type="application/json")
 
 
 async def features(request: web.Request) -> web.Response:
