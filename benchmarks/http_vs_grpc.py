@@ -9,8 +9,10 @@ One ``vitserve serve --port 0 --http-port 0`` (Triton + gateway, a subprocess) s
 where the transport's share of a call is largest) is exported into a temporary repository. Each side
 is C asyncio tasks in this process sending the same B Fashion-MNIST PNGs per call: gRPC ``Embed``
 (``grpc.aio``, images as encoded bytes) and HTTP ``POST /v1/embeddings`` (aiohttp client, the same
-files as data URLs; ``encoding_format`` float, as the OpenAI default JSON, and base64). Every side runs
-``--duration`` seconds per round, in an order that alternates between rounds; figures pool the rounds.
+files as data URLs; ``encoding_format`` float, as the OpenAI default JSON, and base64). Every batch-8
+side runs ``--duration`` seconds per round, in an order that alternates between rounds; figures pool
+the rounds. Batch 1 runs gRPC and HTTP calls alternately, one at a time, so that both see the same
+moments of a shared machine; the gateway's CPU time per request is read from ``/proc``.
 The machine is measured in the same run (``benchmarks.machine``).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -114,8 +117,12 @@ async def _drive(call: Callable[[], Awaitable[None]], concurrency: int, duration
     return latencies, time.perf_counter() - t0
 
 
-async def grpc_side(target: str, model: str, files: list[bytes], concurrency: int,
-                    duration: float) -> tuple[list[float], float]:
+Call = Callable[[], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def grpc_caller(target: str, model: str, files: list[bytes]) -> AsyncIterator[Call]:
+    """``Embed`` of ``files`` on one ``grpc.aio`` channel, warmed up (connected) before it is yielded."""
     import grpc
 
     from protos import vitserve_pb2, vitserve_pb2_grpc
@@ -128,18 +135,20 @@ async def grpc_side(target: str, model: str, files: list[bytes], concurrency: in
             response = await stub.Embed(request, timeout=60)
             assert len(response.embeddings.data) > 0
 
-        await call()  # connect and warm up outside the clock
-        return await _drive(call, concurrency, duration)
+        await call()
+        yield call
 
 
-async def http_side(url: str, model: str, files: list[bytes], concurrency: int, duration: float,
-                    encoding: str = "float") -> tuple[list[float], float]:
+@contextlib.asynccontextmanager
+async def http_caller(url: str, model: str, files: list[bytes], encoding: str = "float",
+                      connections: int = 8) -> AsyncIterator[Call]:
+    """``POST /v1/embeddings`` of ``files`` as data URLs on one aiohttp session, warmed up."""
     import aiohttp
 
     body = json.dumps({"model": model, "encoding_format": encoding,
                        "input": [f"data:image/png;base64,{base64.b64encode(f).decode()}" for f in files]}).encode()
     headers = {"Content-Type": "application/json"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
         async def call() -> None:
             async with session.post(f"{url}/v1/embeddings", data=body, headers=headers) as r:
                 answer = json.loads(await r.read())
@@ -148,7 +157,34 @@ async def http_side(url: str, model: str, files: list[bytes], concurrency: int, 
                 assert len(answer["data"]) == len(files)
 
         await call()
+        yield call
+
+
+async def grpc_side(target: str, model: str, files: list[bytes], concurrency: int,
+                    duration: float) -> tuple[list[float], float]:
+    async with grpc_caller(target, model, files) as call:
         return await _drive(call, concurrency, duration)
+
+
+async def http_side(url: str, model: str, files: list[bytes], concurrency: int, duration: float,
+                    encoding: str = "float") -> tuple[list[float], float]:
+    async with http_caller(url, model, files, encoding, concurrency) as call:
+        return await _drive(call, concurrency, duration)
+
+
+async def paired_b1(target: str, url: str, model: str, file: bytes,
+                    duration: float) -> tuple[list[float], list[float], float]:
+    """Batch 1, one call at a time, gRPC and HTTP alternating (the order swapped every pair), so both
+    see the same moment of a shared machine: (gRPC latencies, HTTP latencies, elapsed s)."""
+    async with grpc_caller(target, model, [file]) as grpc_call, http_caller(url, model, [file], connections=1) as http_call:
+        lat: dict[Call, list[float]] = {grpc_call: [], http_call: []}
+        t_start = time.perf_counter()
+        while time.perf_counter() - t_start < 2 * duration:
+            for call in ((grpc_call, http_call) if len(lat[grpc_call]) % 2 == 0 else (http_call, grpc_call)):
+                t0 = time.perf_counter()
+                await call()
+                lat[call].append(time.perf_counter() - t0)
+        return lat[grpc_call], lat[http_call], time.perf_counter() - t_start
 
 
 def _summary(latencies: list[float], seconds: float, batch: int) -> dict[str, Any]:
@@ -176,8 +212,6 @@ def run(target: str, url: str, model: str, files: list[bytes], *, duration: floa
         "grpc_b8_c8": lambda: grpc_side(target, model, files[:batch], concurrency, duration),
         "http_float_b8_c8": lambda: http_side(url, model, files[:batch], concurrency, duration),
         "http_base64_b8_c8": lambda: http_side(url, model, files[:batch], concurrency, duration, "base64"),
-        "grpc_b1_c1": lambda: grpc_side(target, model, files[:1], 1, duration),
-        "http_float_b1_c1": lambda: http_side(url, model, files[:1], 1, duration),
     }
     pooled: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in sides}
     per_round: dict[str, list[float]] = {name: [] for name in sides}  # img/s of each round
@@ -189,11 +223,20 @@ def run(target: str, url: str, model: str, files: list[bytes], *, duration: floa
             latencies, seconds = asyncio.run(sides[name]())
             cpu[name] += cpu_seconds(gateway_pid) - cpu0
             pooled[name] = (pooled[name][0] + latencies, pooled[name][1] + seconds)
-            per_round[name].append(len(latencies) * (batch if name.endswith("b8_c8") else 1) / seconds)
-    result = {name: _summary(lat, sec, batch if name.endswith("b8_c8") else 1) for name, (lat, sec) in pooled.items()}
+            per_round[name].append(len(latencies) * batch / seconds)
+    grpc_b1: list[float] = []
+    http_b1: list[float] = []
+    b1_seconds = 0.0
+    for _ in range(rounds):
+        g, h, seconds = asyncio.run(paired_b1(target, url, model, files[0], duration))
+        grpc_b1, http_b1, b1_seconds = grpc_b1 + g, http_b1 + h, b1_seconds + seconds / 2
+    result = {name: _summary(lat, sec, batch) for name, (lat, sec) in pooled.items()}
+    result["grpc_b1_c1"] = _summary(grpc_b1, b1_seconds, 1)
+    result["http_float_b1_c1"] = _summary(http_b1, b1_seconds, 1)
     if gateway_pid is not None:
         for name, side in result.items():  # the warm-up call of each run is a few more; noise at this scale
-            side["gateway_cpu_ms_per_request"] = round(1e3 * cpu[name] / max(side["requests"], 1), 3)
+            if name in cpu:
+                side["gateway_cpu_ms_per_request"] = round(1e3 * cpu[name] / max(side["requests"], 1), 3)
     grpc_tp = result["grpc_b8_c8"]["img_per_s"]
 
     def round_ratios(side: str) -> list[float]:
@@ -207,6 +250,9 @@ def run(target: str, url: str, model: str, files: list[bytes], *, duration: floa
         "round_ratios_http_float": round_ratios("http_float_b8_c8"),
         "round_ratios_http_base64": round_ratios("http_base64_b8_c8"),
         "p50_overhead_ms_b1": round(result["http_float_b1_c1"]["p50_ms"] - result["grpc_b1_c1"]["p50_ms"], 3),
+        # the same from pairs of calls made back to back (HTTP minus gRPC, median over pairs)
+        "paired_median_overhead_ms_b1": round(float(np.median(np.subtract(http_b1[:len(grpc_b1)],
+                                                                         grpc_b1[:len(http_b1)]))) * 1e3, 3),
         "target_ratio": TARGET_RATIO,
     }
 
@@ -232,7 +278,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                   f"`encoding_format: base64`.",
               f"- Per round (HTTP/gRPC img/s, rounds {report['duration_s']} s apart in time): float "
               f"{figures['round_ratios_http_float']}, base64 {figures['round_ratios_http_base64']}.",
-              f"- Batch 1 at concurrency 1, HTTP p50 overhead: **{figures['p50_overhead_ms_b1']} ms**.", ""]
+              f"- Batch 1 at concurrency 1 (gRPC and HTTP calls alternating), HTTP p50 overhead: "
+              f"**{figures['p50_overhead_ms_b1']} ms** (median of back-to-back pairs: "
+              f"{figures['paired_median_overhead_ms_b1']} ms).", ""]
     return "\n".join(lines)
 
 
