@@ -276,11 +276,18 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"- Embed batch 8 x concurrency 8, HTTP/gRPC throughput: **{figures['throughput_ratio_http_float']}x** "
                   f"(float JSON; {verdict} the {TARGET_RATIO}x target), {figures['throughput_ratio_http_base64']}x with "
                   f"`encoding_format: base64`.",
-              f"- Per round (HTTP/gRPC img/s, rounds {report['duration_s']} s apart in time): float "
+              f"- Each round's HTTP/gRPC img/s ratio: float "
               f"{figures['round_ratios_http_float']}, base64 {figures['round_ratios_http_base64']}.",
               f"- Batch 1 at concurrency 1 (gRPC and HTTP calls alternating), HTTP p50 overhead: "
               f"**{figures['p50_overhead_ms_b1']} ms** (median of back-to-back pairs: "
-              f"{figures['paired_median_overhead_ms_b1']} ms).", ""]
+              f"{figures['paired_median_overhead_ms_b1']} ms).", "",
+              "Reading: at batch 8 x concurrency 8 the service is bound by the CPUs that Triton, the gateway and "
+              "the clients share, so HTTP's throughput is what its extra gateway CPU per request (last column: "
+              "the JSON body, base64 of the images, the answer as JSON) takes from inference. Float embeddings "
+              "written as JSON text cost the most (numpy's shortest float32 repr, exact); base64 costs little more "
+              "than protobuf, and it is what the official `openai` Python client asks for unless told otherwise. "
+              "The per-round ratios show how much the machine's other load moves a single round; the pooled "
+              "figure is the one to read.", ""]
     return "\n".join(lines)
 
 
