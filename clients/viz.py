@@ -7,9 +7,14 @@ the first component, CLS attention maps, and upsampling of ``[h, w]`` maps to th
   channel robustly, as RADIO's ``get_robust_pca`` does: a value whose distance to the channel's median
   is ``m`` (2) median absolute deviations or more is an outlier; the channel's range is the min..max
   of its inliers and outliers are clipped to it (``robust_range``, ``pca_rgb``).
-- **Foreground** (DINOv2's PCA notebook): the first component, robustly scaled as above, thresholded
-  (``foreground_mask``). A component's sign is arbitrary, so it is oriented so that the patches on the
-  grid's border, which on object-centred images are mostly background, score low.
+- **Foreground** (DINOv2's PCA notebook): the first component, min-max scaled to ``[0, 1]`` and
+  thresholded (``foreground_mask``). Its basis is fitted per image by default (``per_image=True``):
+  over a batch of different items, the first component of a trained encoder follows the item's class
+  more than item against background (docs/FEATURE_VIEWS.md has the IoUs); ``per_image=False`` is
+  DINOv2's joint fit over the batch. The min and max are the 1st and 99th percentiles
+  (values beyond clipped), not RADIO's MAD rule, which would call a foreground that covers a minority
+  of the patches an outlier. A component's sign is arbitrary, so it is oriented so that the patches on
+  the grid's border, which on object-centred images are mostly background, score low.
 - **CLS attention** (DINO ``visualize_attention.py``): ``cls_attention [N, heads, h*w]`` as maps
   ``[N, heads, h, w]`` and their mean over heads, each map min-max normalised (``attention_maps``).
 
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAD_INLIER = 2.0              # RADIO get_robust_pca's m: inliers are within m median absolute deviations
-FOREGROUND_THRESHOLD = 0.5    # on the robustly scaled first component, in [0, 1]
+FOREGROUND_THRESHOLD = 0.5    # on the scaled first component, in [0, 1]
+FOREGROUND_QUANTILES = (0.01, 0.99)  # the first component's range for the foreground
 
 
 @dataclass(frozen=True)
@@ -99,13 +105,14 @@ def border_mask(grid: tuple[int, int]) -> np.ndarray:
     return ring
 
 
-def first_component(patch_grid: np.ndarray, basis: PcaBasis | None = None, m: float = MAD_INLIER) -> np.ndarray:
-    """The first principal component of ``patch_grid [N, h, w, D]`` robustly scaled to ``[0, 1]`` over
-    the batch ``[N, h, w]``, oriented so that the border patches have the lower mean."""
+def first_component(patch_grid: np.ndarray, basis: PcaBasis | None = None,
+                    quantiles: tuple[float, float] = FOREGROUND_QUANTILES) -> np.ndarray:
+    """The first principal component of ``patch_grid [N, h, w, D]`` scaled to ``[0, 1]`` between its
+    ``quantiles`` over the batch ``[N, h, w]``, oriented so that the border patches have the lower mean."""
     basis = basis if basis is not None else fit_pca(patch_grid, 1)
-    c1 = basis.project(patch_grid)[..., :1]                # [N, h, w, 1]
-    low, high = robust_range(c1, m)
-    score = scale_clip(c1, low, high)[..., 0]
+    c1 = basis.project(patch_grid)[..., 0]                 # [N, h, w]
+    low, high = np.quantile(c1, quantiles)
+    score = scale_clip(c1, np.asarray(low), np.asarray(high))
     ring = border_mask(score.shape[1:3])
     if (~ring).any() and score[:, ring].mean() > score[:, ~ring].mean():
         score = 1.0 - score
@@ -113,8 +120,11 @@ def first_component(patch_grid: np.ndarray, basis: PcaBasis | None = None, m: fl
 
 
 def foreground_mask(patch_grid: np.ndarray, threshold: float = FOREGROUND_THRESHOLD,
-                    basis: PcaBasis | None = None) -> np.ndarray:
-    """``[N, h, w]`` bool: patches whose oriented, scaled first component exceeds ``threshold``."""
+                    basis: PcaBasis | None = None, per_image: bool = False) -> np.ndarray:
+    """``[N, h, w]`` bool: patches whose oriented, scaled first component exceeds ``threshold``; the
+    component of ``basis`` (default: fitted on the whole batch) or, with ``per_image``, of each image's own."""
+    if per_image:
+        return np.stack([first_component(g[None])[0] > threshold for g in np.asarray(patch_grid)])
     return first_component(patch_grid, basis) > threshold
 
 
@@ -182,14 +192,15 @@ class FeatureViews:
 
 
 def feature_views(patch_grid: np.ndarray, cls_attention: np.ndarray | None = None, foreground: bool = False,
-                  threshold: float = FOREGROUND_THRESHOLD) -> FeatureViews:
-    """All views of one model's patch tokens ``[N, h, w, D]`` (one PCA basis for the batch) and, when
-    given, its ``cls_attention [N, heads, h*w]``."""
+                  threshold: float = FOREGROUND_THRESHOLD, foreground_per_image: bool = True) -> FeatureViews:
+    """All views of one model's patch tokens ``[N, h, w, D]`` (one PCA basis for the batch's colours;
+    the foreground's per image unless ``foreground_per_image=False``) and, when given, its
+    ``cls_attention [N, heads, h*w]``."""
     grid = np.asarray(patch_grid)
     if grid.ndim != 4:
         raise ValueError(f"patch tokens must be a grid [N, h, w, D], got {list(grid.shape)}")
     rgb, basis = pca_rgb(grid)
-    mask = foreground_mask(grid, threshold, basis) if foreground else None
+    mask = foreground_mask(grid, threshold, None, foreground_per_image) if foreground else None
     mean = heads = None
     if cls_attention is not None:
         mean, heads = attention_maps(cls_attention, grid.shape[1:3])

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitserve.demo_dense import DEMO_TEST_SCENES, DEMO_TRAIN_SCENES
+
 READY_PATTERN = re.compile(r"vitserve ready: gateway (\S+):(\d+)")
 MODEL_NAME = "fmnist_mae"
 
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn-test", type=int, default=2000, help="test images classified by k-NN")
     p.add_argument("--batch", type=int, default=64, help="images per request")
     p.add_argument("--data-dir", help="directory of the four Fashion-MNIST IDX .gz files")
+    p.add_argument("--train-scenes", type=int, default=DEMO_TRAIN_SCENES, help="dense probe: train scenes")
+    p.add_argument("--test-scenes", type=int, default=DEMO_TEST_SCENES, help="dense probe: test scenes")
     a = p.parse_args(argv)
 
     from clients.client import VitServeClient
@@ -184,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      feature views (input | PCA | foreground | CLS attention mean and per head): {png}",
               flush=True)
         _step(7, total, "dense probe (per-patch linear classifier) on a small scene set", t0)
-        dense = dense_probe_figures(service.target, MODEL_NAME, train_set, test_set)
+        dense = dense_probe_figures(service.target, MODEL_NAME, train_set, test_set, a.train_scenes, a.test_scenes)
         print(f"      dense probe mIoU over 11 classes ({dense.n_train_scenes} train / {dense.n_test_scenes} "
               f"test scenes of 56x56, 4 tiles each, {dense.seconds:.0f}s):", flush=True)
         for label, miou, acc in (("service patch tokens", dense.encoder_miou, dense.encoder_patch_acc),
-                                 ("raw pixel patches (baseline)", dense.raw_miou, dense.raw_patch_acc)):
+                                 ("raw pixel patches (baseline)", dense.raw_miou, dense.raw_patch_acc),
+                                 ("random-init encoder (baseline)", dense.random_miou, dense.random_patch_acc)):
             print(f"        {label + ':':<34} mIoU {miou:.2f}%  (patch accuracy {acc:.2f}%)", flush=True)
     finally:
         code = service.stop()

@@ -33,6 +33,7 @@ PANEL = 112        # pixels per panel side
 TITLE = 14         # pixels of title above each panel
 LABEL_WIDTH = 150  # pixels of the row label on the left
 ATTENTION_CMAP = "inferno"
+BACKGROUND_TINT, BACKGROUND_ALPHA = (40, 60, 200), 0.6  # how the foreground panel marks background
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,13 @@ class ModelViews:
 
 
 def fetch_views(client: VitServeClient, images: Sequence[bytes | np.ndarray], model: str,
-                foreground: bool = False, threshold: float = FOREGROUND_THRESHOLD) -> ModelViews:
+                foreground: bool = False, threshold: float = FOREGROUND_THRESHOLD,
+                foreground_per_image: bool = True) -> ModelViews:
     """Features of ``images`` from ``model`` (with ``cls_attention`` when it exports it) and their views."""
     info = client.get_model(model)
     outputs = [PATCH_OUTPUT, ATTENTION_OUTPUT] if ATTENTION_OUTPUT in info.outputs else []
     res = client.features(list(images), model=info.name, layout="grid", outputs=outputs)
-    views = feature_views(res.features, res.cls_attention, foreground, threshold)
+    views = feature_views(res.features, res.cls_attention, foreground, threshold, foreground_per_image)
     return ModelViews(info.name, views, tuple(res.grid))
 
 
@@ -82,9 +84,10 @@ def row_panels(image: np.ndarray, mv: ModelViews, i: int) -> list[tuple[str, np.
     v = mv.views
     panels = [("input", _panel_of_image(image)),
               ("PCA (RGB)", _to_uint8(upsample_rgb(v.pca[i:i + 1], size, "nearest")[0]))]
-    if v.foreground is not None:
-        mask = upsample(v.foreground[i:i + 1].astype(np.float32), size, "nearest")[0]
-        panels.append(("foreground", _to_uint8(np.repeat(mask[..., None], 3, axis=-1))))
+    if v.foreground is not None:  # the input, background patches tinted (DINOv2's "background removed")
+        mask = upsample(v.foreground[i:i + 1].astype(np.float32), size, "nearest")[0][..., None]
+        tinted = (1 - BACKGROUND_ALPHA) * panels[0][1] + BACKGROUND_ALPHA * np.asarray(BACKGROUND_TINT)
+        panels.append(("foreground", (mask * panels[0][1] + (1 - mask) * tinted).round().astype(np.uint8)))
     if v.attention is not None and v.attention_heads is not None:
         panels.append(("attn mean", _heat(upsample(v.attention[i:i + 1], size)[0])))
         heads = upsample(v.attention_heads[i], size)
@@ -107,6 +110,7 @@ def render(images: Sequence[np.ndarray], names: Sequence[str], model_views: Sequ
             x = LABEL_WIDTH + c * (PANEL + 4)
             draw.text((x + 2, y + 1), title, fill="black")
             canvas.paste(Image.fromarray(pixels), (x, y + TITLE))
+            draw.rectangle((x - 1, y + TITLE - 1, x + PANEL, y + TITLE + PANEL), outline=(160, 160, 160))
     return canvas
 
 
@@ -128,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreground", action="store_true", help="also the foreground mask from the first PCA component")
     p.add_argument("--threshold", type=float, default=FOREGROUND_THRESHOLD,
                    help=f"foreground threshold on the scaled first component in [0, 1] (default {FOREGROUND_THRESHOLD})")
+    p.add_argument("--foreground-basis", choices=("image", "batch"), default="image",
+                   help="first component of each image's own PCA (default) or of one PCA over all images "
+                        "(DINOv2's joint fit; the PCA colours always use one basis per model)")
     _connection(p)
     try:
         args = p.parse_args(argv)
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitserve viz: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     code, views = _with_client(p.prog, args, lambda client: [
-        fetch_views(client, data, m, args.foreground, args.threshold) for m in models])
+        fetch_views(client, data, m, args.foreground, args.threshold, args.foreground_basis == "image")
+        for m in models])
     if code:
         return code
     try:
