@@ -141,3 +141,16 @@ def test_viz_command_errors(gateway, fmnist_test_images, tmp_path: Path, capsys)
     assert viz_cli.main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_features_command_saves_the_attention(gateway, exported, fmnist_test_images, tmp_path: Path, capsys) -> None:
+    from clients.commands import features_main
+
+    paths = _write_pngs(tmp_path, fmnist_test_images[:2])
+    out = tmp_path / "f.npy"
+    code = features_main([*map(str, paths), "--target", gateway.target, "--model", ATT,
+                          "--output", ATTENTION_OUTPUT, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    attention = np.load(tmp_path / "f.cls_attention.npy")
+    np.testing.assert_allclose(attention, in_process(exported, fmnist_test_images[:2])[ATTENTION_OUTPUT], atol=1e-5)
+    assert np.load(out).shape == (2, *exported.spec.grid_size, exported.spec.embed_dim)
