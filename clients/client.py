@@ -117,7 +117,9 @@ class VitServeClient:
         """Patch features ``[N, h, w, D]`` (grid) or ``[N, h*w, D]`` (tokens), optionally CLS ``[N, D]``.
 
         ``outputs`` names the patch-token outputs to return (e.g. ``["patch_tokens_l-2"]`` for a model
-        exported with ``--layers -2``; default the last block's); each is in ``result.layers``."""
+        exported with ``--layers -2``; default the last block's); each is in ``result.layers``;
+        ``"cls_attention"`` among them (a model exported with ``--attention``) fills
+        ``result.cls_attention [N, heads, h*w]``."""
         request = features_request(images, model, layout, include_cls, dtype, lane, resize_op, outputs,
                                    include_registers, bucket, version)
         return features_result(self._call(self._stub.Features, request))

@@ -136,7 +136,8 @@ def features_main(argv: list[str] | None = None) -> int:
                         help="also fetch the CLS token (saved next to --out as FILE.cls.npy)")
     parser.add_argument("--output", action="append",
                         help="patch-token output to fetch, e.g. patch_tokens_l-2 (repeatable; the first is "
-                             "saved to --out; default patch_tokens)")
+                             "saved to --out; default patch_tokens); cls_attention (a model exported with "
+                             "--attention) also fetches the CLS attention [N, heads, h*w] (saved as FILE.cls_attention.npy)")
 
     def call(client: VitServeClient, args: argparse.Namespace, data: list[bytes]) -> np.ndarray:
         res = client.features(data, model=args.model, layout=args.layout, include_cls=args.cls,
@@ -152,6 +153,13 @@ def features_main(argv: list[str] | None = None) -> int:
                 cls_path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cls_path, res.cls)
                 print(f"saved {cls_path}")
+        if res.cls_attention is not None:
+            print(f"cls_attention: shape {list(res.cls_attention.shape)}")
+            if args.out is not None:
+                att_path = args.out.with_suffix(".cls_attention.npy")
+                att_path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(att_path, res.cls_attention)
+                print(f"saved {att_path}")
         return res.features
 
     return _run(parser, argv, call)

@@ -55,6 +55,8 @@ class FeaturesResult:
     # Every patch-token output asked for (``outputs=``), by name, in the request's layout.
     layers: dict[str, np.ndarray] = field(default_factory=dict)
     registers: np.ndarray | None = None  # [N, R, D] with include_registers
+    # [N, heads, h*w] with "cls_attention" among ``outputs`` (a model exported with --attention)
+    cls_attention: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ def features_result(response: vitserve_pb2.FeaturesResponse) -> FeaturesResult:
         timing=_message_dict(response.timing),
         source=response.source,
         layers={layer.name: tensor_to_numpy(layer.features) for layer in response.layers},
-        registers=tensor_to_numpy(response.registers) if response.HasField("registers") else None)
+        registers=tensor_to_numpy(response.registers) if response.HasField("registers") else None,
+        cls_attention=tensor_to_numpy(response.cls_attention) if response.HasField("cls_attention") else None)
 
 
 class VitServeError(RuntimeError):

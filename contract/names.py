@@ -8,6 +8,8 @@ CLS_OUTPUT = "cls"
 PATCH_OUTPUT = "patch_tokens"
 REGISTERS_OUTPUT = "registers"
 MEAN_PATCH_OUTPUT = "mean_patch"
+# [N, heads, h*w]: the last block's CLS-query attention over the patch keys (export --attention)
+ATTENTION_OUTPUT = "cls_attention"
 DEFAULT_OUTPUTS = (CLS_OUTPUT, PATCH_OUTPUT)
 
 # one model-repository entry: REPO/<name>/{config.pbtxt, manifest.json, <version>/...}

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="extra outputs without the model's final norm (alone: adds patch_tokens_l-1 un-normed)")
     out.add_argument("--registers", action="store_true", help="extra output registers [N, R, D]")
     out.add_argument("--mean-pooled", action="store_true", help="extra output mean_patch [N, D]")
+    out.add_argument("--attention", action="store_true",
+                     help="extra output cls_attention [N, heads, h*w]: the last block's CLS-query softmax "
+                          "weights over the patch keys (prefix columns dropped)")
     out.add_argument("--resolutions", default="", metavar="S,S",
                      help="resolution buckets, e.g. 224,336 or 224x320: one entry per size (<name> for the "
                           "first, <name>_r<S> for the others), position embeddings resampled")
@@ -140,7 +143,7 @@ def export_options(a: argparse.Namespace) -> ExportOptions:
     if a.no_final_norm and not layers:
         layers = (-1,)
     selection = OutputSelection(layers=layers, final_norm=not a.no_final_norm, registers=a.registers,
-                                mean_patch=a.mean_pooled)
+                                mean_patch=a.mean_pooled, attention=a.attention)
     if a.target == "production" and a.backend == "python":
         raise ExportUsageError("--target production uses the onnxruntime backend; drop --backend python")
     backend = a.backend or ("onnxruntime" if a.target == "production" else "python")
@@ -159,7 +162,7 @@ def export_options(a: argparse.Namespace) -> ExportOptions:
                            gpu_accelerators=accelerators, target=target)
     return ExportOptions(version=a.version, force=a.force, add_version=a.add_version, outputs=selection,
                          resolutions=parse_resolutions(a.resolutions) if a.resolutions else None,
-                         lanes=a.lanes, triton=triton, tol=a.tolerance)
+                         lanes=a.lanes, triton=triton, tol=a.tolerance, attention=a.attention)
 
 
 def _load(a: argparse.Namespace) -> tuple[EncoderSource, str]:

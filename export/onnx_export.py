@@ -24,6 +24,7 @@ from torch import nn
 
 from contract.names import INPUT_NAME
 from export.architecture import prefix_token_names
+from export.attention import last_attention
 from export.errors import ExportError, ExportUsageError
 from export.outputs import DEFAULT_SELECTION, OutputSelection, compute_outputs, validate_selection
 from training.backbone import EncoderSpec
@@ -54,6 +55,8 @@ class ExportableEncoder(nn.Module):
         self.selection = selection or DEFAULT_SELECTION
         self.prefix_names = prefix_token_names(model, spec) if not self.selection.is_default else []
         validate_selection(self.selection, spec, self.prefix_names)
+        if self.selection.attention:
+            last_attention(model)  # raises for a block whose attention weights it cannot recompute
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
 

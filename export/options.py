@@ -9,7 +9,7 @@ values no export could use, before anything is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -59,6 +59,8 @@ class ExportOptions:
     outputs: OutputSelection = DEFAULT_SELECTION
     resolutions: Sequence[tuple[int, int]] | None = None  # None: the encoder's own size, no buckets
     lanes: bool = False  # also <name>_latency; <name> becomes the throughput lane
+    # also the output cls_attention [N, heads, h*w] (the same as outputs.attention; either sets both)
+    attention: bool = False
     # how Triton serves them
     triton: TritonOptions = field(default_factory=TritonOptions)
     # the graph and its parity gate
@@ -69,6 +71,9 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.resolutions is not None:
             object.__setattr__(self, "resolutions", tuple((int(h), int(w)) for h, w in self.resolutions))
+        if self.attention or self.outputs.attention:
+            object.__setattr__(self, "attention", True)
+            object.__setattr__(self, "outputs", replace(self.outputs, attention=True))
 
     def check(self) -> None:
         """Raise ``ExportUsageError`` for a version, batch size or backend no ONNX export can write."""

@@ -8,8 +8,10 @@ timm's ``forward_intermediates`` in the same single forward pass:
   end, so ``-2`` is the penultimate block that LLaVA-style VLMs read),
 - ``registers`` ``[N, R, D]``: DINOv2 register tokens after the last block,
 - ``mean_patch`` ``[N, D]``: the mean of the last block's patch tokens,
+- ``cls_attention`` ``[N, heads, h*w]``: the last block's CLS-query softmax weights over the patch
+  keys (``export.attention``; prefix columns dropped, so each row sums to at most 1),
 
-each with the model's final norm (``model.norm``, as DINOv2's ``get_intermediate_layers(norm=True)``)
+the token outputs each with the model's final norm (``model.norm``, as DINOv2's ``get_intermediate_layers(norm=True)``)
 or, with ``final_norm=False``, without it. ``describe_outputs`` writes the manifest entry of every
 output: block index, whether a real final norm was applied, and the token range in the block's
 output sequence ``[prefix tokens, patch tokens]``, so clients never have to guess;
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from contract.manifest import Manifest
-from contract.names import DEFAULT_OUTPUTS, layer_output_name
+from contract.names import ATTENTION_OUTPUT, DEFAULT_OUTPUTS, layer_output_name
+from export.attention import cls_attention, last_block_input
 from export.errors import ExportUsageError
 from training.backbone import EncoderSpec
 
@@ -42,15 +45,18 @@ class OutputSelection:
     final_norm: bool = True
     registers: bool = False
     mean_patch: bool = False
+    attention: bool = False  # cls_attention [N, heads, h*w]
 
     @property
     def is_default(self) -> bool:
-        return not (self.layers or self.registers or self.mean_patch)
+        return not (self.layers or self.registers or self.mean_patch or self.attention)
 
     def names(self) -> tuple[str, ...]:
-        """All output names in graph order: the default pair, layers as given, registers, mean_patch."""
+        """All output names in graph order: the default pair, layers as given, registers, mean_patch,
+        cls_attention."""
         return (*DEFAULT_OUTPUTS, *(layer_output_name(i) for i in self.layers),
-                *(("registers",) if self.registers else ()), *(("mean_patch",) if self.mean_patch else ()))
+                *(("registers",) if self.registers else ()), *(("mean_patch",) if self.mean_patch else ()),
+                *((ATTENTION_OUTPUT,) if self.attention else ()))
 
 
 DEFAULT_SELECTION = OutputSelection()
@@ -94,6 +100,8 @@ def validate_selection(selection: OutputSelection, spec: EncoderSpec, prefix_nam
     if selection.registers and register_slice(prefix_names) == (0, 0):
         raise ExportUsageError(f"{spec.model_name} has no register tokens (prefix tokens: "
                                f"{', '.join(prefix_names) or 'none'}); drop --registers")
+    if selection.attention and not spec.has_cls_token:
+        raise ExportUsageError(f"{spec.model_name} has no CLS token, so it has no CLS attention; drop --attention")
 
 
 def compute_outputs(model: nn.Module, spec: EncoderSpec, selection: OutputSelection,
@@ -111,8 +119,9 @@ def compute_outputs(model: nn.Module, spec: EncoderSpec, selection: OutputSelect
         return (tokens[:, 0] if spec.has_cls_token else patches.mean(dim=1)), patches
     last = spec.depth - 1
     blocks = sorted({block_index(i, spec.depth) for i in selection.layers} | {last})
-    out = model.forward_intermediates(x, indices=blocks, norm=False, output_fmt="NLC",
-                                      return_prefix_tokens=True, output_dict=True)
+    with last_block_input(model) as last_input:  # the attention is recomputed from it (fused in timm)
+        out = model.forward_intermediates(x, indices=blocks, norm=False, output_fmt="NLC",
+                                          return_prefix_tokens=True, output_dict=True)
     final = out["image_features"]  # [N, P + h*w, D], final norm applied
     raw = dict(zip(blocks, out["image_intermediates"]))  # block -> [N, h*w, D] without norm
     raw_prefix = dict(zip(blocks, out.get("image_intermediates_prefix") or [None] * len(blocks)))
@@ -128,6 +137,8 @@ def compute_outputs(model: nn.Module, spec: EncoderSpec, selection: OutputSelect
         results.append(normed(raw_prefix[last][:, start:stop]))
     if selection.mean_patch:
         results.append(normed(raw[last]).mean(dim=1))
+    if selection.attention:
+        results.append(cls_attention(model.blocks[-1], last_input[-1], p))
     return tuple(results)
 
 
@@ -174,6 +185,15 @@ def describe_outputs(spec: EncoderSpec, arch: dict[str, Any], selection: OutputS
         outputs["mean_patch"] = entry(
             [-1, d], f"mean of the {hw} patch tokens of the last block {norm_text} (norm applied per "
             "token before the mean)", last, -1, extra_norm, [p, p + hw], "mean")
+    if selection.attention:
+        heads = int(arch["attention_heads"])
+        outputs[ATTENTION_OUTPUT] = {
+            **entry([-1, heads, hw], f"softmax attention weights of the CLS query of the last block "
+                    f"(block {last}) over the {hw} patch keys, per head ({heads}), row-major {gh}x{gw} grid; "
+                    f"the softmax runs over all {p + hw} keys and the {p} prefix column(s) "
+                    f"({', '.join(arch['prefix_tokens'])}) are dropped, so each row sums to <= 1",
+                    last, -1, False, [p, p + hw], None),
+            "heads": heads}
     return outputs
 
 
@@ -190,8 +210,8 @@ def selection_from_manifest(manifest: Manifest | Mapping[str, Any]) -> OutputSel
     outputs = manifest.outputs or {}
     prefix = layer_output_name(0)[:-1]  # "patch_tokens_l"
     layers = tuple(int(n[len(prefix):]) for n in outputs if n.startswith(prefix))
-    extras = [v for n, v in outputs.items() if n not in DEFAULT_OUTPUTS]
+    extras = [v for n, v in outputs.items() if n not in (*DEFAULT_OUTPUTS, ATTENTION_OUTPUT)]
     has_norm = bool((manifest.architecture or {}).get("final_norm", True))
     final_norm = bool(extras[0].get("final_norm", True)) if extras and has_norm else True
     return OutputSelection(layers=layers, final_norm=final_norm, registers="registers" in outputs,
-                           mean_patch="mean_patch" in outputs)
+                           mean_patch="mean_patch" in outputs, attention=ATTENTION_OUTPUT in outputs)

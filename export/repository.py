@@ -19,6 +19,7 @@ from typing import Any
 from contract.manifest import Manifest
 from export import model as triton_model
 from export.architecture import describe_architecture
+from export.attention import attention_heads
 from export.buckets import bucket_names, bucket_table, resize_encoder
 from export.entry import entry_manifest, exporter_info, lane_entry_name, triton_config
 from export.errors import ExportUsageError
@@ -70,6 +71,8 @@ def export_entries(encoder: EncoderSource, repository: str | Path, name: str,
 
     architecture = describe_architecture(model, spec)  # raises for a family we do not understand
     validate_selection(selection, spec, architecture["prefix_tokens"])
+    if selection.attention:  # only then: the manifests of other exports stay as they were
+        architecture["attention_heads"] = attention_heads(model)
     sizes = [tuple(s) for s in options.resolutions] if options.resolutions else [tuple(spec.img_size)]
     bucket_entries = bucket_names(name, sizes)
     encoders = [resize_encoder(model, spec, s) for s in sizes]  # fails fast on a bad size

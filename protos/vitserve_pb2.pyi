@@ -256,7 +256,7 @@ class LayerFeatures(_message.Message):
     def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., final_norm: _Optional[bool] = ..., description: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FeaturesResponse(_message.Message):
-    __slots__ = ("features", "cls", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "layout", "model", "preprocessing", "timing", "source", "layers", "registers")
+    __slots__ = ("features", "cls", "grid_height", "grid_width", "patch_size", "num_prefix_tokens", "layout", "model", "preprocessing", "timing", "source", "layers", "registers", "cls_attention")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     CLS_FIELD_NUMBER: _ClassVar[int]
     GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class FeaturesResponse(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     REGISTERS_FIELD_NUMBER: _ClassVar[int]
+    CLS_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     features: Tensor
     cls: Tensor
     grid_height: int
@@ -283,7 +284,8 @@ class FeaturesResponse(_message.Message):
     source: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerFeatures]
     registers: Tensor
-    def __init__(self, features: _Optional[_Union[Tensor, _Mapping]] = ..., cls: _Optional[_Union[Tensor, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerFeatures, _Mapping]]] = ..., registers: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    cls_attention: Tensor
+    def __init__(self, features: _Optional[_Union[Tensor, _Mapping]] = ..., cls: _Optional[_Union[Tensor, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., patch_size: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., layout: _Optional[_Union[FeaturesRequest.Layout, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., source: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerFeatures, _Mapping]]] = ..., registers: _Optional[_Union[Tensor, _Mapping]] = ..., cls_attention: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -12,7 +12,7 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from contract.names import CLS_OUTPUT, PATCH_OUTPUT, REGISTERS_OUTPUT
+from contract.names import ATTENTION_OUTPUT, CLS_OUTPUT, PATCH_OUTPUT, REGISTERS_OUTPUT
 from contract.tensors import to_tensor
 from protos import vitserve_pb2
 from serving.catalog import ServedModel
@@ -25,8 +25,9 @@ GRID = vitserve_pb2.FeaturesRequest.GRID
 
 
 def layer_outputs(model: ServedModel, request: vitserve_pb2.FeaturesRequest) -> list[str]:
-    """The patch-token outputs a Features request asks for (INVALID_ARGUMENT if not exported)."""
-    wanted = list(dict.fromkeys(request.outputs)) or [PATCH_OUTPUT]
+    """The patch-token outputs a Features request asks for (INVALID_ARGUMENT if not exported);
+    ``cls_attention`` among the names is checked here but is not one of them."""
+    wanted = [o for o in dict.fromkeys(request.outputs) if o != ATTENTION_OUTPUT] or [PATCH_OUTPUT]
     available = model.token_outputs
     unknown = [o for o in wanted if o not in available]
     if unknown:
@@ -37,16 +38,28 @@ def layer_outputs(model: ServedModel, request: vitserve_pb2.FeaturesRequest) -> 
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"model {model.name!r} exports no register tokens (export it with --registers; "
                            f"it has {model.num_prefix_tokens} prefix token(s))")
+    if wants_attention(request) and ATTENTION_OUTPUT not in model.outputs:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"model {model.name!r} exports no {ATTENTION_OUTPUT!r} (export it with --attention; "
+                           f"it has {', '.join(model.outputs)})")
     return wanted
 
 
+def wants_attention(request: vitserve_pb2.FeaturesRequest) -> bool:
+    """Whether a Features request names ``cls_attention`` among its outputs."""
+    return ATTENTION_OUTPUT in request.outputs
+
+
 def features_outputs(layers: Sequence[str], request: vitserve_pb2.FeaturesRequest) -> list[str]:
-    """Every model output a Features request reads: its layers, then CLS and registers if asked for."""
+    """Every model output a Features request reads: its layers, then CLS, registers and the CLS
+    attention if asked for."""
     names = list(layers)
     if request.include_cls:
         names.append(CLS_OUTPUT)
     if request.include_registers:
         names.append(REGISTERS_OUTPUT)
+    if wants_attention(request):
+        names.append(ATTENTION_OUTPUT)
     return names
 
 
@@ -107,5 +120,7 @@ def features_response(model: ServedModel, batch: PreparedBatch, out: dict[str, n
         response.cls.CopyFrom(to_tensor(out[CLS_OUTPUT], request.dtype))
     if request.include_registers:
         response.registers.CopyFrom(to_tensor(out[REGISTERS_OUTPUT], request.dtype))
+    if wants_attention(request):
+        response.cls_attention.CopyFrom(to_tensor(out[ATTENTION_OUTPUT], request.dtype))  # [N, heads, h*w]
     response.timing.CopyFrom(timing(stamps))
     return response

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("clients.commands", "embed_main", "CLS embeddings of image files from a running service"),
     "features": ("clients.commands", "features_main", "patch features of image files from a running service"),
     "admin": ("clients.commands", "admin_main", "list/describe served models; load, unload, reload (--enable-admin)"),
+    "viz": ("vitserve.viz_cli", "main", "PCA / foreground / CLS attention views of image files from a running service (PNG)"),
     "demo": ("vitserve.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
     "bench": ("benchmarks.serving_bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
     "probe": ("probes.cli", "main", "k-NN, linear and dense probe quality of a run, ONNX model or service"),
@@ -30,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # name -> the extra (pyproject.toml [project.optional-dependencies]) its module needs; None: the client.
 EXTRAS: dict[str, str | None] = {
     "train": "train", "export": "export", "serve": "serve", "embed": None, "features": None, "admin": None,
-    "demo": "all", "bench": "serve", "probe": "probe", "embed-dataset": "dataset",
+    "viz": "viz", "demo": "all", "bench": "serve", "probe": "probe", "embed-dataset": "dataset",
 }
 # Top-level packages of this project: a missing one is a broken install, not a missing extra.
 PROJECT_PACKAGES = frozenset({"contract", "protos", "training", "export", "serving", "clients", "probes",

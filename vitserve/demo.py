@@ -3,7 +3,10 @@
 Trains a small MAE encoder for a short wall-clock budget, exports it to a Triton model repository,
 starts ``vitserve serve`` as a real subprocess, sends real Fashion-MNIST test images through the
 Python client, prints the shapes it got back and a k-NN accuracy computed from the *service's*
-embeddings next to the raw-pixel baseline, then shuts the service down.
+embeddings next to the raw-pixel baseline, writes the feature views of 4 test images
+(``.demo/features.png``: PCA of the patch tokens, foreground, CLS attention; ``vitserve viz``'s code)
+and prints the dense-probe mIoU of the served patch tokens next to raw pixels' on a small scene set
+(``vitserve.demo_dense``), then shuts the service down.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+
+from vitserve.demo_dense import DEMO_TEST_SCENES, DEMO_TRAIN_SCENES
 
 READY_PATTERN = re.compile(r"vitserve ready: gateway (\S+):(\d+)")
 MODEL_NAME = "fmnist_mae"
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn-test", type=int, default=2000, help="test images classified by k-NN")
     p.add_argument("--batch", type=int, default=64, help="images per request")
     p.add_argument("--data-dir", help="directory of the four Fashion-MNIST IDX .gz files")
+    p.add_argument("--train-scenes", type=int, default=DEMO_TRAIN_SCENES, help="dense probe: train scenes")
+    p.add_argument("--test-scenes", type=int, default=DEMO_TEST_SCENES, help="dense probe: test scenes")
     a = p.parse_args(argv)
 
     from clients.client import VitServeClient
@@ -111,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError, load_fashion_mnist
     from training.knn import knn_accuracy
     from training.train import TrainConfig, train
+    from vitserve.demo_dense import dense_probe_figures, write_feature_views
 
     t0 = time.monotonic()
     workdir = Path(a.workdir).resolve()
-    total = 5
+    total = 7
     _step(1, total, "loading Fashion-MNIST", t0)
     try:
         train_set = load_fashion_mnist("train", a.data_dir)
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step(3, total, "exporting to ONNX + Triton model repository", t0)
     repository = workdir / "model_repository"
-    (model_dir,) = export_run(run_dir, repository, MODEL_NAME, ExportOptions(force=True))
+    (model_dir,) = export_run(run_dir, repository, MODEL_NAME, ExportOptions(force=True, attention=True))
     print(f"      model: {model_dir}", flush=True)
 
     _step(4, total, "starting the service (Triton + gRPC gateway)", t0)
@@ -174,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                              ("service mean-pooled patch tokens", acc_mean),
                              ("raw pixels (baseline)", raw)):
             print(f"        {label + ':':<34} {100 * value:.2f}%", flush=True)
+        _step(6, total, "feature views of 4 test images through the service", t0)
+        with VitServeClient(service.target) as client:
+            png = write_feature_views(client, MODEL_NAME, test_set.images[:4], workdir / "features.png")
+        print(f"      feature views (input | PCA | foreground | CLS attention mean and per head): {png}",
+              flush=True)
+        _step(7, total, "dense probe (per-patch linear classifier) on a small scene set", t0)
+        dense = dense_probe_figures(service.target, MODEL_NAME, train_set, test_set, a.train_scenes, a.test_scenes)
+        print(f"      dense probe mIoU over 11 classes ({dense.n_train_scenes} train / {dense.n_test_scenes} "
+              f"test scenes of 56x56, 4 tiles each, {dense.seconds:.0f}s):", flush=True)
+        for label, miou, acc in (("service patch tokens", dense.encoder_miou, dense.encoder_patch_acc),
+                                 ("raw pixel patches (baseline)", dense.raw_miou, dense.raw_patch_acc),
+                                 ("random-init encoder (baseline)", dense.random_miou, dense.random_patch_acc)):
+            print(f"        {label + ':':<34} mIoU {miou:.2f}%  (patch accuracy {acc:.2f}%)", flush=True)
     finally:
         code = service.stop()
     print(f"service stopped (exit code {code}); demo finished in {time.monotonic() - t0:.0f}s",
