@@ -100,19 +100,23 @@ def write_sources(work: Path, fmnist: int, vit: int) -> dict[str, Path]:
 
 
 def export_models(repository: Path, vit: bool) -> dict[str, str]:
+    """Random-init encoders exported with the real exporter (weights do not change the cost)."""
     import torch
 
-    from export.repository import export_encoder
+    from export.options import ExportOptions, TritonOptions
+    from export.repository import export_entries
+    from export.sources import EncoderSource
     from training.backbone import FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_encoder
 
+    options = ExportOptions(triton=TritonOptions(max_batch_size=64))
     torch.manual_seed(0)
     model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    export_encoder(model.eval(), spec, repository, "fmnist_tiny", max_batch_size=64)
+    export_entries(EncoderSource(model.eval(), spec), repository, "fmnist_tiny", options)
     names = {"fmnist": "fmnist_tiny"}
     if vit:
         torch.manual_seed(0)
         model, spec = create_encoder("vit_small_patch16_224", {})
-        export_encoder(model.eval(), spec, repository, "vit_s16", max_batch_size=64)
+        export_entries(EncoderSource(model.eval(), spec), repository, "vit_s16", options)
         names["vit"] = "vit_s16"
     return names
 

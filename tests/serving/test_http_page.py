@@ -1,12 +1,13 @@
 """The page at ``GET /`` in a real headless Chromium: the models table, an image uploaded through the
 file input, the PCA map drawn (checked pixel by pixel on a planted image: an item on a plain
 background), the embedding shown equal to the API's, the CLS attention panels for a model exported
-with ``cls_attention``; a screenshot goes to docs/HTTP_PAGE.png."""
+with ``cls_attention``; a screenshot goes to the test's temporary directory, or to the file that
+``VITSERVE_PAGE_SCREENSHOT`` names (docs/HTTP_PAGE.png was taken with it set)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +19,8 @@ from tests.serving.http_calls import call, data_url, png
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = ROOT / "docs" / "HTTP_PAGE.png"
 PLAIN, ATTENTION = "fmnist_tiny", "fmnist_attention"
 ITEM = (slice(8, 20), slice(8, 20))  # rows/cols of the planted item: patch cells 2..4 (patch 4, grid 7x7)
-
-
-def _attention_supported() -> bool:
-    from export.options import ExportOptions
-
-    return "attention" in {f.name for f in dataclasses.fields(ExportOptions)}
 
 
 def _export_attention_model(repository: Path) -> None:
@@ -42,7 +35,7 @@ def _export_attention_model(repository: Path) -> None:
     model, spec = create_encoder(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     model.eval()
     export_entries(EncoderSource(model, spec), repository, ATTENTION,
-                   ExportOptions(attention=True, triton=TritonOptions(max_batch_size=MAX_BATCH_SIZE)))  # type: ignore[call-arg]
+                   ExportOptions(attention=True, triton=TritonOptions(max_batch_size=MAX_BATCH_SIZE)))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +46,7 @@ def page_gateway(tmp_path_factory):
 
     repository = tmp_path_factory.mktemp("page_repository")
     build_model_repository(repository, PLAIN)
-    if _attention_supported():
-        _export_attention_model(repository)
+    _export_attention_model(repository)
     launcher = TritonLauncher(repository)
     gateway = None
     try:
@@ -103,7 +95,7 @@ def _pixels(browser, selector: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def shown(browser, page_gateway, planted):
+def shown(browser, page_gateway, planted, tmp_path_factory):
     """The page with the planted image uploaded, both models side by side when both are served."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -111,14 +103,14 @@ def shown(browser, page_gateway, planted):
     browser.get(f"{page_gateway.http_url}/")
     _wait(browser, "return document.getElementById('model-a').dataset.loaded === '1'")
     Select(browser.find_element(By.ID, "model-a")).select_by_value(PLAIN)
-    if ATTENTION in page_gateway.models:
-        Select(browser.find_element(By.ID, "model-b")).select_by_value(ATTENTION)
+    Select(browser.find_element(By.ID, "model-b")).select_by_value(ATTENTION)
     browser.find_element(By.ID, "file").send_keys(str(planted))
     _wait(browser, "return document.getElementById('panels').dataset.done === '1' "
                    "|| document.getElementById('status').textContent.length > 20")
     assert browser.find_element(By.ID, "status").text == ""
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT))
+    screenshot = Path(os.environ.get("VITSERVE_PAGE_SCREENSHOT") or tmp_path_factory.mktemp("page") / "page.png")
+    browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000, screenshot
     return browser
 
 
@@ -166,9 +158,6 @@ def test_nothing_is_loaded_from_outside(shown, page_gateway):
 
 
 def test_attention_panels_for_a_model_with_cls_attention(shown, page_gateway):
-    if not _attention_supported():
-        pytest.skip("export.options.ExportOptions has no `attention` field yet (the cls_attention export "
-                    "lands from branch h15-viz)")
     from selenium.webdriver.common.by import By
 
     info = call(f"{page_gateway.http_url}/v1/models/{ATTENTION}").body
@@ -182,9 +171,6 @@ def test_attention_panels_for_a_model_with_cls_attention(shown, page_gateway):
 
 
 def test_features_pass_cls_attention_through_like_grpc(page_gateway, planted):
-    if not _attention_supported():
-        pytest.skip("export.options.ExportOptions has no `attention` field yet (the cls_attention export "
-                    "lands from branch h15-viz)")
     import base64
 
     import grpc
