@@ -75,24 +75,24 @@ class _Rows:
                 "count": np.asarray(self.counts, np.int64), "pixels": pixels}
 
 
-def decode_shard(plan: SourcePlan, shard: Shard, model: EmbedModel, batch_size: int,
+def decode_shard(plan: SourcePlan, shard: Shard, model: EmbedModel, block_rows: int,
                  max_pixels: int) -> Iterator[Batch]:
-    """Batches of ``batch_size`` decoded rows of ``shard``; the last one ends with the marker row."""
+    """Blocks of ``block_rows`` decoded rows of ``shard``; the last one ends with the marker row."""
     rows = _Rows(shard.index, model)
     count = 0
     for item in read_shard(plan, shard):
         pixels, error = decode_item(item, model, max_pixels)
         rows.add(item.seq, item.id, pixels, error)
         count += 1
-        if len(rows) == batch_size:
+        if len(rows) == block_rows:
             yield rows.batch()
             rows = _Rows(shard.index, model)
     rows.add(MARKER_SEQ, "", None, "", count)
     yield rows.batch()
 
 
-def decode_shards(batch: Batch, plan: SourcePlan, model: EmbedModel, batch_size: int,
+def decode_shards(batch: Batch, plan: SourcePlan, model: EmbedModel, block_rows: int,
                   max_pixels: int) -> Iterator[Batch]:
     """Ray Data ``map_batches`` function: ``batch["shard"]`` holds shards as JSON; yields their rows."""
     for text in batch["shard"]:
-        yield from decode_shard(plan, Shard.from_json(str(text)), model, batch_size, max_pixels)
+        yield from decode_shard(plan, Shard.from_json(str(text)), model, block_rows, max_pixels)

@@ -19,7 +19,7 @@ from tests.embed_dataset.datasets import (Exported, bad_images, native_images, o
 pytest.importorskip("ray")
 
 from embed_dataset.cli import main  # noqa: E402
-from embed_dataset.job import embed_dataset, pool_sizing  # noqa: E402
+from embed_dataset.job import block_rows, embed_dataset, pool_sizing  # noqa: E402
 from embed_dataset.options import EmbedOptions, JobError, UsageError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # about ten jobs on one local Ray: a minute or more on 2 shared CPUs
@@ -57,6 +57,13 @@ def test_pool_never_takes_every_cpu():
     assert pool_sizing(2, 4) == (0.25, 1.0)
     assert pool_sizing(1, 1) == (0.5, 0.5)
     assert pool_sizing(16, 4) == (1.0, 1.0)
+
+
+def test_blocks_hold_whole_batches_of_about_a_mebibyte_of_pixels():
+    assert block_rows(64, 28 * 28) == 512          # tiny images: 8 batches a block (one actor task)
+    assert block_rows(64, 224 * 224 * 3) == 64     # a batch is already over 1 MiB: one batch a block
+    assert block_rows(16, 224 * 224 * 3) == 16
+    assert block_rows(1000, 1) == 1000             # never less than a batch
 
 
 def test_folder_embeddings_are_onnx_runtimes_and_bad_inputs_are_errors(exported, folder_run):
