@@ -30,7 +30,7 @@ def _apt_install() -> str | None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = [*prefix, "apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0 and "Unable to locate package" in r.stderr + r.stdout:
+    if r.returncode != 0:  # package lists missing or stale (404s): refresh them once and try again
         subprocess.run([*prefix, "apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
