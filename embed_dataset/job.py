@@ -179,7 +179,7 @@ def _pipeline(options: EmbedOptions, model: EmbedModel, plan: SourcePlan, todo: 
     # actors would wait for whole shards. A decode task yields ``rows`` at a time instead, and the
     # target (a little under one yield, so that Ray Data neither merges nor splits it) makes each
     # yield one block, streamed. Each block is one actor task (``rows // batch_size`` model runs):
-    # every task costs an actor ~15 ms besides its model runs, which at 64 small images a task
+    # every task costs an actor 15-20 ms besides its model runs, which at 64 small images a task
     # was a fifth of the actor's time.
     g = model.geometry
     image_bytes = g.height * g.width * g.channels

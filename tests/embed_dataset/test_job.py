@@ -63,7 +63,7 @@ def test_blocks_hold_whole_batches_of_about_a_mebibyte_of_pixels():
     assert block_rows(64, 28 * 28) == 512          # tiny images: 8 batches a block (one actor task)
     assert block_rows(64, 224 * 224 * 3) == 64     # a batch is already over 1 MiB: one batch a block
     assert block_rows(16, 224 * 224 * 3) == 16
-    assert block_rows(1000, 1) == 1000             # never less than a batch
+    assert block_rows(1000, 224 * 224 * 3) == 1000  # never less than a batch
 
 
 def test_folder_embeddings_are_onnx_runtimes_and_bad_inputs_are_errors(exported, folder_run):
