@@ -1,4 +1,4 @@
-"""``benchmarks.embed_dataset`` end to end, tiny: 200 Fashion-MNIST images, one worker, on a local Ray."""
+"""``benchmarks.embed_dataset`` end to end, tiny: 2000 Fashion-MNIST images (4 blocks of 512, so a steady state exists), one worker, on a local Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_tiny_run_writes_the_report(tmp_path):
     from benchmarks import embed_dataset as bench
 
     out = tmp_path / "bench.md"
-    assert bench.main(["--fmnist-images", "200", "--vit-images", "0", "--workers", "1", "--out", str(out)]) == 0
+    assert bench.main(["--fmnist-images", "2000", "--vit-images", "0", "--workers", "1", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["label"] for r in report["rows"]] == ["Fashion-MNIST PNG folder", "Fashion-MNIST Parquet"]
     for row in report["rows"]:
@@ -23,4 +23,4 @@ def test_tiny_run_writes_the_report(tmp_path):
         (job,) = row["jobs"]
         assert job["workers"] == 1 and job["steady_img_s"] > 0
     assert report["ray_start_s"] > 0 and report["machine"]["fp32_matmul_gflops"] > 0
-    assert "| Fashion-MNIST Parquet | 200 | 1 x" in out.read_text()
+    assert "| Fashion-MNIST Parquet | 2000 | 1 x" in out.read_text()
