@@ -146,20 +146,14 @@ def features_main(argv: list[str] | None = None) -> int:
         print(f"features: shape {list(res.features.shape)} {res.features.dtype} "
               f"(grid {res.grid[0]}x{res.grid[1]}, patch {res.patch_size}, "
               f"model {res.model['name']} v{res.model['version']})")
-        if res.cls is not None:
-            print(f"cls: shape {list(res.cls.shape)}")
-            if args.out is not None:
-                cls_path = args.out.with_suffix(".cls.npy")
-                cls_path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(cls_path, res.cls)
-                print(f"saved {cls_path}")
-        if res.cls_attention is not None:
-            print(f"cls_attention: shape {list(res.cls_attention.shape)}")
-            if args.out is not None:
-                att_path = args.out.with_suffix(".cls_attention.npy")
-                att_path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(att_path, res.cls_attention)
-                print(f"saved {att_path}")
+        for name, array in (("cls", res.cls), ("cls_attention", res.cls_attention)):
+            if array is not None:
+                print(f"{name}: shape {list(array.shape)}")
+                if args.out is not None:  # beside --out: FILE.cls.npy, FILE.cls_attention.npy
+                    path = args.out.with_suffix(f".{name}.npy")
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, array)
+                    print(f"saved {path}")
         return res.features
 
     return _run(parser, argv, call)
