@@ -36,7 +36,9 @@ class Call:
     context: grpc.aio.ServicerContext
 
 
-Guard = Callable[[Call], contextlib.AbstractAsyncContextManager[None]]
+# A guard may yield a stand-in for the call's context, which the inner handlers then use (the
+# metrics interceptor does, to count an aborted call before its status goes out); ``None`` keeps it.
+Guard = Callable[[Call], contextlib.AbstractAsyncContextManager[Any]]
 
 
 def _metadata(items: Sequence[Any] | None) -> dict[str, str]:
@@ -52,8 +54,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetail
         unary_inner = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(Call(rpc, metadata, request, context)):
-                return await unary_inner(request, context)
+            async with guard(Call(rpc, metadata, request, context)) as inner_context:
+                return await unary_inner(request, inner_context or context)
 
         return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
@@ -61,8 +63,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetail
         stream_inner = handler.stream_stream
 
         async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with guard(Call(rpc, metadata, None, context)):
-                async for response in stream_inner(requests, context):
+            async with guard(Call(rpc, metadata, None, context)) as inner_context:
+                async for response in stream_inner(requests, inner_context or context):
                     yield response
 
         return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
@@ -145,8 +147,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, details, self.guard)
 
     @abc.abstractmethod
-    def guard(self, call: Call) -> contextlib.AbstractAsyncContextManager[None]:
-        """The context each guarded call runs in (refuse by aborting before yielding)."""
+    def guard(self, call: Call) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The context each guarded call runs in (refuse by aborting before yielding); it may yield
+        a stand-in for the servicer context that the inner handlers get, or ``None``."""
 
 
 def read_token(path: str | Path) -> str:
@@ -215,7 +218,30 @@ class InFlightLimit(GuardInterceptor):
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
-    code = context.code()
+    return _status_name(context.code())
+
+
+class _AbortObserver:
+    """The servicer context with ``abort`` first calling ``before_abort(code)``.
+
+    ``context.abort`` sends the status to the client before it raises, so whatever is recorded
+    after it (in an interceptor's ``finally``) can reach a scrape later than the client learnt the
+    outcome. Every abort of an inner interceptor or the servicer goes through this stand-in.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext, before_abort: Callable[[Any], None]) -> None:
+        self._context = context
+        self._before_abort = before_abort
+
+    async def abort(self, code: grpc.StatusCode, *args: Any, **kwargs: Any) -> None:
+        self._before_abort(code)
+        await self._context.abort(code, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _status_name(code: Any) -> str:
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):
@@ -224,27 +250,40 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 class MetricsInterceptor(GuardInterceptor):
-    """Counts, times and sizes every call; ``model_label(name)`` resolves an empty model name."""
+    """Counts, times and sizes every call; ``model_label(name)`` resolves an empty model name.
+
+    A call is counted when its status is known and before it goes out: an aborted call in
+    ``abort`` itself (through ``_AbortObserver``), any other when the handler has returned or
+    raised (grpc sends the status after that). So a scrape right after a reply always sees it.
+    """
 
     def __init__(self, metrics: GatewayMetrics, model_label: Callable[[str], str]) -> None:
         self.metrics = metrics
         self.model_label = model_label
 
     @contextlib.asynccontextmanager
-    async def guard(self, call: Call) -> AsyncIterator[None]:
+    async def guard(self, call: Call) -> AsyncIterator[Any]:
         t0 = time.perf_counter()
         model = self.model_label(getattr(call.request, "model", ""))
         images = getattr(call.request, "images", None)
         if images is not None:
             self.metrics.request_images.labels(call.rpc, model).observe(len(images))
         self.metrics.in_flight.inc()
+        recorded = False
+
+        def record(code: str) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                self.metrics.in_flight.dec()
+                self.metrics.observe_call(call.rpc, model, code, time.perf_counter() - t0)
+
         code = "OK"
         try:
-            yield
+            yield _AbortObserver(call.context, lambda c: record(_status_name(c)))
         except BaseException as e:
             cancelled = isinstance(e, (GeneratorExit, asyncio.CancelledError))
             code = "CANCELLED" if cancelled else _code_name(call.context)
             raise
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.observe_call(call.rpc, model, code, time.perf_counter() - t0)
+            record(code)

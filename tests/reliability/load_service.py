@@ -35,25 +35,28 @@ class Service:
              "--port", "0", "--http-port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True, start_new_session=True)
+        # One thread reads the log from the start (so the server never blocks on a full pipe) and
+        # signals the ready line; the wait is bounded even if the server prints nothing.
+        ready = threading.Event()
+        threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
         deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"vitserve serve exited ({self.proc.wait()}):\n{''.join(self.log[-30:])}")
-            self.log.append(line)
-            if line.startswith("vitserve ready: gateway "):
-                self.target = line.split("gateway ", 1)[1].split(",", 1)[0]
-                self.http_url = line.split(", http ", 1)[1].split(",", 1)[0]
-                # Keep draining the log so the server never blocks on a full pipe.
-                threading.Thread(target=self._drain, daemon=True).start()
-                return self
-        raise RuntimeError("vitserve serve was not ready in time")
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                what = (f"exited with code {self.proc.returncode}" if self.proc.poll() is not None
+                        else f"was not ready within {timeout:.0f} s")
+                self.stop()
+                time.sleep(0.2)  # the reader thread takes the last lines
+                raise RuntimeError(f"vitserve serve {what}; its last log lines:\n{''.join(self.log[-40:])}")
+        return self
 
-    def _drain(self) -> None:
+    def _drain(self, ready: threading.Event) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.log.append(line)
+            if not ready.is_set() and line.startswith("vitserve ready: gateway "):
+                self.target = line.split("gateway ", 1)[1].split(",", 1)[0]
+                self.http_url = line.split(", http ", 1)[1].split(",", 1)[0]
+                ready.set()
 
     @property
     def pid(self) -> int:

@@ -168,7 +168,12 @@ def serve_process(*args: str, ready: re.Pattern = SERVE_READY) -> Iterator[Serve
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         match = ready.match(line.strip())
-        assert match, f"unexpected first line {line!r}; stderr:\n{''.join(lines)}"
+        if not match:  # the server's own log, complete, in the failure
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            drain.join(5)
+            raise AssertionError(f"vitserve serve {' '.join(args)}: unexpected first line {line!r} "
+                                 f"(exit code {proc.poll()}); stderr:\n{''.join(lines[-60:])}")
         yield ServeProcess(proc, match, lines)
     finally:
         if proc.poll() is None:

@@ -90,7 +90,7 @@ def test_deadline_travels_to_triton(triton, fmnist_test_images):
         try:
             await service.registry.refresh()
             request = vitserve_pb2.FeaturesRequest(images=to_proto_images(fmnist_test_images[:512]))
-            return await service.features(request, lambda: 0.001)  # 1 ms for 32 Triton calls
+            return await service.features(request, lambda: 1e-6)  # 1 us: no Triton call fits in it
         finally:
             await service.close()
 
@@ -101,18 +101,35 @@ def test_deadline_travels_to_triton(triton, fmnist_test_images):
 
 
 def test_timed_out_call_gives_its_in_flight_slot_back(guarded, fmnist_test_images):
-    with VitServeClient(guarded.target, token=TOKEN, timeout=0.02) as client:
-        with pytest.raises(VitServeError) as e:
-            client.features(fmnist_test_images[:512])  # 32 Triton calls: far more than 20 ms
-    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 5
+    image = fmnist_test_images[0]
+
+    async def run():
+        async with AsyncVitServeClient(guarded.target, token=TOKEN) as c:
+            release = asyncio.Event()
+
+            async def frames():
+                yield 1, image
+                await release.wait()  # the stream stays open, holding the one slot, until its deadline
+
+            got = []
+            with pytest.raises(VitServeError) as e:
+                async for response in c.stream_features(frames(), timeout=2.0):
+                    got.append(response.frame_id)
+            release.set()
+            return got, e.value
+
+    got, error = asyncio.run(run())
+    # The first frame was answered, so the call held the slot when its deadline passed.
+    assert got == [1] and error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
     with VitServeClient(guarded.target, token=TOKEN) as client:
-        while True:  # the server learns of the cancellation a moment after the client does
+        while True:  # the server learns of the expiry a moment after the client does
             try:
-                assert client.embed(fmnist_test_images[:1]).shape[0] == 1
+                assert client.embed(image).shape[0] == 1
                 break
             except VitServeError as refused:
-                assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, \
+                    f"the slot was still taken 30 s after the deadline: {refused}"
                 time.sleep(0.05)
     assert metrics(guarded)[("vitserve_requests_in_flight", ())] == 0
 
@@ -133,20 +150,20 @@ def test_past_the_in_flight_limit_is_resource_exhausted_at_once(guarded, fmnist_
             stream = c.stream_features(frames())
             first = await stream.__anext__()
             before = count()
-            t0 = time.perf_counter()
+            # Had the call waited for the slot it would have hit this deadline (the slot is held
+            # until release), so RESOURCE_EXHAUSTED proves it was refused without waiting.
             with pytest.raises(VitServeError) as e:
-                await c.embed(image)
-            refused_in = time.perf_counter() - t0
+                await asyncio.wait_for(c.embed(image), timeout=120)
             after = count()
             release.set()
             rest = [r async for r in stream]
             emb = await c.embed(image)  # the slot is free again
-            return first, e.value, refused_in, after - before, rest, emb
+            return first, e.value, after - before, rest, emb
 
-    first, error, refused_in, inferences, rest, emb = asyncio.run(run())
+    first, error, inferences, rest, emb = asyncio.run(run())
     assert first.frame_id == 1 and first.features is not None and rest == []
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 1" in error.details
-    assert refused_in < 1.0 and inferences == 0
+    assert inferences == 0
     assert emb.shape[0] == 1
 
 
@@ -164,11 +181,10 @@ def test_oversized_message_is_resource_exhausted(guarded, count):
 def test_decompression_bomb_is_refused_before_decoding(gateway, count):
     bomb = png_declaring(60000, 60000)  # 3.6 G pixels declared in ~100 bytes
     before = count()
-    t0 = time.perf_counter()
     with VitServeClient(gateway.target) as client:
         with pytest.raises(VitServeError) as e:
             client.embed(bomb)
-    assert time.perf_counter() - t0 < 2.0
+    # The message names the declared size, read from the header: nothing was decoded.
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "3600000000 pixels" in e.value.details and "decompression bomb" in e.value.details
     assert count() == before

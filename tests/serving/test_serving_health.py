@@ -38,17 +38,17 @@ def test_health_follows_triton_down_and_back(exported, fmnist_test_images):
         options = ServerOptions(health_interval=0.2)
         with BackgroundGateway(launcher.grpc_url, options=options) as gw, \
                 grpc.insecure_channel(gw.target) as channel, VitServeClient(gw.target, timeout=10) as client:
-            wait_for_status(channel, health_pb2.HealthCheckResponse.SERVING, 5)
+            wait_for_status(channel, health_pb2.HealthCheckResponse.SERVING, 60)
             assert client.embed(fmnist_test_images[:1]).shape[0] == 1
 
             launcher.stop()
-            wait_for_status(channel, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+            wait_for_status(channel, health_pb2.HealthCheckResponse.NOT_SERVING, 60)
             with pytest.raises(VitServeError) as e:
                 client.embed(fmnist_test_images[:1])
             assert e.value.code == grpc.StatusCode.UNAVAILABLE
 
             launcher.start(timeout=120)
-            wait_for_status(channel, health_pb2.HealthCheckResponse.SERVING, 10)
+            wait_for_status(channel, health_pb2.HealthCheckResponse.SERVING, 60)
             assert client.embed(fmnist_test_images[:1]).shape[0] == 1
     finally:
         launcher.stop()
