@@ -9,7 +9,7 @@ from vitserve import demo
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     code = demo.main(["--workdir", str(tmp_path), "--train-seconds", "3", "--knn-train", "300",
-                      "--knn-test", "100"])
+                      "--knn-test", "100", "--train-scenes", "80", "--test-scenes", "40"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "CLS embeddings (8, 192) float32" in out
