@@ -327,7 +327,7 @@ def side_gateways(fleet: Fleet, tmp_path_factory) -> Iterator[dict[str, object]]
     stale = BackgroundGateway(triton, options=ServerOptions(health_interval=3600.0, metrics_port=0)).start(120)
     secure = BackgroundGateway(triton, options=ServerOptions.from_files(
         auth_token_file=token_file, tls_cert_file=certs.server_cert, tls_key_file=certs.server_key,
-        health_port=0, health_interval=0.2)).start(120)
+        health_port=0, health_interval=0.2, max_connection_age_s=0.3)).start(120)
     try:
         yield {"stale": stale, "secure": secure, "certs": certs}
     finally:
@@ -359,6 +359,13 @@ def test_health_port_is_plaintext_beside_tls_and_token(side_gateways):  # noqa: 
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     with VitServeClient(f"localhost:{secure.port}", tls=tls, token="s3cret", timeout=10) as client:
         assert client.list_models()
+        # --max-connection-age 0.3 s: the server closes the connection (GOAWAY) again and again
+        # while calls go on; the client reconnects and no call fails.
+        t0, calls = time.monotonic(), 0
+        while time.monotonic() - t0 < 1.5:
+            assert client.list_models()
+            calls += 1
+        assert calls > 10
 
 
 def test_kill_one_of_three_under_load(fleet, side_gateways, images, reference):  # noqa: ANN001
@@ -367,17 +374,19 @@ def test_kill_one_of_three_under_load(fleet, side_gateways, images, reference): 
     with Load(fleet.target, images, cls_ref, tokens_ref) as load, \
             Load(fleet.target, images, cls_ref, tokens_ref, retries=False, embed=1, features=0, aio=0) as twin:
         wait_until("every replica serving the load", lambda: all(fleet.served(r) > 0 for r in fleet.replicas))
-        wait_until("calls in flight on the victim",
-                   lambda: fleet.metric(victim, "vitserve_requests_in_flight") >= 1, interval=0.005)
+        wait_until("a second of load", lambda: load.sent > 100, timeout=60)
+        in_flight = wait_until("calls in flight on the victim",
+                               lambda: fleet.metric(victim, "vitserve_requests_in_flight") or None, interval=0.005)
         sent_at_kill = load.sent
         survivors_before = [fleet.served(r) for r in survivors]
         fleet.kill(victim)
         wait_until("both survivors serving after the kill",
                    lambda: all(fleet.served(r) > b for r, b in zip(survivors, survivors_before)))
-        wait_until("calls after the kill", lambda: load.sent > sent_at_kill + 100, timeout=60)
+        wait_until("calls after the kill", lambda: load.sent > sent_at_kill + 150, timeout=60)
     assert not load.failures, load.failures[:5]
     assert not load.wrong, load.wrong[:5]
     FIGURES["kill_one_of_three"] = {"retries_on": load.figures(), "sent_after_kill": load.sent - sent_at_kill,
+                                    "in_flight_on_victim_just_before_kill": in_flight,
                                     "twin_retries_off": twin.figures(), "twin_failures": twin.failures[:3]}
     # The secure side gateway's Triton died with the victim: its health port says so.
     wait_until("NOT_SERVING on the health port once Triton is gone",
@@ -441,7 +450,8 @@ def test_retries_are_what_hides_a_failing_replica(fleet, side_gateways, images):
             direct.embed(images)
     assert dead.value.code == grpc.StatusCode.UNAVAILABLE  # the failing replica fails, as it should
 
-    big = np.repeat(images, 100, axis=0)  # 400 raw 28x28 frames: 313,600 bytes of pixels > 256 KiB
+    # one raw 600x600 grey frame (360,000 bytes > 256 KiB), resized to the model's input by the gateway
+    big = np.random.default_rng(1).integers(0, 256, (1, 600, 600, 1), dtype=np.uint8)
     assert big.nbytes > 256 * 1024
     with VitServeClient(target, retries=False, timeout=10) as off:
         retries_off = _until_refused(stale, off, images)
@@ -476,42 +486,89 @@ def test_a_restarted_replica_rejoins(fleet, images, reference):  # noqa: ANN001
     assert rejoin_s < REJOIN_BOUND_S
 
 
-def test_stream_goes_on_on_another_replica_when_its_replica_dies(fleet, images, reference):  # noqa: ANN001
-    _, tokens_ref = _references(reference, images)
-    answered: list = []
-    sent: list[int] = []
-    victim_box: dict[str, Replica] = {}
+class StreamLoop(threading.Thread):
+    """A control loop on ``stream_features`` (sync or aio): one frame out, at most two unanswered, and
+    ``after`` more frames once ``killed`` is set; records every result."""
 
-    def frames() -> Iterator[tuple[int, np.ndarray]]:
+    def __init__(self, target: str, images: np.ndarray, aio: bool, killed: threading.Event, after: int = 30) -> None:
+        super().__init__(daemon=True)
+        self.target, self.images, self.aio, self.killed, self.after = target, images, aio, killed, after
+        self.sent: list[int] = []
+        self.answered: list = []
+        self.last_before_kill = 0
+        self.error: BaseException | None = None
+
+    def _next(self, frame_id: int) -> bool:
+        if self.killed.is_set():
+            self.last_before_kill = self.last_before_kill or frame_id - 1
+            if frame_id > self.last_before_kill + self.after:
+                return False
+        self.sent.append(frame_id)
+        return True
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
         for frame_id in range(1, 100_000):
-            if victim_box.get("done") and frame_id > victim_box["done"] + 30:  # type: ignore[operator]
+            while len(self.answered) < frame_id - 2:
+                time.sleep(0.002)
+            if not self._next(frame_id):
                 return
-            sent.append(frame_id)
-            yield frame_id, images
-            time.sleep(0.01)
+            yield frame_id, self.images
 
-    with VitServeClient(fleet.target, timeout=30) as client:
-        for result in client.stream_features(frames(), layout="tokens"):
-            answered.append(result)
-            if len(answered) == 20 and "victim" not in victim_box:
-                streaming = wait_until("the replica serving the stream", lambda: [
-                    r for r in fleet.replicas if r.alive and fleet.metric(r, "vitserve_stream_frames_total") > 0])
-                assert len(streaming) == 1, "one replica serves the stream"
-                victim_box["victim"] = streaming[0]
-                fleet.kill(streaming[0])
-                victim_box["done"] = sent[-1]  # type: ignore[assignment]
-    ids = [r.frame_id for r in answered]
-    assert ids == sent, "one result per frame sent, in order"
-    errors = [r for r in answered if r.error is not None]
-    assert all(r.error.code == grpc.StatusCode.UNAVAILABLE for r in errors), [str(r.error) for r in errors]
-    after = [r for r in answered if r.frame_id > victim_box["done"]]  # type: ignore[operator]
-    ran_after = [r for r in after if r.features is not None]
-    assert len(ran_after) >= 25, "the loop went on on another replica"
-    for r in (x for x in answered if x.features is not None):
-        np.testing.assert_allclose(r.features.features, tokens_ref, atol=ATOL)
-    FIGURES["stream_failover"] = {"frames_sent": len(sent), "answered_with_features": sum(
-        r.features is not None for r in answered), "came_back_as_errors": len(errors),
-        "skipped": sum(r.skipped for r in answered)}
+    async def aframes(self):  # noqa: ANN201
+        for frame_id in range(1, 100_000):
+            while len(self.answered) < frame_id - 2:
+                await asyncio.sleep(0.002)
+            if not self._next(frame_id):
+                return
+            yield frame_id, self.images
+
+    def run(self) -> None:
+        try:
+            if self.aio:
+                async def main() -> None:
+                    async with AsyncVitServeClient(self.target, timeout=30) as client:
+                        async for result in client.stream_features(self.aframes(), layout="tokens"):
+                            self.answered.append(result)
+                asyncio.run(main())
+            else:
+                with VitServeClient(self.target, timeout=30) as client:
+                    for result in client.stream_features(self.frames(), layout="tokens"):
+                        self.answered.append(result)
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+def test_stream_goes_on_on_another_replica_when_its_replica_dies(fleet, images, reference):  # noqa: ANN001
+    """A sync and an aio stream; every replica serving one of them is killed (one or two); both
+    loops go on on a survivor, each frame answered once, in order: features equal to the
+    reference, or UNAVAILABLE for the frames the dead replica had not answered."""
+    _, tokens_ref = _references(reference, images)
+    killed = threading.Event()
+    loops = [StreamLoop(fleet.target, images, aio, killed) for aio in (False, True)]
+    for loop in loops:
+        loop.start()
+    wait_until("both streams answering", lambda: all(len(loop.answered) >= 20 for loop in loops), timeout=60)
+    streaming = [r for r in fleet.replicas if r.alive and fleet.metric(r, "vitserve_stream_frames_total") > 0]
+    assert 1 <= len(streaming) <= 2 < N + 1
+    for r in streaming:
+        fleet.kill(r)
+    killed.set()
+    figures = {}
+    for loop in loops:
+        loop.join(60)
+        assert not loop.is_alive() and loop.error is None, loop.error
+        ids = [r.frame_id for r in loop.answered]
+        assert ids == loop.sent, "one result per frame sent, in order"
+        errors = [r for r in loop.answered if r.error is not None]
+        assert all(r.error.code == grpc.StatusCode.UNAVAILABLE for r in errors), [str(r.error) for r in errors]
+        ran_after = [r for r in loop.answered if r.frame_id > loop.last_before_kill and r.features is not None]
+        assert len(ran_after) >= loop.after - 3, "the loop went on on another replica"
+        for r in (x for x in loop.answered if x.features is not None):
+            np.testing.assert_allclose(r.features.features, tokens_ref, atol=ATOL)
+        figures["aio" if loop.aio else "sync"] = {
+            "frames_sent": len(loop.sent), "answered_with_features": sum(r.features is not None for r in loop.answered),
+            "came_back_as_errors": len(errors), "skipped": sum(r.skipped for r in loop.answered)}
+    FIGURES["stream_failover"] = {"replicas_killed": len(streaming), **figures}
 
 
 def test_rolling_restart_loses_no_call_even_without_retries(fleet, images, reference):  # noqa: ANN001
@@ -561,3 +618,16 @@ def test_admin_runs_on_every_replica_and_reports_each(fleet, rel_exported, capsy
     assert [o["ok"] for o in out["replicas"]] == [True] * N + [False]
     assert out["replicas"][-1]["error"].startswith("UNAVAILABLE"), out["replicas"][-1]
     assert out["failed"] == 1
+
+
+def test_autoscaling_metrics(fleet, images, rel_exported):  # noqa: ANN001
+    """``vitserve_inflight_ratio`` is in [0, 1] and ``vitserve_queue_wait_seconds`` counts the
+    requests Triton ran (read from Triton's statistics, polled every second)."""
+    r = next(r for r in fleet.replicas if r.alive)
+    with VitServeClient(r.target, timeout=30) as client:
+        client.embed(images)
+    assert 0.0 <= fleet.metric(r, "vitserve_inflight_ratio") <= 1.0
+    count = wait_until("queue waits counted", lambda: fleet.metric(
+        r, "vitserve_queue_wait_seconds_count", f'model="{rel_exported.name}"'), timeout=10)
+    assert count >= 1
+    assert fleet.metric(r, "vitserve_queue_wait_seconds_sum", f'model="{rel_exported.name}"') >= 0
