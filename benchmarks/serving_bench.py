@@ -284,7 +284,8 @@ def _int_list(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitserve bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", help="HOST:PORT of a running gateway (default: start one on --model-repository)")
+    p.add_argument("--target", help="HOST:PORT of a running gateway, or several (HOST:PORT,HOST:PORT or "
+                   "dns:///NAME:PORT: balanced round-robin) (default: start one on --model-repository)")
     p.add_argument("--model-repository", help="model repository: served by this command when --target is "
                    "absent; its <model>/1/model.onnx is the in-process side (without it: service only)")
     p.add_argument("--model", help="model name (default: the only model served)")
@@ -308,6 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target is None and args.model_repository is None:
         print("vitserve bench: give --target HOST:PORT or --model-repository DIR", file=sys.stderr)
         return 2
+    if args.target is not None:
+        from clients.targets import TargetError, parse_target
+        try:
+            parse_target(args.target)
+        except TargetError as e:
+            print(f"vitserve bench: --target: {e}", file=sys.stderr)
+            return 2
     if args.duration <= 0 or args.warmup < 0:
         print("vitserve bench: --duration must be > 0 and --warmup >= 0", file=sys.stderr)
         return 2

@@ -12,12 +12,19 @@
 ...     client.unload_model("m"); client.load_model("m")  # server started with --enable-admin
 
 Images are what ``clients.messages`` takes: uint8 arrays, encoded bytes or file paths, one or a list.
+
+The target may name several replicas (``"10.0.0.1:50051,10.0.0.2:50051"``, ``"dns:///vitserve:50051"``):
+calls are balanced over them with gRPC's ``round_robin`` and ``UNAVAILABLE`` is retried on another
+one (``clients.targets``); ``retries=False`` leaves retrying to the caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+
+import time
 
 import grpc
 import numpy as np
@@ -27,11 +34,9 @@ from clients.messages import (EmbedResult, FeaturesResult, Frame, Images, ModelC
                               StreamResult, VitServeError, control_result, embed_request, embed_result,
                               features_request, features_result, model_description, repository_models, stream_request,
                               stream_result, to_proto_images)
+from clients.stream_failover import RECONNECT_ATTEMPTS, AsyncFrameFeed, FrameFeed, backoff_s, lost_frame
+from clients.targets import MAX_MESSAGE_BYTES, Target, TargetError, channel_options, parse_target
 from protos import vitserve_pb2, vitserve_pb2_grpc
-
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 def channel_credentials(tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
@@ -57,14 +62,23 @@ def _error(e: grpc.RpcError) -> VitServeError:
 
 class VitServeClient:
     """Blocking client; ``timeout`` (seconds) is each call's deadline, ``token`` a bearer token,
-    ``tls`` (from ``channel_credentials``) makes the channel TLS."""
+    ``tls`` (from ``channel_credentials``) makes the channel TLS.
+
+    ``target``: one address, a comma list, ``ipv4:``/``ipv6:`` or ``dns:///NAME:PORT`` (see
+    ``clients.targets``; ``TargetError`` when it names no address). ``retries``: retry
+    ``UNAVAILABLE`` on another replica and re-open a broken ``stream_features`` stream (False: every
+    failure reaches the caller). ``retry_buffer_bytes``: the largest request gRPC may retry (default:
+    the largest the gateway accepts)."""
 
     def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
-                 tls: grpc.ChannelCredentials | None = None) -> None:
-        self.target, self.timeout = target, timeout
+                 tls: grpc.ChannelCredentials | None = None, retries: bool = True,
+                 retry_buffer_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.target, self.timeout, self.retries = target, timeout, retries
+        self.parsed: Target = parse_target(target)
         self._metadata = _auth_metadata(token)
-        self._channel = (grpc.secure_channel(target, tls, options=_CHANNEL_OPTIONS) if tls is not None
-                         else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS))
+        options = channel_options(retries, retry_buffer_bytes)
+        self._channel = (grpc.secure_channel(self.parsed.uri, tls, options=options) if tls is not None
+                         else grpc.insecure_channel(self.parsed.uri, options=options))
         self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
 
     def _call(self, method: Any, request: Any) -> Any:
@@ -102,14 +116,37 @@ class VitServeClient:
         With ``latest_only`` a frame still waiting when a newer one has arrived comes back
         ``skipped``. ``timeout`` bounds the whole stream (default: none, for a control loop).
         Without ``lane`` the server uses the model's latency lane when it declares one.
+
+        When the replica serving the stream dies (the stream ends ``UNAVAILABLE``), a new stream is
+        opened on the channel, so on another replica, after a back-off (0.1 s doubling to 2 s), and the
+        loop goes on with the next frame. Frames the dead replica had and did not answer come back as
+        results with an ``UNAVAILABLE`` ``error`` (not re-sent, never silently dropped). After
+        ``RECONNECT_ATTEMPTS`` streams in a row that fail before any answer, or with ``retries=False``,
+        the error is raised.
         """
-        requests = (stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op, bucket,
-                                   version) for f in frames)
-        try:
-            for response in self._stub.StreamFeatures(requests, timeout=timeout, metadata=self._metadata):
-                yield stream_result(response)
-        except grpc.RpcError as e:
-            raise _error(e) from None
+        feed = FrameFeed(frames, lambda f: stream_request(f, model, layout, include_cls, dtype, latest_only, lane,
+                                                          resize_op, bucket, version))
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        failures = 0
+        while True:
+            left = max(0.0, deadline - time.monotonic()) if deadline is not None else None
+            call = self._stub.StreamFeatures(feed.requests(feed.generation), timeout=left, metadata=self._metadata)
+            try:
+                for response in call:
+                    failures = 0
+                    result = stream_result(response)
+                    feed.answered(result.frame_id)
+                    yield result
+                return
+            except grpc.RpcError as e:
+                failures += 1
+                if not self.retries or e.code() != grpc.StatusCode.UNAVAILABLE or failures > RECONNECT_ATTEMPTS:
+                    raise _error(e) from None
+                for frame_id in feed.fail_over():
+                    yield lost_frame(frame_id, e.details() or "UNAVAILABLE")
+                time.sleep(backoff_s(failures))
+            finally:
+                call.cancel()
 
     def features(self, images: Images, model: str = "", layout: str = "grid", include_cls: bool = False,
                  dtype: str = "float32", lane: str = "", resize_op: str = "", outputs: Sequence[str] = (),
@@ -165,11 +202,14 @@ class AsyncVitServeClient:
     """``grpc.aio`` client with the same methods as ``VitServeClient`` (await them)."""
 
     def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
-                 tls: grpc.ChannelCredentials | None = None) -> None:
-        self.target, self.timeout = target, timeout
+                 tls: grpc.ChannelCredentials | None = None, retries: bool = True,
+                 retry_buffer_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.target, self.timeout, self.retries = target, timeout, retries
+        self.parsed: Target = parse_target(target)
         self._metadata = _auth_metadata(token)
-        self._channel = (grpc.aio.secure_channel(target, tls, options=_CHANNEL_OPTIONS) if tls is not None
-                         else grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS))
+        options = channel_options(retries, retry_buffer_bytes)
+        self._channel = (grpc.aio.secure_channel(self.parsed.uri, tls, options=options) if tls is not None
+                         else grpc.aio.insecure_channel(self.parsed.uri, options=options))
         self._stub = vitserve_pb2_grpc.VisionEncoderStub(self._channel)
 
     async def _call(self, method: Any, request: Any) -> Any:
@@ -197,24 +237,37 @@ class AsyncVitServeClient:
             include_cls: bool = False, dtype: str = "float32", latest_only: bool = False,
             timeout: float | None = None, lane: str = "", resize_op: str = "", bucket: str = "",
             version: str | int = "") -> AsyncIterator[StreamResult]:
-        """As ``VitServeClient.stream_features``; ``frames`` may be an async iterable (a camera loop)."""
-        def one(f: Frame) -> vitserve_pb2.StreamFeaturesRequest:
-            return stream_request(f, model, layout, include_cls, dtype, latest_only, lane, resize_op, bucket, version)
-
-        async def requests() -> AsyncIterator[vitserve_pb2.StreamFeaturesRequest]:
-            if isinstance(frames, AsyncIterable):
-                async for f in frames:
-                    yield one(f)
-            else:
-                for f in frames:
-                    yield one(f)
-
-        call = self._stub.StreamFeatures(requests(), timeout=timeout, metadata=self._metadata)
+        """As ``VitServeClient.stream_features`` (a dead replica's stream is re-opened on another one,
+        its unanswered frames come back as ``UNAVAILABLE`` errors); ``frames`` may be an async iterable
+        (a camera loop)."""
+        feed = AsyncFrameFeed(frames, lambda f: stream_request(f, model, layout, include_cls, dtype, latest_only,
+                                                               lane, resize_op, bucket, version))
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        failures = 0
         try:
-            async for response in call:
-                yield stream_result(response)
-        except grpc.RpcError as e:
-            raise _error(e) from None
+            while True:
+                left = max(0.0, deadline - time.monotonic()) if deadline is not None else None
+                call = self._stub.StreamFeatures(feed.requests(feed.generation), timeout=left,
+                                                 metadata=self._metadata)
+                try:
+                    async for response in call:
+                        failures = 0
+                        result = stream_result(response)
+                        feed.answered(result.frame_id)
+                        yield result
+                    return
+                except grpc.RpcError as e:
+                    failures += 1
+                    if (not self.retries or e.code() != grpc.StatusCode.UNAVAILABLE
+                            or failures > RECONNECT_ATTEMPTS):
+                        raise _error(e) from None
+                    for frame_id in feed.fail_over():
+                        yield lost_frame(frame_id, e.details() or "UNAVAILABLE")
+                    await asyncio.sleep(backoff_s(failures))
+                finally:
+                    call.cancel()
+        finally:
+            await feed.close()
 
     async def features(self, images: Images, model: str = "", layout: str = "grid",
                        include_cls: bool = False, dtype: str = "float32", lane: str = "",
@@ -266,5 +319,5 @@ class AsyncVitServeClient:
         await self.close()
 
 
-__all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "EmbedResult", "FeaturesResult",
+__all__ = ["VitServeClient", "AsyncVitServeClient", "VitServeError", "TargetError", "parse_target", "MAX_MESSAGE_BYTES", "EmbedResult", "FeaturesResult",
            "ModelControlResult", "ModelDescription", "StreamResult", "channel_credentials", "tensor_to_numpy", "to_proto_images"]

@@ -15,12 +15,17 @@ from typing import Any, Callable
 import numpy as np
 
 from clients.client import ModelDescription, VitServeClient, VitServeError, channel_credentials
+from clients.targets import TargetError, parse_target, replica_addresses
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway HOST:PORT (default {DEFAULT_TARGET})")
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"gateway HOST:PORT, several as HOST:PORT,HOST:PORT (balanced round-robin, UNAVAILABLE "
+                        f"retried on another), ipv4:A:P,B:P or dns:///NAME:PORT (default {DEFAULT_TARGET})")
+    p.add_argument("--no-retries", action="store_true",
+                   help="do not retry UNAVAILABLE on another replica (the first failure is the answer)")
     p.add_argument("--timeout", type=float, default=60.0, help="call deadline in seconds")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token the server requires")
     p.add_argument("--tls-ca", type=Path, help="use TLS, trusting this PEM CA (see --tls for system roots)")
@@ -66,17 +71,21 @@ def _client_options(prog: str, args: argparse.Namespace) -> tuple[str | None, ob
 
 def _with_client(prog: str, args: argparse.Namespace, act: Callable[[VitServeClient], Any]) -> tuple[int, Any]:
     """``(0, act(client))`` with a client built from the connection flags; ``(2, None)`` when those
-    flags are unusable, ``(1, None)`` when the server answers with an error (printed)."""
+    flags are unusable, ``(1, "CODE: message")`` when the server answers with an error (printed)."""
     connection = _client_options(prog, args)
     if connection is None:
         return 2, None
     token, tls = connection
     try:
-        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls) as client:  # type: ignore[arg-type]
+        with VitServeClient(args.target, timeout=args.timeout, token=token, tls=tls,  # type: ignore[arg-type]
+                            retries=not args.no_retries) as client:
             return 0, act(client)
+    except TargetError as e:
+        print(f"{prog}: --target: {e}", file=sys.stderr)
+        return 2, None
     except VitServeError as e:
         print(f"{prog}: server error {e.code.name}: {e.details}", file=sys.stderr)
-        return 1, None
+        return 1, f"{e.code.name}: {e.details}"
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None,
@@ -171,10 +180,12 @@ def _model_summary(m: ModelDescription) -> dict[str, object]:
 
 def admin_main(argv: list[str] | None = None) -> int:
     """``vitserve admin models|get|repository|load|unload|reload [MODEL]``: inspect and manage the
-    served models (load/unload/reload/repository need `vitserve serve --enable-admin`)."""
+    served models (load/unload/reload/repository need `vitserve serve --enable-admin`). A target of
+    several replicas (a list, or ``dns:///`` resolved now) runs the action on each and reports each."""
     parser = argparse.ArgumentParser(
         prog="vitserve admin", description="Inspect the served models; load, unload or reload them "
-        "(the server must run with --enable-admin for load/unload/reload/repository).")
+        "(the server must run with --enable-admin for load/unload/reload/repository). With a --target of "
+        "several replicas the action runs on every one and each outcome is reported; exit 1 if any failed.")
     parser.add_argument("action", choices=("models", "get", "repository", "load", "unload", "reload"),
                         help="models: ListModels; get MODEL: GetModel; repository: every model in "
                              "Triton's repository with its state; load/unload/reload MODEL")
@@ -198,8 +209,34 @@ def admin_main(argv: list[str] | None = None) -> int:
         return {"model": result.model, "state": result.state, "elapsed_ms": round(result.elapsed_ms, 1),
                 "served_models": list(result.served_models)}
 
-    code, out = _with_client(parser.prog, args, act)
-    if code:
-        return code
-    print(json.dumps(out, indent=2))
-    return 0
+    try:
+        replicas = replica_addresses(parse_target(args.target))
+    except TargetError as e:
+        print(f"vitserve admin: --target: {e}", file=sys.stderr)
+        return 2
+    if len(replicas) == 1:
+        code, out = _with_client(parser.prog, args, act)
+        if code:
+            return code
+        print(json.dumps(out, indent=2))
+        return 0
+    return _admin_each(parser.prog, args, replicas, act)
+
+
+def _admin_each(prog: str, args: argparse.Namespace, replicas: tuple[str, ...],
+                act: Callable[[VitServeClient], Any]) -> int:
+    """``vitserve admin`` on every replica of a listed target, one after the other, each on its own
+    connection without retries (a retry would land on another replica); prints
+    ``{"replicas": [{"target", "ok", "result" | "error"}], "failed": N}``. Exit 0 when every replica
+    succeeded, 1 when any failed (the others were still done), 2 for unusable connection flags."""
+    outcomes: list[dict[str, object]] = []
+    for replica in replicas:
+        one = argparse.Namespace(**{**vars(args), "target": replica, "no_retries": True})
+        code, out = _with_client(f"{prog} [{replica}]", one, act)
+        if code == 2:
+            return 2
+        outcomes.append({"target": replica, "ok": code == 0, **({"result": out} if code == 0 else
+                                                               {"error": out})})
+    failed = sum(not o["ok"] for o in outcomes)
+    print(json.dumps({"replicas": outcomes, "failed": failed}, indent=2))
+    return 1 if failed else 0

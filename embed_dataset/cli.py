@@ -15,6 +15,7 @@ from typing import Sequence
 
 from embed_dataset.options import (DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_STALL_TIMEOUT_S, DTYPES,
                                    POOLINGS, SOURCE_KINDS, EmbedOptions, JobError, UsageError)
+from clients.targets import TargetError, parse_target
 from serving.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,11 @@ def _seconds(text: str) -> float:
 
 
 def _targets(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    for t in targets:
-        host, _, port = t.rpartition(":")
-        if not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"{t!r} is not HOST:PORT")
-    if not targets:
-        raise argparse.ArgumentTypeError("give at least one HOST:PORT")
-    return targets
+    try:
+        parse_target(text)
+    except TargetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return (text.strip(),)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="an existing Ray cluster: auto, ray://HOST:PORT or HOST:PORT "
                                      "(default: start a local Ray on this machine)")
     p.add_argument("--service", type=_targets, default=(),
-                   help="HOST:PORT[,HOST:PORT...] of running vitserve gateways to embed with (round-robin)")
+                   help="running vitserve gateways to embed with: HOST:PORT[,HOST:PORT...], ipv4:A:P,B:P or "
+                        "dns:///NAME:PORT (gRPC round_robin over every replica, UNAVAILABLE retried on another)")
     p.add_argument("--source-kind", choices=SOURCE_KINDS, default="auto", help="default: detected from the files")
     p.add_argument("--image-column", help="Parquet: the column of image bytes or paths (default: detected)")
     p.add_argument("--id-column", help="Parquet: the column of ids (default: <file>:<row>)")

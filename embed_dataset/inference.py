@@ -3,7 +3,7 @@
 ``OrtEmbedder`` holds one ONNX Runtime session (``export.model.make_session``) of the model file,
 whose bytes reach every actor through Ray's object store (so a cluster's nodes need no copy of the
 repository). ``ServiceEmbedder`` sends each batch, as raw frames already at the model's input size,
-to the next gateway of ``--service`` (round-robin). Both pool with the gateway's ``pool_embeddings``,
+to ``--service``'s gateways (one channel, gRPC's round_robin). Both pool with the gateway's ``pool_embeddings``,
 so cls / mean / both and the L2 normalisation are the service's own arithmetic.
 
 Rows that carry an ``error`` (or are a shard's marker) pass through untouched with zero vectors; a
@@ -29,7 +29,7 @@ from serving.pooling import pool_embeddings
 
 from embed_dataset.decode import Batch
 from embed_dataset.model import EmbedModel
-from embed_dataset.options import JobError
+from embed_dataset.options import JobError, service_target
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,16 @@ class OrtEmbedder(_Embedder):
 
 
 class ServiceEmbedder(_Embedder):
-    """Ray Data actor: batches go to running gateways in turn (raw frames at the model's input size)."""
+    """Ray Data actor: batches go to the running gateways (raw frames at the model's input size) over
+    one channel that balances them with gRPC's round_robin and retries UNAVAILABLE on another one."""
 
     def __init__(self, model: EmbedModel, settings: EmbedSettings, targets: tuple[str, ...]) -> None:
         super().__init__(model, settings)
-        self.targets = targets
-        self.clients = [VitServeClient(t, timeout=SERVICE_TIMEOUT_S) for t in targets]
-        self.turn = os.getpid() % len(targets)  # actors start on different gateways
+        self.target = service_target(targets)
+        self.client = VitServeClient(self.target, timeout=SERVICE_TIMEOUT_S)
 
     def _call(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        client = self.clients[self.turn]
+        client = self.client
         if not self.settings.features:
             return client.embed(pixels, model=self.model.name, l2_normalize=self.settings.l2_normalize,
                                 pooling=self.settings.pooling, version=self.model.version), None
@@ -154,18 +154,17 @@ class ServiceEmbedder(_Embedder):
         return embeddings, res.features
 
     def _embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        # The channel already retried UNAVAILABLE on other replicas; what is left (every replica down
+        # or full, a deadline) gets a slower back-off here before the job gives up.
         for attempt in range(1, SERVICE_ATTEMPTS + 1):
-            target = self.targets[self.turn]
             try:
                 return self._call(pixels)
             except VitServeError as e:
                 if e.code.name not in _RETRIED:
                     raise
-                log.warning("gateway %s: %s (attempt %d of %d)", target, e, attempt, SERVICE_ATTEMPTS)
+                log.warning("gateways %s: %s (attempt %d of %d)", self.target, e, attempt, SERVICE_ATTEMPTS)
                 if attempt == SERVICE_ATTEMPTS:
-                    raise JobError(f"gateway {target} failed {SERVICE_ATTEMPTS} times: {e}; "
+                    raise JobError(f"gateways {self.target} failed {SERVICE_ATTEMPTS} times: {e}; "
                                    f"rerun the same command to resume") from e
                 time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-            finally:
-                self.turn = (self.turn + 1) % len(self.targets)
         raise AssertionError("unreachable")

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clients.client import VitServeClient, VitServeError
+from clients.targets import TargetError, parse_target, replica_addresses
 from contract.manifest import Manifest, ManifestError
 from contract.names import CLS_OUTPUT, INPUT_NAME, MANIFEST_FILENAME, PATCH_OUTPUT
 from contract.preprocess import OP_NAMES, PreprocessSpec, PreprocessSpecError
 from serving.images import InputGeometry
 from serving.preprocess import resolve_op
 
-from embed_dataset.options import EmbedOptions, UsageError
+from embed_dataset.options import EmbedOptions, UsageError, service_target
 
 ONNX_FILENAME = "model.onnx"
 _SERVICE_TIMEOUT_S = 10.0
@@ -120,11 +121,16 @@ def from_repository(repository: Path, name: str) -> EmbedModel:
 
 
 def from_service(targets: Sequence[str], name: str) -> EmbedModel:
-    """The model as every gateway in ``targets`` describes it; ``UsageError`` if one cannot or differs."""
+    """The model as every gateway of ``targets`` (``--service``: listed, or what ``dns:///`` resolves
+    to now) describes it; ``UsageError`` if one cannot or differs."""
+    try:
+        replicas = replica_addresses(parse_target(service_target(tuple(targets))))
+    except TargetError as e:
+        raise UsageError(f"--service: {e}") from e
     described: list[EmbedModel] = []
-    for target in targets:
+    for target in replicas:
         try:
-            with VitServeClient(target, timeout=_SERVICE_TIMEOUT_S) as client:
+            with VitServeClient(target, timeout=_SERVICE_TIMEOUT_S, retries=False) as client:
                 info = client.get_model(name)
         except VitServeError as e:
             raise UsageError(f"gateway {target}: {e}") from e
@@ -133,9 +139,9 @@ def from_service(targets: Sequence[str], name: str) -> EmbedModel:
                                     geometry=geometry, preprocess=_spec(info.manifest, geometry.channels, target),
                                     embed_dim=info.embed_dim, grid=info.grid))
     first = described[0]
-    for target, other in zip(targets[1:], described[1:]):
+    for target, other in zip(replicas[1:], described[1:]):
         if other.identity() != first.identity():
-            raise UsageError(f"gateways {targets[0]} and {target} serve different models named {name!r} "
+            raise UsageError(f"gateways {replicas[0]} and {target} serve different models named {name!r} "
                              f"({first.identity()} vs {other.identity()})")
     return first
 

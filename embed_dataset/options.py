@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.targets import TargetError, parse_target
 from serving.images import DEFAULT_MAX_PIXELS
 
 POOLINGS = ("cls", "mean", "both")
@@ -21,6 +22,11 @@ class UsageError(ValueError):
 
 class JobError(RuntimeError):
     """The job could not finish (a stall, an unreachable gateway); a rerun resumes it (exit 1)."""
+
+
+def service_target(service: tuple[str, ...]) -> str:
+    """One gRPC target of ``--service``'s gateways (given as one target, or as several ``HOST:PORT``)."""
+    return ",".join(service)
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,11 @@ class EmbedOptions:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        for target in self.service:
-            host, _, port = target.rpartition(":")
-            if not host or not port.isdigit():
-                raise UsageError(f"--service {target!r} is not HOST:PORT")
+        if self.service:
+            try:
+                parse_target(service_target(self.service))
+            except TargetError as e:
+                raise UsageError(f"--service: {e}") from None
         if self.source_kind != "parquet" and (self.image_column or self.id_column):
             if self.source_kind != "auto":
                 raise UsageError("--image-column and --id-column apply to Parquet sources only")

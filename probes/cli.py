@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR", help="a run directory written by `vitserve train`")
     src.add_argument("--onnx", metavar="PATH", help="an exported model.onnx (or its REPO/NAME directory)")
-    src.add_argument("--service", metavar="HOST:PORT", help="a running vitserve gateway (needs --model)")
+    src.add_argument("--service", metavar="TARGET", help="a running vitserve gateway HOST:PORT, or several "
+                     "(HOST:PORT,HOST:PORT or dns:///NAME:PORT, balanced) (needs --model)")
     p.add_argument("--model", help="model name on the service")
     p.add_argument("--baselines", action="store_true",
                    help="also probe raw pixels and a randomly initialised encoder of the same architecture")

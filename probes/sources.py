@@ -232,9 +232,12 @@ class ServiceSource:
     with CLS) for dense features and ``Embed`` (``pooling="both"``) for the global ones."""
 
     def __init__(self, target: str, model: str, timeout: float = 60.0) -> None:
-        from clients.client import VitServeClient, VitServeError
+        from clients.client import TargetError, VitServeClient, VitServeError
 
-        self.client = VitServeClient(target, timeout=timeout)
+        try:
+            self.client = VitServeClient(target, timeout=timeout)  # several replicas: balanced, retried
+        except TargetError as e:
+            raise SourceError(f"--service: {e}") from e
         try:
             described = {m.name: m for m in self.client.list_models()}
         except VitServeError as e:

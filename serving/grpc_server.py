@@ -28,6 +28,10 @@ from serving.triton_events import TritonEvents
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
+MAX_CONNECTION_AGE_GRACE_S = 30.0
+# Clients (clients.targets) ping a connection with calls in flight every 30 s; allow that (gRPC's
+# default allows one ping per 5 minutes without data and answers more with GOAWAY "too_many_pings").
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class ServerOptions:
     # with the same token, limits and metrics; TLS from the same files as ``tls`` (``from_files``).
     http_port: int | None = None
     http_tls: ssl.SSLContext | None = None
+    # A plaintext server with the health service only (Kubernetes' gRPC probes can do neither TLS nor
+    # tokens), on this port of the same host (0: a free port; None: none).
+    health_port: int | None = None
+    # Close each client connection after this many seconds (GOAWAY, calls in flight get
+    # MAX_CONNECTION_AGE_GRACE_S), so that clients re-resolve and spread over new replicas; None: never.
+    max_connection_age_s: float | None = None
 
     @classmethod
     def from_files(cls, *, auth_token_file: str | Path | None = None, tls_cert_file: str | Path | None = None,
@@ -116,6 +126,29 @@ class GatewayServer:
     health: health.aio.HealthServicer
     port: int
     limit: InFlightLimit  # the drain on shutdown refuses new calls through it and waits for its calls
+    health_server: grpc.aio.Server | None = None  # options.health_port: plaintext, health only
+    health_port: int | None = None
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: grpc.ServerCredentials | None, what: str) -> int:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+    if bound == 0:
+        raise GatewayError(f"cannot bind the {what} to {address}")
+    return bound
+
+
+def server_channel_options(options: ServerOptions) -> list[tuple[str, Any]]:
+    """The gRPC server's arguments: message limits, client pings, and the connection age cap."""
+    args: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", options.max_message_bytes),
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        # (the C-core name of GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS)]
+    if options.max_connection_age_s is not None:
+        args += [("grpc.max_connection_age_ms", int(options.max_connection_age_s * 1000)),
+                 ("grpc.max_connection_age_grace_ms", int(MAX_CONNECTION_AGE_GRACE_S * 1000))]
+    return args
 
 
 def interceptors(service: EncoderService, options: ServerOptions,
@@ -138,21 +171,21 @@ def create_server(service: EncoderService, host: str = "127.0.0.1", port: int = 
     admin = ModelAdmin(service.registry, enabled=options.enable_admin, on_models_loaded=options.on_models_loaded)
     on_frame = options.metrics.observe_stream_frame if options.metrics is not None else None
     in_flight = InFlightLimit(options.max_in_flight)
-    server = grpc.aio.server(
-        interceptors=interceptors(service, options, in_flight),
-        options=[("grpc.max_receive_message_length", options.max_message_bytes),
-                 ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES)])
+    if options.metrics is not None:
+        options.metrics.track_in_flight(in_flight)
+    server = grpc.aio.server(interceptors=interceptors(service, options, in_flight),
+                             options=server_channel_options(options))
     vitserve_pb2_grpc.add_VisionEncoderServicer_to_server(VisionEncoderServicer(service, admin, on_frame), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if options.tls is not None:
-        bound = server.add_secure_port(address, options.tls)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise GatewayError(f"cannot bind the gateway to {address}")
-    return GatewayServer(server, health_servicer, bound, in_flight)
+    bound = _bind(server, host, port, options.tls, "gateway")
+    health_server, health_port = None, None
+    if options.health_port is not None:
+        # The same servicer (one status) on a second, plaintext server without interceptors.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = _bind(health_server, host, options.health_port, None, "health port")
+    return GatewayServer(server, health_servicer, bound, in_flight, health_server, health_port)

@@ -9,6 +9,22 @@ after the gateway splits a request by ``max_batch_size``), ``vitserve_requests_i
 (1 while the embedded tritonserver runs, 0 while it is down and being restarted); the HTTP API's
 ``vitserve_http_requests_total`` {route, method, status} and ``vitserve_http_request_latency_seconds``
 {route}.
+
+Autoscaling signals (what an HPA scales replicas on; CPU is a poor one for an inference server):
+
+- ``vitserve_inflight_ratio`` (gauge): RPCs in flight / ``--max-in-flight``, read at scrape time. At 1
+  the replica refuses new calls RESOURCE_EXHAUSTED, so scale well before: the HPA in ``deploy/``
+  targets an average of 0.5 per pod (``autoscaling/v2``, ``type: Pods``, metric
+  ``vitserve_inflight_ratio``, ``target.averageValue: "500m"``, exposed to the HPA by
+  prometheus-adapter).
+- ``vitserve_queue_wait_seconds`` {model} (histogram): how long requests waited in Triton's queue
+  before Triton started them (dynamic batcher and busy instances). Read from Triton's own statistics
+  (``queue`` count and ns per model, polled every ``QUEUE_POLL_S``; ``serving.queue_stats``), since
+  the gateway itself never queues (past ``--max-in-flight`` it refuses) and only Triton knows when it
+  started a request. Triton reports totals, not one figure per request, so each request of a poll
+  interval is counted at that interval's mean: ``_sum`` and ``_count`` are exact (the mean queue wait
+  ``rate(_sum[1m]) / rate(_count[1m])`` is the figure to alert or scale on, e.g. above 50 ms), the
+  buckets are those of the per-interval means.
 """
 
 from __future__ import annotations
@@ -16,6 +32,8 @@ from __future__ import annotations
 import logging
 import threading
 from wsgiref.simple_server import WSGIServer
+
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -25,6 +43,13 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                 10.0)
+
+
+class InFlightLimitLike(Protocol):
+    in_flight: int
+    limit: int
 
 
 class GatewayMetrics:
@@ -54,6 +79,12 @@ class GatewayMetrics:
                                      "and HTTP status", ["route", "method", "status"], registry=r)
         self.http_latency = Histogram("vitserve_http_request_latency_seconds", "HTTP API latency in the gateway",
                                       ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight_ratio = Gauge("vitserve_inflight_ratio", "RPCs in flight / --max-in-flight (the "
+                                    "autoscaling signal)", registry=r)
+        self.queue_wait = Histogram("vitserve_queue_wait_seconds", "time requests waited in Triton's queue "
+                                    "before it started them (Triton's statistics; each request of a poll "
+                                    "interval at the interval's mean)", ["model"], buckets=QUEUE_BUCKETS,
+                                    registry=r)
         self.port: int | None = None  # the /metrics port once serve_http ran
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -67,6 +98,16 @@ class GatewayMetrics:
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_latency.labels(route).observe(seconds)
+
+    def track_in_flight(self, limit: "InFlightLimitLike") -> None:
+        """Read ``vitserve_inflight_ratio`` from the server's in-flight limit at each scrape."""
+        self.inflight_ratio.set_function(lambda: limit.in_flight / limit.limit)
+
+    def observe_queue_wait(self, model: str, mean_seconds: float, requests: int) -> None:
+        """``requests`` requests of ``model`` that waited ``mean_seconds`` on average in Triton's queue."""
+        child = self.queue_wait.labels(model)
+        for _ in range(requests):
+            child.observe(mean_seconds)
 
     def observe_triton_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)

@@ -6,7 +6,11 @@ Prints exactly one line to stdout when everything is ready::
 
 (with ``--http-port``: ``gateway 127.0.0.1:PORT, http http://127.0.0.1:HP, triton grpc ...``)
 
-and on SIGINT/SIGTERM stops the gateway (letting in-flight calls finish) and then Triton, exit 0.
+(with ``--health-port``: ``gateway 127.0.0.1:PORT, health 127.0.0.1:HP, triton grpc ...``) and on
+SIGTERM turns health NOT_SERVING, serves on for ``--drain-seconds`` (so balancers stop sending; a
+second SIGTERM or a SIGINT skips it), stops the gateway (letting in-flight calls finish) and then
+Triton, exit 0. ``--replicas N`` runs N such servers (``serving.replicas``) and prints one line
+``vitserve ready: replicas 127.0.0.1:P1,127.0.0.1:P2,...`` (the client target of all of them).
 An embedded Triton that dies is restarted on the same ports (``--triton-max-restarts``); while it is
 down health reports NOT_SERVING and calls end UNAVAILABLE. Exit code 1 once restarts are exhausted.
 ``run_gateway`` and ``BackgroundGateway`` (``serving.gateway``) run the gateway itself.
@@ -27,7 +31,7 @@ from typing import Callable, Iterator
 from serving.embedded import RestartOptions, launch_embedded
 from serving.errors import GatewayError, TritonLaunchError
 from serving.gateway import STOP_GRACE_S, run_gateway
-from serving.grpc_server import DEFAULT_MAX_IN_FLIGHT, ServerOptions
+from serving.grpc_server import DEFAULT_MAX_IN_FLIGHT, MAX_CONNECTION_AGE_GRACE_S, ServerOptions
 from serving.images import DEFAULT_MAX_PIXELS
 from serving.service import DEFAULT_MAX_IMAGES
 from serving.triton_launcher import TritonLauncher
@@ -35,6 +39,7 @@ from serving.triton_launcher import TritonLauncher
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
+DEFAULT_DRAIN_S = 0.0
 
 
 @contextlib.contextmanager
@@ -50,17 +55,29 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLauncher | None,
-                       connect_timeout: float, options: ServerOptions, grace: float = STOP_GRACE_S) -> int:
+                       connect_timeout: float, options: ServerOptions, grace: float = STOP_GRACE_S,
+                       drain_seconds: float = 0.0) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop, skip_drain = asyncio.Event(), asyncio.Event()
+
+    def on_sigterm() -> None:  # a second SIGTERM cuts the drain period short
+        if stop.is_set():
+            skip_drain.set()
+        stop.set()
+
+    def on_sigint() -> None:  # Ctrl-C at a terminal: no drain period, only calls in flight finish
+        skip_drain.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
     exit_code = 0
 
-    def ready(bound: int, models: list[str], http_port: int | None) -> None:
+    def ready(bound: int, models: list[str], http_port: int | None, health_port: int | None = None) -> None:
         scheme = "https" if options.http_tls is not None else "http"
         http = f", http {scheme}://{host}:{http_port}" if http_port is not None else ""
-        print(f"vitserve ready: gateway {host}:{bound}{http}, triton grpc {triton_url}, "
+        health = f", health {host}:{health_port}" if health_port is not None else ""
+        print(f"vitserve ready: gateway {host}:{bound}{http}{health}, triton grpc {triton_url}, "
               f"models: {', '.join(models)}", flush=True)
 
     def triton_lost() -> bool:
@@ -81,7 +98,8 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
     watcher = asyncio.create_task(watch_process())
     try:
         await run_gateway(triton_url, stop, host=host, port=port, on_ready=ready,
-                          connect_timeout=connect_timeout, options=options, grace=grace)
+                          connect_timeout=connect_timeout, options=options, grace=grace,
+                          drain_seconds=drain_seconds, skip_drain=skip_drain)
     finally:
         watcher.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,7 +110,8 @@ async def _serve_async(triton_url: str, host: str, port: int, launcher: TritonLa
 def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
           triton_url: str | None = None, host: str = "127.0.0.1", *,
           triton_timeout: float = 300.0, log_verbose: int = 0, options: ServerOptions | None = None,
-          restart: RestartOptions | None = None, shutdown_grace: float = STOP_GRACE_S) -> int:
+          restart: RestartOptions | None = None, shutdown_grace: float = STOP_GRACE_S,
+          drain_seconds: float = 0.0) -> int:
     """Run Triton (unless ``triton_url`` names a running one) and the gateway until SIGINT/SIGTERM.
 
     An embedded Triton that dies is restarted on the same ports by ``restart`` (see
@@ -111,7 +130,7 @@ def serve(model_repository: str | Path | None = None, port: int = DEFAULT_PORT,
             triton_url = launcher.grpc_url
         assert triton_url is not None
         return asyncio.run(_serve_async(triton_url, host, port, launcher, triton_timeout, options,
-                                        shutdown_grace))
+                                        shutdown_grace, drain_seconds))
     finally:
         if launcher is not None:
             launcher.stop()
@@ -180,8 +199,9 @@ def _max_pixels(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vitserve serve", description="Start Triton (or use a running one) and the vitserve gRPC gateway.")
+    p = argparse.ArgumentParser(  # no abbreviations: --replicas rewrites the port flags by their full names
+        prog="vitserve serve", description="Start Triton (or use a running one) and the vitserve gRPC gateway.",
+        allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-repository", type=Path, help="Triton model repository to serve "
                      "(starts the embedded tritonserver)")
@@ -227,6 +247,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=_number("--shutdown-grace", float, minimum=0), default=STOP_GRACE_S,
                    help=f"on SIGINT/SIGTERM, seconds calls in flight get to finish while new ones are "
                         f"refused (default {STOP_GRACE_S:.0f})")
+    p.add_argument("--drain-seconds", type=_number("--drain-seconds", float, minimum=0), default=DEFAULT_DRAIN_S,
+                   help=f"on SIGTERM, seconds health reports NOT_SERVING while calls are still served, so that "
+                        f"load balancers and clients stop sending before the gateway refuses calls; then "
+                        f"--shutdown-grace for calls in flight (default {DEFAULT_DRAIN_S:.0f}: stop at once, as a "
+                        f"process at a terminal should; behind a balancer use a few seconds, e.g. 10 on "
+                        f"Kubernetes; SIGINT never waits)")
+    p.add_argument("--health-port", type=_port("--health-port"), metavar="PORT",
+                   help="also serve the gRPC health service (grpc.health.v1) alone, in plaintext and without "
+                        "the token, on this port of --host (0: a free one), for probes that can do neither "
+                        "TLS nor tokens (Kubernetes); NOT_SERVING while Triton or its models are not ready "
+                        "and while draining")
+    p.add_argument("--max-connection-age", type=_number("--max-connection-age", float, minimum=0, inclusive=False),
+                   metavar="SECONDS",
+                   help="close each client connection after this many seconds (calls in flight get "
+                        f"{MAX_CONNECTION_AGE_GRACE_S:.0f} s more), so that clients re-resolve the replicas and "
+                        "spread over new ones (default: never)")
+    p.add_argument("--replicas", type=_number("--replicas", int, minimum=1), default=1, metavar="N",
+                   help="run N gateway + embedded Triton pairs on this host (needs --model-repository); "
+                        "--port, --http-port, --health-port and --metrics-port are the first replica's, the "
+                        "others get the next ports (0: each a free one); prints the client target of all")
     p.add_argument("--enable-admin", action="store_true",
                    help="enable the model management RPCs (LoadModel, UnloadModel, ReloadModel, "
                         "ListRepository; behind --auth-token-file when given); the embedded Triton then "
@@ -255,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
+    if args.replicas > 1:
+        if args.model_repository is None:
+            print("vitserve serve: --replicas starts one embedded Triton per replica; give --model-repository "
+                  "(against --triton-url run one gateway per Triton instead)", file=sys.stderr)
+            return 2
+        from serving.replicas import serve_replicas
+        return serve_replicas(args.replicas, list(argv if argv is not None else sys.argv[1:]), args)
     if args.enable_admin and args.auth_token_file is None and not _is_loopback(args.host):
         print(f"vitserve serve: --enable-admin on --host {args.host} (reachable from other machines) needs "
               "--auth-token-file, so that only token holders can load and unload models", file=sys.stderr)
@@ -264,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             auth_token_file=args.auth_token_file, max_in_flight=args.max_in_flight,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024), metrics_port=args.metrics_port,
             enable_admin=args.enable_admin, http_port=args.http_port, max_images=args.max_images_per_request,
-            max_pixels=args.max_pixels,
+            max_pixels=args.max_pixels, health_port=args.health_port,
+            max_connection_age_s=args.max_connection_age,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except (OSError, ValueError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)
@@ -274,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(args.model_repository, args.port, args.triton_url, args.host,
                      triton_timeout=args.triton_timeout, log_verbose=args.log_verbose, options=options,
-                     restart=restart, shutdown_grace=args.shutdown_grace)
+                     restart=restart, shutdown_grace=args.shutdown_grace, drain_seconds=args.drain_seconds)
     except (TritonLaunchError, GatewayError) as e:
         print(f"vitserve serve: {e}", file=sys.stderr)
         return 1
