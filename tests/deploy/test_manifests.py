@@ -134,7 +134,13 @@ def _validate_all(objects: list[dict[str, Any]]) -> None:
             _validate(obj, version)
 
 
-@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def _schema_files() -> list[Path]:
+    """The manifest files with built-in kinds (the operator's custom resources have no official schema)."""
+    return [p for p in _manifest_files()
+            if any(d["apiVersion"].split("/")[0] != OPERATOR_GROUP for d in _documents(p))]
+
+
+@pytest.mark.parametrize("path", _schema_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_every_manifest_is_valid_kubernetes_strict(path: Path) -> None:
     _validate_all(_documents(path))
 
