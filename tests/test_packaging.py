@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ DISTRIBUTION_MODULES = {
     "pytest": {"pytest"}, "pytest-timeout": {"pytest_timeout"}, "grpcio-tools": {"grpc_tools"},
     "hypothesis": {"hypothesis"}, "ray": {"ray"}, "pyarrow": {"pyarrow"},
     "aiohttp": {"aiohttp"}, "openai": {"openai"}, "selenium": {"selenium"},
+    "kubernetes-validate": {"kubernetes_validate"},
 }
 # Imported only where present, behind a check that reports its absence (export --tensorrt).
 OPTIONAL = {"tensorrt"}
@@ -124,32 +127,55 @@ def _pypi_reachable() -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_a_clean_virtualenv_installs_the_client_alone(tmp_path: Path) -> None:
+@dataclass
+class CleanVenv:
+    """A fresh virtualenv with ``pip install .`` (the client alone) and what pip listed right after."""
+    py: Path
+    bin: Path
+    env: dict[str, str]
+    cwd: Path
+    client_installed: set[str]
+
+
+def _copy(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+
+
+@pytest.fixture(scope="module")
+def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> CleanVenv:
+    """One fresh virtualenv for the slow install tests: the client first (its package list recorded
+    before anything else is installed), then the gateway image's install line goes on top."""
     if not _pypi_reachable():
         pytest.skip("pypi.org is not reachable: the clean install needs the index")
+    tmp_path = tmp_path_factory.mktemp("clean-venv")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     source = tmp_path / "source"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
-    source.mkdir()
     for name in ["pyproject.toml", "README.md", *LAYERS]:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif (ROOT / name).is_file():
-            shutil.copy2(ROOT / name, source / name)
+        if (ROOT / name).exists():
+            _copy(ROOT / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py, vitserve = venv / "bin" / "python", venv / "bin" / "vitserve"
+    py = venv / "bin" / "python"
     subprocess.run([py, "-m", "pip", "install", "-q", str(source)], check=True, env=env, cwd=tmp_path, timeout=600)
-
     listing = subprocess.run([py, "-m", "pip", "list", "--format", "json"], check=True, env=env, cwd=tmp_path,
                              capture_output=True, text=True).stdout
     installed = {d["name"].lower().replace("_", "-") for d in json.loads(listing)}
+    return CleanVenv(py, venv / "bin", env, tmp_path, installed)
+
+
+@pytest.mark.slow
+def test_a_clean_virtualenv_installs_the_client_alone(clean_venv: CleanVenv) -> None:
+    py, vitserve, env, tmp_path = clean_venv.py, clean_venv.bin / "vitserve", clean_venv.env, clean_venv.cwd
     grpcio_needs = subprocess.run(
         [py, "-c", "import importlib.metadata as m, re; print(' '.join(re.match(r'[A-Za-z0-9_.-]+', r).group(0) "
          "for r in m.requires('grpcio') or [] if 'extra' not in r))"],
         check=True, env=env, cwd=tmp_path, capture_output=True, text=True).stdout.split()
     allowed = BASE | {"vitserve", "pip", "setuptools"} | {n.lower().replace("_", "-") for n in grpcio_needs}
-    assert installed <= allowed, installed - allowed
+    assert clean_venv.client_installed <= allowed, clean_venv.client_installed - allowed
 
     run = dict(env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert subprocess.run([vitserve, "embed", "--help"], **run).returncode == 0
@@ -162,3 +188,50 @@ def test_a_clean_virtualenv_installs_the_client_alone(tmp_path: Path) -> None:
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done.stderr
     done = subprocess.run([vitserve, "train", "--help"], **run)
     assert done.returncode == 2 and done.stderr.startswith("vitserve train: needs the 'train' extra"), done.stderr
+
+
+def _dockerfile() -> dict[str, list[str]]:
+    """deploy/Dockerfile as {INSTRUCTION: [arguments, ...]} (continuation lines joined)."""
+    out: dict[str, list[str]] = {}
+    for line in re.sub(r"\\\n", " ", (ROOT / "deploy" / "Dockerfile").read_text()).splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.setdefault(instruction.upper(), []).append(rest.strip())
+    return out
+
+
+@pytest.mark.slow
+def test_the_gateway_images_install_line_gives_a_working_gateway(clean_venv: CleanVenv) -> None:
+    """deploy/Dockerfile, without Docker: its COPY lines and its ``pip install`` line, as written, into
+    a fresh virtualenv; then its ENTRYPOINT runs (no Docker engine exists here to build the image)."""
+    dockerfile = _dockerfile()
+    assert dockerfile["FROM"] == ["python:3.11-slim"] and dockerfile["WORKDIR"][0] == "/src"
+    image_src = clean_venv.cwd / "image-src"
+    for line in dockerfile["COPY"]:
+        *sources, dest = shlex.split(line)
+        for src in sources:
+            target = image_src / dest
+            if dest.endswith("/") or len(sources) > 1:
+                target = target / Path(src).name
+            _copy(ROOT / src, target)
+    [install] = [line for line in dockerfile["RUN"] if "pip install" in line]
+    argv = shlex.split(install)
+    assert argv[:2] == ["pip", "install"], f"the install line is not a plain pip install: {install}"
+    done = subprocess.run([clean_venv.py, "-m", *argv], env=clean_venv.env, cwd=image_src, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, f"{install} (in {image_src}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+
+    entrypoint = json.loads(dockerfile["ENTRYPOINT"][0])
+    assert entrypoint[:1] == ["vitserve"]
+    command = [str(clean_venv.bin / entrypoint[0]), *entrypoint[1:]]
+    run = dict(env=clean_venv.env, cwd=clean_venv.cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*command, *json.loads(dockerfile["CMD"][0])], **run)
+    assert done.returncode == 0 and "--triton-url" in done.stdout, done.stderr
+    with socket.socket() as s:  # a Triton that is not there: the gateway starts, waits 1 s, says so
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([*command, "--triton-url", f"127.0.0.1:{port}", "--triton-timeout", "1", "--port", "0",
+                           "--http-port", "0", "--metrics-port", "0"], **run)
+    assert done.returncode == 1 and done.stderr.startswith(f"vitserve serve: Triton at 127.0.0.1:{port} was not "
+                                                           "ready within 1s"), done.stderr
