@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ class Load:
         self.seed = seed
         self.allowed = set(allowed)  # codes that count as an explicit, accounted-for refusal
         self.timeline: list[tuple[float, float, str, str]] = []  # (start, end, rpc, code), monotonic
+        # Set to end the load before its duration: a test stops once it has seen what it waits for.
+        self.stop = threading.Event()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="stream")
         self.codes: collections.Counter[str] = collections.Counter()
         self.rpcs: collections.Counter[str] = collections.Counter()
@@ -155,7 +158,7 @@ class Load:
             stub = vitserve_pb2_grpc.VisionEncoderStub(channel)
             sync_channel = grpc.insecure_channel(self.target)
             sync_stub = vitserve_pb2_grpc.VisionEncoderStub(sync_channel)
-            while time.monotonic() < until:
+            while time.monotonic() < until and not self.stop.is_set():
                 rpc = rng.choice(self.rpcs_mix)
                 t0, start = time.perf_counter(), time.monotonic()
                 try:

@@ -62,6 +62,19 @@ def _load_in_background(load: Load, clients: int, seconds: float, pid: int) -> t
     return thread, result
 
 
+def wait_until(predicate, timeout: float, what: str, last=lambda: None) -> None:
+    """Poll ``predicate`` every 50 ms; fail after ``timeout`` s naming ``what`` and ``last()``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f} s; last seen: {last()}")
+        time.sleep(0.05)
+
+
+def _ok_calls(load: Load, after: float = 0.0) -> int:
+    return sum(1 for start, _, _, code in list(load.timeline) if code == "OK" and start > after)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,12 +95,23 @@ def test_triton_killed_under_load_recovers(rel_exported, reference_pool):
     with Service(rel_exported.repository, max_in_flight=16) as service, HealthWatch(service.target) as health:
         load = Load(service.target, pool, cls, tokens, (7, 7), deadline_s=30.0,
                     allowed=EXPECTED_REFUSALS | {"UNAVAILABLE"})
-        thread, result = _load_in_background(load, 8, 30.0, service.pid)
-        time.sleep(6.0)
+        # The load runs until the service is seen to have recovered (at most 120 s).
+        thread, result = _load_in_background(load, 8, 120.0, service.pid)
+        wait_until(lambda: _ok_calls(load) >= 40, 60, "40 correct answers before the kill",
+                   lambda: load.codes)
         triton = service.triton_pid()
         assert triton is not None
         t_kill = time.monotonic()
         os.kill(triton, signal.SIGKILL)
+
+        def recovered() -> bool:  # health back, and correct answers to calls started after the outage
+            unavailable = [end for _, end, _, code in list(load.timeline) if code == "UNAVAILABLE"]
+            back = any(t > t_kill and s == "SERVING" for t, s in list(health.seen)[1:]) and any(
+                s == "NOT_SERVING" for t, s in list(health.seen) if t > t_kill)
+            return bool(unavailable) and back and _ok_calls(load, after=min(unavailable)) >= 20
+        wait_until(recovered, 110, "recovery after kill -9 of tritonserver",
+                   lambda: (load.codes, list(health.seen)[-3:]))
+        load.stop.set()
         thread.join(120)
         assert not thread.is_alive(), "the load did not finish: a call hung"
         restarted = service.triton_pid()
@@ -124,12 +148,15 @@ def test_sigterm_with_calls_in_flight_drains(rel_exported, reference_pool):
         triton = service.triton_pid()
         load = Load(service.target, pool, cls, tokens, (7, 7), deadline_s=30.0,
                     allowed=EXPECTED_REFUSALS | {"UNAVAILABLE", "CANCELLED"})
-        thread, result = _load_in_background(load, 8, 12.0, service.pid)
-        time.sleep(6.0)
+        thread, result = _load_in_background(load, 8, 120.0, service.pid)
+        wait_until(lambda: _ok_calls(load) >= 40, 60, "40 correct answers before SIGTERM", lambda: load.codes)
         t_term = time.monotonic()
         service.proc.send_signal(signal.SIGTERM)
         code = service.proc.wait(60)
         t_exit = time.monotonic()
+        wait_until(lambda: sum(1 for start, *_ in list(load.timeline) if start > t_exit) >= 8, 60,
+                   "8 calls started after the exit", lambda: load.codes)
+        load.stop.set()
         thread.join(120)
     finally:
         service.stop()
