@@ -49,13 +49,15 @@ _REPLICA = re.compile(r"^replica (\d+): pid (\d+): (vitserve ready: .*)$")
 
 
 def _consecutive_free_ports(n: int) -> int:
-    """A port P with P..P+n-1 free now (a later bind may still race; then the fleet fails to start)."""
+    """A port P with P..P+n-1 free now, below the kernel's ephemeral range: no ``bind(0)`` (the
+    replicas' Tritons pick their ports that way) and no outgoing connection is ever given one of
+    these, so nothing else in the run can take them between this check and the replicas' binds."""
+    import random
+
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
+        base = rng.randrange(10000, max(10001, low - n))
         socks = []
         try:
             for p in range(base, base + n):
@@ -188,7 +190,8 @@ def wait_until(what: str, check, timeout: float = 30.0, interval: float = 0.05):
 
 @pytest.fixture(scope="module")
 def fleet(rel_exported) -> Iterator[Fleet]:  # noqa: ANN001
-    port, metrics, health = (_consecutive_free_ports(N) for _ in range(3))
+    port = _consecutive_free_ports(3 * N)  # one run: the three blocks cannot overlap
+    metrics, health = port + N, port + 2 * N
     parent = subprocess.Popen(
         [sys.executable, "-m", "serving.server", "--model-repository", str(rel_exported.repository),
          "--replicas", str(N), "--port", str(port), "--metrics-port", str(metrics), "--health-port", str(health),
