@@ -125,7 +125,8 @@ def build_model(cfg: TrainConfig, init: bool = True) -> tuple[nn.Module, Encoder
     weights), before the method copies it into a teacher / key encoder; random otherwise."""
     if cfg.method not in METHOD_REGISTRY:
         raise ConfigError(f"method {cfg.method!r} is not available; choose one of {sorted(METHOD_REGISTRY)}")
-    if cfg.method in ("dino", "dinov2") and cfg.local_crop_size % int(cfg.overrides.get("patch_size", 16)) and cfg.n_local_crops:
+    patch = int(cfg.overrides.get("patch_size", 16))
+    if cfg.method in ("dino", "dinov2") and cfg.local_crop_size % patch and cfg.n_local_crops:
         raise ConfigError(f"local_crop_size={cfg.local_crop_size} must be a multiple of the patch size")
     encoder, spec = create_encoder(cfg.model_name, cfg.overrides)
     if init and cfg.init_from:
