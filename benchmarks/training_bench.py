@@ -6,7 +6,7 @@
    step time of each and their ratio. MAE's claim (He et al. 2022, §3) is that encoding only the
    visible 25% makes a step several times cheaper; the project's target is a masked step costing
    <= 0.4 of an unmasked one.
-2. Images per second of a training step of every method (mae, dino, simclr, moco) with its
+2. Images per second of a training step of every method (mae, dino, dinov2, simclr, moco) with its
    defaults (:data:`training.config.METHOD_DEFAULTS`), also in interleaved rounds.
 
 Data are random images (timing does not depend on content); the views are made outside the timed

@@ -194,6 +194,20 @@ def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if tuple(x.shape[-2:]) == tuple(model.patch_embed.img_size):
         return model.forward_head(model.forward_features(x), pre_logits=True)
+    return model.forward_head(encoder_tokens(model, x), pre_logits=True)
+
+
+def encoder_tokens(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+                   mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """Final-normed tokens ``[N, prefix + h*w, D]`` of a timm ViT for input ``[N, C, H, W]`` of any
+    multiple of the patch size (position embedding resampled as :func:`cls_features`).
+
+    With ``mask [N, h*w]`` (bool, True = masked) the patch embeddings at masked positions are
+    replaced by ``mask_token [D]`` before the position embedding is added and the blocks run, as
+    DINOv2's / iBOT's student (``DinoVisionTransformer.prepare_tokens_with_masks``). timm's ViT has no
+    mask token, so the caller owns it: the encoder's own weights and forward (what export reads) stay
+    those of a plain timm ViT.
+    """
     from timm.layers import resample_abs_pos_embed
 
     p = model.patch_embed.patch_size
@@ -202,6 +216,10 @@ def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens = model.patch_embed.proj(x)  # [N, D, h, w]
     grid = tokens.shape[-2:]
     tokens = model.patch_embed.norm(tokens.flatten(2).transpose(1, 2))  # [N, h*w, D]
+    if mask is not None:
+        if mask_token is None or mask.shape != tokens.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} needs a mask_token and shape {tuple(tokens.shape[:2])}")
+        tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype).view(1, 1, -1), tokens)
     prefix = [t.expand(len(x), -1, -1) for t in (getattr(model, "cls_token", None),
                                                   getattr(model, "reg_token", None)) if t is not None]
     pos = getattr(model, "pos_embed", None)
@@ -216,5 +234,4 @@ def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         tokens = torch.cat(prefix + [tokens], dim=1)
     tokens = model.norm_pre(model.patch_drop(model.pos_drop(tokens)))
-    tokens = model.norm(model.blocks(tokens))
-    return model.forward_head(tokens, pre_logits=True)
+    return model.norm(model.blocks(tokens))

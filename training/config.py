@@ -14,7 +14,7 @@ from typing import Any
 
 from training.backbone import DEFAULT_MODEL_NAME, DEFAULT_OVERRIDES, parse_override_value
 
-METHODS = ("mae", "dino", "simclr", "moco")
+METHODS = ("mae", "dino", "dinov2", "simclr", "moco")
 FASHION_MNIST = "fashion-mnist"
 
 
@@ -78,6 +78,18 @@ class TrainConfig:
     # on the lr schedule's progress axis: with max_minutes the run's progress is its budget fraction,
     # so the layer is frozen for the first freeze_last_layer / epochs of the budget.
     freeze_last_layer: float = 0.0
+    # --- DINOv2 (Oquab et al. 2024): iBOT masked-patch loss, KoLeo, Sinkhorn-Knopp; see configs/dinov2.yaml.
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)  # block-mask ratio range of the masked global crops
+    ibot_mask_probability: float = 0.5  # share of the global crops that are masked
+    ibot_separate_head: bool = False  # patch tokens through their own head (False: the DINO head)
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    centering: str = "sinkhorn_knopp"  # DINOv2's teacher centring: "sinkhorn_knopp" or "centre" (running)
+    sinkhorn_iterations: int = 3
+    # Layer-wise lr decay (lr * layer_decay ** (depth + 1 - layer), blocks 1..depth, embeddings 0) and the
+    # patch embedding's extra lr factor (training.param_groups); 1.0 = off (every method but DINOv2).
+    layer_decay: float = 1.0
+    patch_embed_lr_scale: float = 1.0
     momentum: float = 0.996  # base teacher / key-encoder EMA momentum
     momentum_cosine: bool = True  # raise the momentum to 1 along a cosine (DINO, MoCo v3)
     temperature: float = 0.5  # SimCLR / MoCo softmax temperature
@@ -101,7 +113,7 @@ class TrainConfig:
     out_dir: str | None = None  # the run directory (default: runs/<method>-<timestamp>)
 
     def __post_init__(self) -> None:
-        for name in ("betas", "global_crop_scale", "local_crop_scale"):
+        for name in ("betas", "global_crop_scale", "local_crop_scale", "ibot_mask_ratio"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
         checks = [
@@ -134,6 +146,16 @@ class TrainConfig:
             (self.knn_every >= 0 and self.knn_every_steps >= 0, "knn_every and knn_every_steps must be >= 0"),
             (not (self.knn_every or self.knn_every_steps) or self.knn_val > 0,
              "online k-NN (knn_every / knn_every_steps) needs held-out images: set knn_val (e.g. 5000)"),
+            (len(self.ibot_mask_ratio) == 2 and 0.0 <= self.ibot_mask_ratio[0] <= self.ibot_mask_ratio[1] < 1.0,
+             f"ibot_mask_ratio must be (low, high) with 0 <= low <= high < 1, got {self.ibot_mask_ratio}"),
+            (0.0 <= self.ibot_mask_probability <= 1.0,
+             f"ibot_mask_probability must be in [0, 1], got {self.ibot_mask_probability}"),
+            (self.centering in ("sinkhorn_knopp", "centre"),
+             f"centering must be 'sinkhorn_knopp' or 'centre', got {self.centering!r}"),
+            (self.sinkhorn_iterations >= 1, f"sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}"),
+            (0.0 < self.layer_decay <= 1.0, f"layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (self.patch_embed_lr_scale > 0, f"patch_embed_lr_scale must be > 0, got {self.patch_embed_lr_scale}"),
+            (self.ibot_loss_weight >= 0 and self.koleo_loss_weight >= 0, "loss weights must be >= 0"),
             (not self.moco_v3_freeze_patch_embed or self.moco_v3,
              "moco_v3_freeze_patch_embed is a MoCo v3 option; set moco_v3=true"),
         ]
@@ -177,6 +199,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino": {"batch_size": 64, "base_lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
              "betas": (0.9, 0.999), "momentum": 0.996, "momentum_cosine": True, "clip_grad": 3.0,
              "freeze_last_layer": 1.0},
+    # DINOv2: DINO's values plus the reference's layer decay 0.9 and patch-embed lr x 0.2
+    # (ssl_default_config.yaml), Sinkhorn-Knopp centring (3 iterations), iBOT masks of ratio 0.1-0.5 on
+    # half the global crops, KoLeo weight 0.1; configs/dinov2.yaml adds the small-data recipe.
+    "dinov2": {"batch_size": 64, "base_lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
+               "betas": (0.9, 0.999), "momentum": 0.996, "momentum_cosine": True, "clip_grad": 3.0,
+               "freeze_last_layer": 1.0, "layer_decay": 0.9, "patch_embed_lr_scale": 0.2},
     "simclr": {"batch_size": 64, "base_lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999),
                "temperature": 0.5},
     "moco": {"batch_size": 64, "base_lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999),

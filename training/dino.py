@@ -118,9 +118,13 @@ class DINO(nn.Module):
         (``eval_knn.py --checkpoint_key teacher``); it is the better of the two in the paper (§5.2)."""
         return self.teacher_encoder
 
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher, student) module pairs the EMA updates."""
+        return [(self.teacher_encoder, self.encoder), (self.teacher_head, self.head)]
+
     @torch.no_grad()
     def after_step(self, out: dict[str, torch.Tensor], momentum: float = 0.996, **_: float) -> None:
         """After the optimiser step: EMA the teacher with ``momentum`` and update the centre."""
-        ema_update(self.teacher_encoder, self.encoder, momentum)
-        ema_update(self.teacher_head, self.head, momentum)
+        for teacher, student in self.ema_pairs():
+            ema_update(teacher, student, momentum)
         self.center.copy_(update_center(self.center, out["teacher_out"], self.center_momentum))

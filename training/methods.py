@@ -18,7 +18,9 @@ from training import augment as aug
 from training.backbone import EncoderSpec, create_encoder
 from training.config import ConfigError, TrainConfig
 from training.contrastive import MoCo, SimCLR
+from training.block_masking import ibot_masks
 from training.dino import DINO
+from training.dinov2 import DINOv2
 from training.mae import MaskedAutoencoder
 from training.pretrained import init_encoder
 from training.schedules import momentum_schedule, warmup_schedule, weight_decay_schedule
@@ -36,6 +38,14 @@ def _build_dino(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn.M
     return DINO(encoder, spec, out_dim=cfg.dino_out_dim, hidden_dim=cfg.head_hidden_dim,
                 bottleneck_dim=cfg.head_bottleneck_dim, n_local_crops=cfg.n_local_crops,
                 student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
+
+
+def _build_dinov2(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn.Module:
+    return DINOv2(encoder, spec, out_dim=cfg.dino_out_dim, hidden_dim=cfg.head_hidden_dim,
+                  bottleneck_dim=cfg.head_bottleneck_dim, n_local_crops=cfg.n_local_crops,
+                  student_temp=cfg.student_temp, center_momentum=cfg.center_momentum, centering=cfg.centering,
+                  sinkhorn_iterations=cfg.sinkhorn_iterations, ibot_separate_head=cfg.ibot_separate_head,
+                  ibot_weight=cfg.ibot_loss_weight, koleo_weight=cfg.koleo_loss_weight)
 
 
 def _build_simclr(cfg: TrainConfig, encoder: nn.Module, spec: EncoderSpec) -> nn.Module:
@@ -65,6 +75,16 @@ def _multi_crop_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec, ge
     return [aug.normalize(c, spec.mean, spec.std) for c in crops]
 
 
+def _masked_multi_crop_views(cfg: TrainConfig, x01: torch.Tensor, spec: EncoderSpec,
+                             gen: torch.Generator) -> Views:
+    """DINO's crops, then one block mask ``[N, L]`` per global crop (drawn over the 2N global crops
+    together, as DINOv2's collate). Masks are views of the batch, so torchrun shards them with it."""
+    crops = _multi_crop_views(cfg, x01, spec, gen)
+    n = x01.shape[0]
+    masks = ibot_masks(2 * n, spec.grid_size, gen, cfg.ibot_mask_ratio, cfg.ibot_mask_probability)
+    return crops + list(masks.view(2, n, -1).unbind(0))
+
+
 @dataclass(frozen=True)
 class Method:
     """How a method builds its module and its views of a batch ``[N, C, H, W]`` in [0, 1]."""
@@ -77,6 +97,7 @@ class Method:
 METHOD_REGISTRY: dict[str, Method] = {
     "mae": Method(_build_mae, _flip_views),
     "dino": Method(_build_dino, _multi_crop_views, ("momentum", "teacher_temp")),
+    "dinov2": Method(_build_dinov2, _masked_multi_crop_views, ("momentum", "teacher_temp")),
     "simclr": Method(_build_simclr, _two_views),
     "moco": Method(_build_moco, _two_views, ("momentum",)),
 }
@@ -104,7 +125,8 @@ def build_model(cfg: TrainConfig, init: bool = True) -> tuple[nn.Module, Encoder
     weights), before the method copies it into a teacher / key encoder; random otherwise."""
     if cfg.method not in METHOD_REGISTRY:
         raise ConfigError(f"method {cfg.method!r} is not available; choose one of {sorted(METHOD_REGISTRY)}")
-    if cfg.method == "dino" and cfg.local_crop_size % int(cfg.overrides.get("patch_size", 16)) and cfg.n_local_crops:
+    patch = int(cfg.overrides.get("patch_size", 16))
+    if cfg.method in ("dino", "dinov2") and cfg.local_crop_size % patch and cfg.n_local_crops:
         raise ConfigError(f"local_crop_size={cfg.local_crop_size} must be a multiple of the patch size")
     encoder, spec = create_encoder(cfg.model_name, cfg.overrides)
     if init and cfg.init_from:

@@ -1,8 +1,9 @@
 """Self-supervised pre-training of a timm ViT encoder; writes a run directory (docs/CONTRACTS.md).
 
-``vitserve train --method {mae,dino,simclr,moco} [--config FILE.yaml] [--out DIR] ... [key=value ...]``
+``vitserve train --method {mae,dino,dinov2,simclr,moco} [--config FILE.yaml] [--out DIR] ... [key=value ...]``
 calls :func:`main`, a thin layer over :func:`train`. The methods (MAE, He et al. 2022; DINO, Caron
-et al. 2021; SimCLR, Chen et al. 2020; MoCo v2/v3) live in :mod:`training.methods`.
+et al. 2021; DINOv2, Oquab et al. 2024; SimCLR, Chen et al. 2020; MoCo v2/v3) live in
+:mod:`training.methods`.
 
 The recipe follows MAE's ``engine_pretrain.py``: AdamW (betas 0.9/0.95, weight decay 0.05 on
 matrices only), lr = base_lr * batch / 256 with linear warm-up and cosine decay, a non-finite loss
@@ -23,7 +24,6 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from training import distributed as dist_mod
 from training.methods import METHOD_REGISTRY, build_model, schedules_at, weight_decay_at  # noqa: F401
 from training.online_knn import OnlineKNN
+from training.param_groups import param_groups  # noqa: F401  (re-exported: tests and benchmarks use it)
 from training.pretraining_data import load_pretraining_data
 from training.run_dir import CHECKPOINT_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, write_json
 
@@ -59,19 +60,6 @@ def lr_at(step: float, total: float, warmup: float, base: float, min_lr: float =
         return base
     t = min(1.0, (step - warmup) / (total - warmup))
     return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only; biases, norms and tokens are exempt (as MAE).
-    The decayed group comes first (the weight-decay schedule sets ``param_groups[0]``)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim <= 1 or name.endswith(("token", "pos_embed"))
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 class _MetricsWindow:
@@ -115,8 +103,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, views: torch.Tensor
     non-finite loss is returned without stepping, so the caller can stop on it.
     """
     views = [views] if isinstance(views, torch.Tensor) else list(views)
-    for group in opt.param_groups:
-        group["lr"] = lr
+    for group in opt.param_groups:  # layer-wise decay / patch-embed scale (training.param_groups)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(*views, **(schedules or {}))  # losses upcast to fp32
     loss = out["loss"]
@@ -193,7 +181,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                               f"{e}") from e
     core = model
     model = dist_mod.wrap_ddp(model)  # replaces BatchNorm modules, so the optimiser comes after
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.patch_embed_lr_scale),
+                            lr=cfg.lr, betas=cfg.betas)
     step, start_epoch, start_batch, saved_perm = 0, 0, 0, None
     if ckpt is not None:
         try:
@@ -203,7 +192,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                               f"not fit this model's parameters: {e}") from e
         step, start_epoch, start_batch, saved_perm = ckpt["step"], ckpt["epoch"], ckpt["batch"], ckpt["perm"]
         restore_rng(ckpt["rng"], data_gen)
-    decay_group = opt.param_groups[0]  # after load_state_dict, which replaces the group dicts
+    # After load_state_dict, which replaces the group dicts. A checkpoint from before lr scales has
+    # two groups without "wd_scale": the first is the decayed one.
+    decay_groups = [g for i, g in enumerate(opt.param_groups) if g.get("wd_scale", float(i == 0)) > 0]
     last_layer = list(getattr(core, "last_layer_params", lambda: [])())
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,8 +244,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                 if world > 1:  # same seed on every rank: the same global views, each rank its shard
                     views = [dist_mod.shard(v) for v in views]
                 sched = {k: v for k, v in schedules_at(cfg, progress, total).items() if k in method.schedules}
-                if cfg.weight_decay_end is not None:  # DINO's cosine, on the decayed group only
-                    decay_group["weight_decay"] = weight_decay_at(cfg, progress, total)
+                if cfg.weight_decay_end is not None:  # DINO's cosine, on the decayed groups only
+                    for group in decay_groups:
+                        group["weight_decay"] = weight_decay_at(cfg, progress, total)
                 frozen = last_layer if progress < cfg.freeze_last_layer * steps_per_epoch else ()
                 loss, parts = train_step(model, opt, views, lr, cfg.bf16, sched, cfg.clip_grad, frozen)
                 if not math.isfinite(loss):
@@ -271,7 +263,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                 stop = out_of_time or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
                 extra = dict(sched)
                 if cfg.weight_decay_end is not None:
-                    extra["weight_decay"] = decay_group["weight_decay"]
+                    extra["weight_decay"] = decay_groups[0]["weight_decay"]
                 # k-NN every knn_every epochs on the progress axis (a budgeted run: at fractions of
                 # its budget), every knn_every_steps steps, and at the end.
                 done = max(step, spent / budget_s * total) if budget_s else step

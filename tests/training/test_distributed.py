@@ -1,6 +1,8 @@
 """Data-parallel training: one step on 2 gloo CPU processes equals one single-process step on the
-same global batch, for SimCLR (gathered negatives), DINO (centre all-reduced), MoCo v2 (queue of the
-global batch's keys) and MoCo v3 (keys gathered, labels offset by rank), BatchNorm heads included."""
+same global batch, for SimCLR (gathered negatives), DINO (centre all-reduced), DINOv2 (Sinkhorn-Knopp
+sums or the CLS and patch centres all-reduced, KoLeo on gathered features, ranks masking different
+numbers of patches), MoCo v2 (queue of the global batch's keys) and MoCo v3 (keys gathered, labels
+offset by rank), BatchNorm heads included."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.multiprocessing as mp
 from training.backbone import DEFAULT_OVERRIDES
 from training.config import TrainConfig
 from training.distributed import all_reduce_mean, gather_no_grad, rank_world, shard, unwrap, wrap_ddp
+from training.block_masking import ibot_masks
 from training.methods import build_model
 from training.train import param_groups
 
@@ -22,6 +25,9 @@ WORLD, BATCH = 2, 8
 CASES = {  # name -> (method, extra config)
     "simclr": ("simclr", {}),
     "dino": ("dino", {"n_local_crops": 2, "local_crop_size": 16, "dino_out_dim": 32, "head_bottleneck_dim": 8}),
+    "dinov2": ("dinov2", {"n_local_crops": 2, "local_crop_size": 16, "dino_out_dim": 32, "head_bottleneck_dim": 8}),
+    "dinov2_centre": ("dinov2", {"n_local_crops": 2, "local_crop_size": 16, "dino_out_dim": 32,
+                                 "head_bottleneck_dim": 8, "centering": "centre", "ibot_separate_head": True}),
     "moco_v2": ("moco", {"queue_size": 20}),  # 20: the second half of the global batch wraps around
     "moco_v3": ("moco", {"moco_v3": True}),
 }
@@ -42,8 +48,11 @@ def _setup(case: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     model, _ = build_model(_cfg(case))
     model.train()
-    sizes = (28, 28, 16, 16) if case == "dino" else (28, 28)
+    sizes = (28, 28, 16, 16) if case.startswith("dino") else (28, 28)
     views = [torch.randn(BATCH, 1, s, s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sizes)]
+    if case.startswith("dinov2"):  # block masks on 12 of the 16 global crops: rank 0 and rank 1 mask unequal counts
+        masks = ibot_masks(2 * BATCH, (7, 7), torch.Generator().manual_seed(3), mask_probability=0.75)
+        views += list(masks.view(2, BATCH, -1).unbind(0))
     if case == "moco_v2":  # a queue already half full, so the step's negatives are not all random
         with torch.no_grad():
             model.queue.ptr.fill_(6)
@@ -126,7 +135,7 @@ def test_two_process_step_equals_single_process(two_rank_steps, case):
         assert int(got["queue.ptr"]) == (6 + BATCH) % 20
     # DINO's local crops go through timm's position-embedding resampling, which interpolates in
     # float32 even for float64 weights: its round-off (~1e-9 after the 0.5-lr step) sets DINO's bound.
-    atol = 1e-7 if case == "dino" else 1e-9
+    atol = 1e-7 if case.startswith("dino") else 1e-9
     for k, v in want.items():
         if k.endswith("num_batches_tracked"):
             continue

@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 
 def test_one_file_per_method():
-    assert {p.stem for p in CONFIGS} == {"mae", "dino", "simclr", "moco", "moco_v3"}
+    assert {p.stem for p in CONFIGS} == {"mae", "dino", "dinov2", "simclr", "moco", "moco_v3"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

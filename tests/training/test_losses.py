@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import dino_loss, info_nce, moco_loss, moco_v3_loss, teacher_entropy, update_center
+from training.losses import (
+    dino_loss, ibot_patch_loss, info_nce, koleo_loss, moco_loss, moco_v3_loss, nearest_neighbour_distances,
+    sinkhorn_knopp, teacher_entropy, update_center, update_patch_center,
+)
 
 
 def _unit_pair(cos: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,3 +125,83 @@ def test_moco_v3_loss_symmetric_in_batch():
         return F.cross_entropy(q @ k.T / 0.2, torch.arange(4)) * 2 * 0.2
 
     assert moco_v3_loss(q1, q2, k1, k2, 0.2).item() == pytest.approx((ctr(q1, k2) + ctr(q2, k1)).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ DINOv2 losses
+
+def test_koleo_hand_made_set_with_known_nearest_neighbours():
+    # Unit vectors at 0, 60 and 180 degrees: chords 2 sin(d/2) are 1 (0-60), sqrt(3) (60-180), 2 (0-180),
+    # so the nearest-neighbour distances are 1, 1, sqrt(3) and L = -(log 1 + log 1 + log sqrt 3) / 3.
+    angles = torch.tensor([0.0, math.pi / 3, math.pi])
+    x = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    assert torch.allclose(nearest_neighbour_distances(x), torch.tensor([1.0, 1.0, math.sqrt(3)]), atol=1e-6)
+    assert koleo_loss(x).item() == pytest.approx(-math.log(3) / 6, abs=1e-6)
+    scaled = x * torch.tensor([[2.0], [0.5], [7.0]])  # KoLeo normalises the features first
+    assert koleo_loss(scaled).item() == pytest.approx(-math.log(3) / 6, abs=1e-6)
+    x = x.clone().requires_grad_(True)
+    koleo_loss(x).backward()
+    # The gradient pushes the close pair (0 and 60 degrees) apart along the circle: descending it
+    # turns the first point clockwise (negative y) and the second anticlockwise.
+    assert x.grad[0, 1] > 0 and x.grad[1, 0] > 0
+    with pytest.raises(ValueError, match="at least two"):
+        koleo_loss(torch.randn(1, 4))
+
+
+def _sinkhorn_reference(scores: torch.Tensor, eps: float, iterations: int) -> torch.Tensor:
+    """SwAV's Algorithm 1 (``distributed_sinkhorn``), written out in float64 loops over the matrix."""
+    q = torch.exp(scores.double() / eps).T.clone()  # [K, B]
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        for i in range(k):
+            q[i] /= q[i].sum() * k
+        for j in range(b):
+            q[:, j] /= q[:, j].sum() * b
+    return (q * b).T
+
+
+def test_sinkhorn_knopp_matches_swav_reference_and_equipartitions():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    got = sinkhorn_knopp(logits, 0.1, 3)
+    torch.testing.assert_close(got.double(), _sinkhorn_reference(logits, 0.1, 3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(6))  # every sample a distribution
+    assert not torch.allclose(got.sum(0), torch.full((4,), 6 / 4), atol=1e-3)  # 3 iterations: near, not at
+    converged = sinkhorn_knopp(logits, 0.1, 200)
+    torch.testing.assert_close(converged.sum(1), torch.ones(6))
+    torch.testing.assert_close(converged.sum(0), torch.full((4,), 6 / 4), atol=1e-5, rtol=0)  # B / K each
+    # Logits offset by 100 (exp(1000) overflows even float64): shifted by their maximum, the same answer.
+    torch.testing.assert_close(sinkhorn_knopp(logits + 100, 0.1, 3), got, rtol=1e-3, atol=1e-5)  # float32 of x+100
+    big = torch.randn(8, 16, requires_grad=True)
+    assert not sinkhorn_knopp(big, 0.05).requires_grad  # targets are stop-gradient
+
+
+def test_ibot_patch_loss_reads_masked_positions_only():
+    torch.manual_seed(0)
+    b, length, k = 3, 5, 4
+    student = torch.randn(b, length, k, requires_grad=True)
+    teacher = F.softmax(torch.randn(b, length, k), dim=-1)
+    masks = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    ref = 0.0
+    for i in range(b):  # iBOT eq. 2 with DINOv2's weights: per image 1/|M_b|, then / B (all images)
+        rows = [j for j in range(length) if masks[i, j]]
+        for j in rows:
+            ref += -(teacher[i, j] * F.log_softmax(student[i, j] / 0.1, dim=-1)).sum() / len(rows)
+    loss = ibot_patch_loss(student, teacher, masks, 0.1)
+    assert loss.item() == pytest.approx(ref.item() / b, rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(student.grad[~masks]) == 0  # zero gradient from unmasked positions
+    assert torch.all(student.grad[masks].abs().sum(-1) > 0)
+    # Garbage (NaN teacher, huge student) at unmasked positions changes nothing.
+    noisy_t, noisy_s = teacher.clone(), student.detach().clone()
+    noisy_t[~masks], noisy_s[~masks] = float("nan"), 1e6
+    assert ibot_patch_loss(noisy_s, noisy_t, masks, 0.1).item() == pytest.approx(loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="bool"):
+        ibot_patch_loss(student, teacher, masks.long(), 0.1)
+
+
+def test_update_patch_center_is_ema_of_masked_row_mean():
+    c = torch.zeros(1, 2)
+    rows = torch.tensor([[1.0, 3.0], [3.0, 5.0]])
+    assert torch.allclose(update_patch_center(c, rows, 0.9), torch.tensor([[0.2, 0.4]]))
+    assert torch.equal(update_patch_center(c, rows[:0], 0.9), c)  # nothing masked: unchanged

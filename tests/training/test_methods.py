@@ -1,4 +1,4 @@
-"""DINO, SimCLR and MoCo modules, the MoCo queue, any-size CLS features, and tiny training runs of
+"""DINO, DINOv2, SimCLR and MoCo modules, the MoCo queue, any-size CLS features, and tiny training runs of
 each method whose run directories load and export."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pytest
 import timm
 import torch
 
-from training.backbone import DEFAULT_MODEL_NAME, cls_features, create_encoder
+from training.backbone import DEFAULT_MODEL_NAME, cls_features, create_encoder, encoder_tokens
 from training.config import TrainConfig
 from training.contrastive import MoCo, MoCoQueue, SimCLR
 from training.dino import DINO, DINOHead
+from training.dinov2 import DINOv2
 from training.run_dir import load_encoder
 from training.train import train
 
@@ -72,6 +73,54 @@ def test_dino_student_all_crops_teacher_globals_ema_and_centre():
     assert torch.allclose(model.center, expected_center)
 
 
+def test_mask_token_replaces_masked_patch_embeddings_only():
+    encoder, _ = tiny_encoder()
+    token = torch.randn(32)
+    mask = torch.zeros(2, 49, dtype=torch.bool)
+    mask[0, [0, 8, 9]] = True  # patches (0,0), (1,1), (1,2) of image 0
+    x = torch.randn(2, 1, 28, 28)
+    y = x.clone()
+    y[0, :, 0:4, 0:4] += 5.0  # change only the pixels of masked patch (0, 0) of image 0
+    y[0, :, 4:8, 4:12] -= 3.0  # and of (1, 1), (1, 2)
+    with torch.no_grad():
+        assert torch.equal(encoder_tokens(encoder, x), encoder.forward_features(x))  # no mask: timm's forward
+        assert torch.equal(encoder_tokens(encoder, x, mask, token), encoder_tokens(encoder, y, mask, token))
+        assert not torch.equal(encoder_tokens(encoder, x, mask, token)[1], encoder_tokens(encoder, x)[0])
+        assert torch.allclose(encoder_tokens(encoder, x, mask, token)[1], encoder_tokens(encoder, x)[1])
+        y[0, :, 0:4, 4:8] += 1.0  # an unmasked patch: the output changes
+        assert not torch.equal(encoder_tokens(encoder, x, mask, token), encoder_tokens(encoder, y, mask, token))
+
+
+@pytest.mark.parametrize("centering,separate", [("sinkhorn_knopp", False), ("centre", True)])
+def test_dinov2_loss_parts_gradients_and_teacher(centering, separate):
+    encoder, spec = tiny_encoder()
+    model = DINOv2(encoder, spec, out_dim=16, hidden_dim=8, bottleneck_dim=4, n_local_crops=2,
+                   centering=centering, ibot_separate_head=separate)
+    crops = [torch.randn(4, 1, 28, 28) for _ in range(2)] + [torch.randn(4, 1, 16, 16) for _ in range(2)]
+    masks = [torch.zeros(4, 49, dtype=torch.bool) for _ in range(2)]
+    masks[0][1, 3:10] = True
+    masks[1][2, 20:24] = True
+    out = model(*crops, *masks, teacher_temp=0.04)
+    assert out["loss"].item() == pytest.approx(
+        (out["dino_loss"] + out["ibot_loss"] + 0.1 * out["koleo_loss"]).item(), rel=1e-6)
+    assert out["teacher_patch_out"].shape == (11, 16) and out["teacher_out"].shape == (2, 4, 16)
+    assert 0.0 < out["ibot_teacher_entropy"].item() <= math.log(16) + 1e-5
+    out["loss"].backward()
+    assert model.patch_mask_token.grad is not None and model.patch_mask_token.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher_encoder.parameters())
+    patch_head = model.ibot_head if separate else model.head
+    assert patch_head.last_weight.grad.abs().sum() > 0
+    assert len(model.last_layer_params()) == (2 if separate else 1)
+    assert "patch_mask_token" not in {k.split(".")[0] for k in model.export_encoder.state_dict()}
+    assert set(model.export_encoder.state_dict()) == set(encoder.state_dict())  # a plain timm ViT
+    center = model.center.clone()
+    model.after_step(out, momentum=0.5)
+    assert torch.equal(model.center, center) == (centering == "sinkhorn_knopp")  # SK keeps no running centre
+    assert torch.equal(model.patch_center.abs().sum() > 0, torch.tensor(centering == "centre"))
+    with pytest.raises(ValueError, match="2 masks"):
+        model(*crops)
+
+
 def test_moco_queue_pointer_wraps_and_is_decoupled_from_batch():
     q = MoCoQueue(5, 2)
     a = torch.arange(6.0).view(3, 2)
@@ -116,7 +165,7 @@ def test_simclr_forward_gradients_reach_encoder():
 def runs(tmp_path_factory, image_folder):
     """One tiny run per method: 64 images, batch 16, 2 epochs, a 1-block 32-d ViT."""
     out = {}
-    for method in ("dino", "simclr", "moco"):
+    for method in ("dino", "dinov2", "simclr", "moco"):
         cfg = TrainConfig.for_method(
             method, data=str(image_folder), overrides=dict(TINY), batch_size=16, epochs=2, log_every=1,
             num_threads=1, dino_out_dim=32, head_hidden_dim=16, head_bottleneck_dim=8, proj_dim=8,
@@ -127,6 +176,7 @@ def runs(tmp_path_factory, image_folder):
 
 @pytest.mark.parametrize("method,signal,model_keys", [
     ("dino", "teacher_entropy", ("teacher_encoder.", "teacher_head.", "center", "head.")),
+    ("dinov2", "ibot_teacher_entropy", ("teacher_encoder.", "teacher_head.", "patch_mask_token", "patch_center")),
     ("simclr", "feature_std", ("projector.",)),
     ("moco", "feature_std", ("key_encoder.", "key_projector.", "queue.keys", "queue.ptr")),
 ])
@@ -141,9 +191,9 @@ def test_method_runs_write_run_dirs(runs, method, signal, model_keys):
     assert ckpt["config"]["method"] == method
     assert all(any(k.startswith(p) for k in ckpt["model"]) for p in model_keys)
     encoder_state = torch.load(run / "encoder.pt", weights_only=True)
-    assert not any(k.startswith(("teacher", "head", "projector", "key_", "queue")) for k in encoder_state)
+    assert not any(k.startswith(("teacher", "head", "projector", "key_", "queue", "patch_mask")) for k in encoder_state)
     model, spec = load_encoder(run)
-    prefix = "teacher_encoder." if method == "dino" else "encoder."  # DINO stores its teacher
+    prefix = "teacher_encoder." if method.startswith("dino") else "encoder."  # DINO stores its teacher
     stored = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     assert stored and all(torch.equal(model.state_dict()[k], v) for k, v in stored.items())
     assert spec.img_size == (28, 28) and not getattr(model, "dynamic_img_size", False)

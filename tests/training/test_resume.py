@@ -36,7 +36,7 @@ def losses(run) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("method,stop", [("mae", 6), ("dino", 3), ("moco", 3), ("simclr", 4)])
+@pytest.mark.parametrize("method,stop", [("mae", 6), ("dino", 3), ("dinov2", 5), ("moco", 3), ("simclr", 4)])
 def test_resume_matches_uninterrupted_run(tmp_path, image_folder, method, stop):
     full = train(config(method, image_folder, tmp_path / "full"))
     part_cfg = config(method, image_folder, tmp_path / "part", stop_at_step=stop)

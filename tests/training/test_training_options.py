@@ -197,7 +197,7 @@ def test_online_knn_on_held_out_split_is_logged(tmp_path, image_folder):
 
 # ------------------------------------------------------------------------------------- bf16
 
-@pytest.mark.parametrize("method,extra", [("mae", {}), ("dino", {}), ("simclr", {}), ("moco", {}),
+@pytest.mark.parametrize("method,extra", [("mae", {}), ("dino", {}), ("dinov2", {}), ("simclr", {}), ("moco", {}),
                                           ("moco", {"moco_v3": True})])
 def test_bf16_step_is_finite_and_close_to_fp32(method, extra):
     cfg = tiny(method, **extra)

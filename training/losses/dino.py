@@ -39,6 +39,14 @@ def dino_loss(
         raise ValueError(f"shapes do not pair up: student {tuple(student_out.shape)}, "
                          f"teacher {tuple(teacher_out.shape)}")
     p_t = teacher_probs(teacher_out, center.reshape(1, 1, -1), teacher_temp)  # [G, N, K]
+    return dino_cross_entropy(student_out, p_t, student_temp)
+
+
+def dino_cross_entropy(student_out: torch.Tensor, targets: torch.Tensor, student_temp: float = 0.1) -> torch.Tensor:
+    """:func:`dino_loss` given the teacher's target distributions ``[G, N, K]`` (centred and sharpened,
+    or Sinkhorn-Knopp normalised as DINOv2) instead of its logits; stop-gradient on the targets."""
+    g, v = targets.shape[0], student_out.shape[0]
+    p_t = at_least_fp32(targets.detach())
     log_p_s = F.log_softmax(at_least_fp32(student_out) / student_temp, dim=-1)  # [V, N, K]
     ce = -(p_t.unsqueeze(1) * log_p_s.unsqueeze(0)).sum(-1).mean(-1)  # [G, V]: mean over images
     pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)  # teacher crop i vs student crop i: skip
@@ -58,4 +66,10 @@ def teacher_entropy(teacher_out: torch.Tensor, center: torch.Tensor, teacher_tem
     """Mean entropy (nats) of the teacher distribution: a collapse signal (0 = one-hot collapse,
     log K = uniform collapse); healthy training sits in between."""
     p = teacher_probs(teacher_out, center.reshape(*([1] * (teacher_out.ndim - 1)), -1), teacher_temp)
-    return float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+    return mean_entropy(p)
+
+
+@torch.no_grad()
+def mean_entropy(probs: torch.Tensor) -> float:
+    """Mean entropy (nats) of the distributions along the last axis of ``probs [..., K]``."""
+    return float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean())
