@@ -28,8 +28,10 @@ from tritonclient.utils import InferenceServerException
 from serving.errors import TritonLaunchError
 from serving.triton_events import SupervisionCallback
 from serving.triton_log import TritonLog
+from serving.triton_orphans import clear_stale, forget_launch, record_launch
 from serving.triton_supervisor import RestartPolicy, TritonSupervisor
 from serving.triton_tree import prepare_server_tree, pytriton_paths, server_env
+from serving.tied_process import popen_tied
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class TritonLauncher:
         if not self.model_repository.is_dir():
             raise TritonLaunchError(f"model repository {self.model_repository} is not a directory")
         self._server = (prepare_server_tree(), pytriton_paths()[1])
+        clear_stale(self._server[0], self.model_repository)  # a Triton orphaned by an earlier gateway
         if self._supervisor is not None and not self._supervisor.alive:
             self._supervisor = None  # a start by hand begins with no restarts and nothing given up
         auto_ports = not any(self._fixed_ports)
@@ -182,10 +185,12 @@ class TritonLauncher:
         log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self.log.path)
         log.debug("command: %s", " ".join(cmd))
         with open(self.log.path, "ab") as log_file:
-            # Own session: a terminal's Ctrl-C reaches us, and we stop Triton (and its stubs) in order.
-            self.process = subprocess.Popen(
+            # Own session: a terminal's Ctrl-C reaches only us, and we drain and then stop Triton (and its
+            # stubs, which share its process group) in order. Tied: SIGKILL when this process dies.
+            self.process = popen_tied(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=server_env(libs_dir), cwd=server_tree, start_new_session=True)
+        record_launch(server_tree, self.process.pid, cmd)
         atexit.register(self.stop)
 
     def respawn(self) -> bool:
@@ -272,6 +277,8 @@ class TritonLauncher:
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        if self._server is not None:
+            forget_launch(self._server[0], proc.pid)
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL to the whole process group after ``stop_grace`` seconds.
