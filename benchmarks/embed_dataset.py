@@ -170,11 +170,19 @@ def _in_process(kind: str, **kwargs: Any) -> dict[str, Any]:
     code = (f"import json, sys; from benchmarks.embed_dataset import {kind}; "
             f"print('RESULT ' + json.dumps({kind}(**json.loads(sys.argv[1]))))")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    from serving.tied_process import popen_tied
+
+    # Tied: a benchmark killed by any signal takes this driver (and so its Ray job) with it.
+    with popen_tied([sys.executable, "-c", code, json.dumps(kwargs)], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=3600)
+        except BaseException:
+            proc.kill()
+            raise
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} failed ({proc.returncode}):\n{stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -230,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import ray
 
+    from embed_dataset.job import shutdown_local_ray
+
     facts = machine()
     workers = [int(w) for w in a.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="vitserve-embed-bench-") as tmp:
@@ -266,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append({"label": label, "baseline": base, "baseline_after": after, "baseline_1_thread": one,
                              "jobs": jobs})
         finally:
-            ray.shutdown()
+            shutdown_local_ray()
     command = "python -m benchmarks.embed_dataset " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": command.strip(), "machine": facts, "ray_start_s": ray_start_s, "threads": a.threads,
               "rows": rows}

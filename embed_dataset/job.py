@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -29,6 +30,7 @@ from embed_dataset.model import EmbedModel, resolve_model
 from embed_dataset.options import EmbedOptions, JobError, UsageError
 from embed_dataset.output import FORMAT_VERSION, OutputDir, ShardBuffer, shard_tables
 from embed_dataset.sources import SourcePlan, scan_source
+from serving.process_table import ProcessInfo, descendants, end_survivors
 
 log = logging.getLogger(__name__)
 DECODE_MEMORY_BASE = 192 * 2**20  # a worker process with numpy, PIL and the decoder imported: ~110 MiB
@@ -116,7 +118,45 @@ def ray_session(address: str | None) -> Iterator[float]:
     try:
         yield time.perf_counter() - t0
     finally:
-        ray.shutdown()
+        if address is None:
+            shutdown_local_ray()
+        else:
+            ray.shutdown()
+
+
+RAY_EXIT_WAIT_S = 10.0
+
+
+def local_ray_processes() -> list[ProcessInfo]:
+    """The processes of the local Ray this process started: its children that run Ray's own programs
+    (GCS, raylet, monitors, dashboard) and everything below them (agents, workers)."""
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    mine = descendants(os.getpid())
+    roots = {p.pid for p in mine if p.ppid == os.getpid() and any(a.startswith(ray_dir) for a in p.cmdline)}
+    found = []
+    for p in mine:  # parents come before their children
+        if p.pid in roots or p.ppid in roots:
+            roots.add(p.pid)
+            found.append(p)
+    return found
+
+
+def shutdown_local_ray() -> None:
+    """``ray.shutdown()`` of a local Ray this process started, and no process of it left afterwards.
+
+    Ray stops its head processes itself; a worker or agent still running ``RAY_EXIT_WAIT_S`` seconds
+    later (one was seen alive for minutes, re-parented to init) is killed.
+    """
+    import ray
+
+    ours = local_ray_processes()
+    ray.shutdown()
+    killed = end_survivors(ours, RAY_EXIT_WAIT_S)
+    if killed:
+        log.warning("killed %d Ray process(es) that outlived ray.shutdown() by %.0fs: %s", len(killed),
+                    RAY_EXIT_WAIT_S, ", ".join(f"{p.pid} {p.cmdline[0][:60]}" for p in killed))
 
 
 class Collector:

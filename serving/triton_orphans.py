@@ -16,45 +16,15 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import TritonLaunchError
+from serving.process_table import all_processes, process_info
 
 log = logging.getLogger(__name__)
 
 RUN_DIR = "run"
 KILL_WAIT_S = 10.0
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    """One entry of the process table (``/proc``)."""
-
-    pid: int
-    ppid: int
-    start_ticks: int  # field 22 of /proc/PID/stat: with the pid, names a process across pid reuse
-    cmdline: tuple[str, ...]
-
-
-def process_info(pid: int) -> ProcessInfo | None:
-    """``pid`` as ``/proc`` shows it now; ``None`` when there is no such process (or it is a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return ProcessInfo(pid, int(fields[1]), int(fields[19]), tuple(a.decode(errors="replace")
-                                                                   for a in raw.split(b"\0") if a))
-
-
-def all_processes() -> list[ProcessInfo]:
-    """Every live process of ``/proc``."""
-    found = (process_info(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit())
-    return [p for p in found if p is not None]
 
 
 def record_launch(server_tree: Path, pid: int, cmdline: list[str]) -> Path:
