@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import ray
 
-    from embed_dataset.job import shutdown_local_ray
+    from embed_dataset.job import local_ray
 
     facts = machine()
     workers = [int(w) for w in a.workers.split(",")]
@@ -248,11 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources = write_sources(work, a.fmnist_images, a.vit_images)
         names = export_models(work / "repo", a.vit_images > 0)
         t0 = time.perf_counter()
-        ray.init(address="local", include_dashboard=False)
-        ray_start_s = time.perf_counter() - t0
-        address = ray.get_runtime_context().gcs_address
         rows = []
-        try:
+        with local_ray():
+            ray_start_s = time.perf_counter() - t0
+            address = ray.get_runtime_context().gcs_address
             for label, key, model, batch in (("Fashion-MNIST PNG folder", "fmnist_folder", names["fmnist"], a.batch_size),
                                              ("Fashion-MNIST Parquet", "fmnist_parquet", names["fmnist"], a.batch_size),
                                              ("ViT-S/16 224 px JPEG folder", "vit_folder", names.get("vit"), a.vit_batch_size)):
@@ -275,8 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 after = _in_process("baseline", threads=a.threads, **common)
                 rows.append({"label": label, "baseline": base, "baseline_after": after, "baseline_1_thread": one,
                              "jobs": jobs})
-        finally:
-            shutdown_local_ray()
     command = "python -m benchmarks.embed_dataset " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": command.strip(), "machine": facts, "ray_start_s": ray_start_s, "threads": a.threads,
               "rows": rows}

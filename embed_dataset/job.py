@@ -30,6 +30,7 @@ from embed_dataset.model import EmbedModel, resolve_model
 from embed_dataset.options import EmbedOptions, JobError, UsageError
 from embed_dataset.output import FORMAT_VERSION, OutputDir, ShardBuffer, shard_tables
 from embed_dataset.sources import SourcePlan, scan_source
+from serving.orphan_reaper import start_reaper
 from serving.process_table import ProcessInfo, descendants, end_survivors
 
 log = logging.getLogger(__name__)
@@ -109,30 +110,49 @@ def ray_session(address: str | None) -> Iterator[float]:
         return
     t0 = time.perf_counter()
     if address is None:
-        ray.init(address="local", include_dashboard=False)
-    else:
-        try:
-            ray.init(address=address)
-        except (ConnectionError, ValueError) as e:
-            raise UsageError(f"cannot connect to the Ray cluster at --address {address}: {e}") from e
+        with local_ray():
+            yield time.perf_counter() - t0
+        return
+    try:
+        ray.init(address=address)
+    except (ConnectionError, ValueError) as e:
+        raise UsageError(f"cannot connect to the Ray cluster at --address {address}: {e}") from e
     try:
         yield time.perf_counter() - t0
     finally:
-        if address is None:
-            shutdown_local_ray()
-        else:
-            ray.shutdown()
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_ray(**init_options: Any) -> Iterator[None]:
+    """A local Ray (``ray.init(address="local", ...)``) of which no process outlives the block, nor
+    this process if it is killed (``serving.orphan_reaper`` watches for that)."""
+    import ray
+
+    reaper = start_reaper(_ray_dir())  # before ray.init: a kill during start-up is covered too
+    try:
+        ray.init(address="local", include_dashboard=False, **init_options)
+        yield
+    finally:
+        reaper.kill()  # we end Ray ourselves now
+        reaper.wait()
+        shutdown_local_ray()
 
 
 RAY_EXIT_WAIT_S = 10.0
 
 
+def _ray_dir() -> str:
+    """The ``ray`` package's directory: Ray's head processes run programs from it."""
+    import ray
+
+    return os.path.dirname(ray.__file__) + os.sep
+
+
 def local_ray_processes() -> list[ProcessInfo]:
     """The processes of the local Ray this process started: its children that run Ray's own programs
     (GCS, raylet, monitors, dashboard) and everything below them (agents, workers)."""
-    import ray
-
-    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    ray_dir = _ray_dir()
     mine = descendants(os.getpid())
     roots = {p.pid for p in mine if p.ppid == os.getpid() and any(a.startswith(ray_dir) for a in p.cmdline)}
     found = []
@@ -152,7 +172,8 @@ def shutdown_local_ray() -> None:
     import ray
 
     ours = local_ray_processes()
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     killed = end_survivors(ours, RAY_EXIT_WAIT_S)
     if killed:
         log.warning("killed %d Ray process(es) that outlived ray.shutdown() by %.0fs: %s", len(killed),
