@@ -129,7 +129,7 @@ def local_ray(**init_options: Any) -> Iterator[None]:
     this process if it is killed (``serving.orphan_reaper`` watches for that)."""
     import ray
 
-    reaper = start_reaper(_ray_dir())  # before ray.init: a kill during start-up is covered too
+    reaper = start_reaper(_ray_dir(), 0.25)  # before ray.init: a kill during start-up is covered too
     try:
         ray.init(address="local", include_dashboard=False, **init_options)
         yield

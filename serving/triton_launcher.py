@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving.errors import TritonLaunchError
+from serving.orphan_reaper import start_reaper
 from serving.triton_events import SupervisionCallback
 from serving.triton_log import TritonLog
 from serving.triton_orphans import clear_stale, forget_launch, record_launch
@@ -39,6 +40,19 @@ LOOPBACK = "127.0.0.1"
 _READY_CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                        ("grpc.max_reconnect_backoff_ms", 200)]
 __all__ = ["LOOPBACK", "TritonLaunchError", "TritonLauncher", "free_port"]
+
+
+REAPER_POLL_S = 1.0
+_reapers: dict[str, subprocess.Popen[bytes]] = {}  # server tree -> this process's watchdog of its Tritons
+
+
+def _ensure_reaper(server_tree: Path) -> None:
+    """One ``serving.orphan_reaper`` per process and server tree: it kills Triton's backend stubs (which
+    the parent-death signal does not reach) when this process dies."""
+    prefix = str(server_tree) + os.sep
+    reaper = _reapers.get(prefix)
+    if reaper is None or reaper.poll() is not None:
+        _reapers[prefix] = start_reaper(prefix, REAPER_POLL_S)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -191,6 +205,7 @@ class TritonLauncher:
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=server_env(libs_dir), cwd=server_tree, start_new_session=True)
         record_launch(server_tree, self.process.pid, cmd)
+        _ensure_reaper(server_tree)
         atexit.register(self.stop)
 
     def respawn(self) -> bool:
