@@ -123,6 +123,21 @@ def test_gateway_sigkill_takes_its_triton_and_a_fresh_serve_starts_cleanly(rel_e
     assert "stopping tritonserver" in serve.stderr
 
 
+def test_gateway_on_an_external_triton_never_kills_it(rel_triton, sample_images):
+    from clients.client import VitServeClient
+
+    triton = process_info(rel_triton.process.pid)
+    with serve_process("--triton-url", rel_triton.grpc_url, "--port", "0") as serve:
+        assert not descendants(serve.proc.pid), describe(descendants(serve.proc.pid))
+        serve.proc.kill()
+        serve.proc.wait()
+    time.sleep(1.0)  # what would kill it (a parent-death signal, a reaper) acts within a second
+    assert triton is not None and alive(triton)
+    with serve_process("--triton-url", rel_triton.grpc_url, "--port", "0") as serve, \
+            VitServeClient(serve.ready.group(1), timeout=60) as client:
+        assert client.embed(sample_images[:1]).shape[0] == 1
+
+
 def _orphan_triton(repository: Path) -> tuple[ProcessInfo, list[str]]:
     """A real tritonserver on ``repository`` whose parent is gone (re-parented to init), as an
     earlier gateway killed before this fix left it."""
