@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 
-
 def _stat(pid: int) -> tuple[int, int, int] | None:
     """(ppid, process group, start ticks) of a live process, else None."""
     try:
@@ -54,7 +53,8 @@ def helpers(pid: int, prefix: str) -> dict[int, tuple[int, int, int]]:
             if st is not None:
                 table[int(entry.name)] = st
     me = os.getpid()  # the reaper's own command line names the prefix too
-    roots = [p for p, st in table.items() if st[0] == pid and p != me and any(a.startswith(prefix) for a in _cmdline(p))]
+    roots = [p for p, st in table.items()
+             if st[0] == pid and p != me and any(a.startswith(prefix) for a in _cmdline(p))]
     found = {}
     while roots:
         p = roots.pop()
@@ -79,7 +79,10 @@ def watch(pid: int, start_ticks: int, prefix: str, poll_s: float) -> int:
         time.sleep(poll_s)
     killed = 0
     for p, s in seen.items():
-        if s[1] == p:  # a group leader: the group (its id cannot be reused while it has members)
+        now = _stat(p)
+        # A group leader: its group (a group id is not reused while the group has members), unless the
+        # pid now names another process (then the old group is empty and the id is someone else's).
+        if s[1] == p and (now is None or now[2] == s[2]):
             try:
                 os.killpg(p, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

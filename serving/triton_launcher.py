@@ -27,12 +27,12 @@ from tritonclient.utils import InferenceServerException
 
 from serving.errors import TritonLaunchError
 from serving.orphan_reaper import start_reaper
+from serving.tied_process import popen_tied
 from serving.triton_events import SupervisionCallback
 from serving.triton_log import TritonLog
 from serving.triton_orphans import clear_stale, forget_launch, record_launch
 from serving.triton_supervisor import RestartPolicy, TritonSupervisor
 from serving.triton_tree import prepare_server_tree, pytriton_paths, server_env
-from serving.tied_process import popen_tied
 
 log = logging.getLogger(__name__)
 

@@ -107,7 +107,7 @@ def test_gateway_sigkill_takes_its_triton_and_a_fresh_serve_starts_cleanly(rel_e
         print("\nFATE gateway SIGKILL, before:\n" + describe(before))
         serve.proc.kill()
         t0 = time.monotonic()
-        serve.proc.wait()
+        assert serve.proc.wait() == -signal.SIGKILL, "the gateway ended before it was killed"
     _report("gateway SIGKILL", before, t0)
     tree = prepare_server_tree()
     assert not [p for p in (tree / RUN_DIR).glob("*.json") if int(p.stem) in {b.pid for b in before}
@@ -160,7 +160,8 @@ def test_stale_triton_of_a_dead_gateway_is_named_or_killed_at_start(rel_exported
         # Unrecorded (no launch record names it): named in the error, left alone.
         with pytest.raises(TritonLaunchError) as e:
             TritonLauncher(rel_exported.repository).start(timeout=120)
-        assert f"orphaned tritonserver (pid {orphan.pid}" in str(e.value) and str(rel_exported.repository) in str(e.value)
+        message = str(e.value)
+        assert f"orphaned tritonserver (pid {orphan.pid}" in message and str(rel_exported.repository) in message
         assert alive(orphan)
         # Recorded by a gateway that is gone: provably ours, killed before the new Triton starts.
         dead_owner = subprocess.Popen(["true"])
@@ -201,12 +202,13 @@ def test_interrupted_embed_dataset_leaves_no_ray_process(rel_exported, tmp_path,
         before = _wait_for("a running MapWorker", lambda ps: any("MapWorker" in " ".join(p.cmdline) for p in ps),
                            driver)
         assert {"raylet", "gcs_server", "ray::DashboardAgent"} <= _names(before), describe(before)
+        assert driver.poll() is None, "the job ended before it could be interrupted"
         if how == "SIGINT":
             os.killpg(driver.pid, signal.SIGINT)
         else:
             driver.kill()
         t0 = time.monotonic()
-        driver.wait(timeout=60)
+        assert driver.wait(timeout=60) == -signal.SIGKILL if how == "SIGKILL" else driver.wait(timeout=60) != 0
         _report(f"embed-dataset driver {how}", before, t0)
     finally:
         driver.kill()
@@ -225,12 +227,13 @@ def test_interrupted_demo_leaves_no_service(rel_exported, how):
         start_new_session=True)
     try:
         before = _wait_for("the service's Triton stub", lambda ps: "triton_python_backend_stub" in _names(ps), driver)
+        assert driver.poll() is None, "the driver ended before it could be interrupted"
         if how == "SIGINT":
             os.killpg(driver.pid, signal.SIGINT)
         else:
             driver.kill()
         t0 = time.monotonic()
-        driver.wait(timeout=60)
+        assert driver.wait(timeout=60) == -signal.SIGKILL if how == "SIGKILL" else driver.wait(timeout=60) != 0
         _report(f"demo service driver {how}", before, t0)
     finally:
         driver.kill()
