@@ -170,11 +170,19 @@ def _in_process(kind: str, **kwargs: Any) -> dict[str, Any]:
     code = (f"import json, sys; from benchmarks.embed_dataset import {kind}; "
             f"print('RESULT ' + json.dumps({kind}(**json.loads(sys.argv[1]))))")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    from serving.tied_process import popen_tied
+
+    # Tied: a benchmark killed by any signal takes this driver (and so its Ray job) with it.
+    with popen_tied([sys.executable, "-c", code, json.dumps(kwargs)], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=3600)
+        except BaseException:
+            proc.kill()
+            raise
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} failed ({proc.returncode}):\n{stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -230,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import ray
 
+    from embed_dataset.job import local_ray
+
     facts = machine()
     workers = [int(w) for w in a.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="vitserve-embed-bench-") as tmp:
@@ -238,11 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources = write_sources(work, a.fmnist_images, a.vit_images)
         names = export_models(work / "repo", a.vit_images > 0)
         t0 = time.perf_counter()
-        ray.init(address="local", include_dashboard=False)
-        ray_start_s = time.perf_counter() - t0
-        address = ray.get_runtime_context().gcs_address
         rows = []
-        try:
+        with local_ray():
+            ray_start_s = time.perf_counter() - t0
+            address = ray.get_runtime_context().gcs_address
             for label, key, model, batch in (("Fashion-MNIST PNG folder", "fmnist_folder", names["fmnist"], a.batch_size),
                                              ("Fashion-MNIST Parquet", "fmnist_parquet", names["fmnist"], a.batch_size),
                                              ("ViT-S/16 224 px JPEG folder", "vit_folder", names.get("vit"), a.vit_batch_size)):
@@ -265,8 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 after = _in_process("baseline", threads=a.threads, **common)
                 rows.append({"label": label, "baseline": base, "baseline_after": after, "baseline_1_thread": one,
                              "jobs": jobs})
-        finally:
-            ray.shutdown()
     command = "python -m benchmarks.embed_dataset " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": command.strip(), "machine": facts, "ray_start_s": ray_start_s, "threads": a.threads,
               "rows": rows}

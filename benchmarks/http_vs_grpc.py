@@ -36,6 +36,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import numpy as np
 
 from benchmarks.machine import machine
+from serving.tied_process import popen_tied
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.9
@@ -80,9 +81,9 @@ class Service:
     """``vitserve serve --http-port 0`` on ``repository`` until ``stop``."""
 
     def __init__(self, repository: Path, timeout: float = 300.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model-repository", str(repository),
-                                      "--port", "0", "--http-port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        self.proc = popen_tied([sys.executable, "-m", "serving.server", "--model-repository", str(repository),
+                                "--port", "0", "--http-port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = _READY.match(line.strip())

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -29,6 +30,8 @@ from embed_dataset.model import EmbedModel, resolve_model
 from embed_dataset.options import EmbedOptions, JobError, UsageError
 from embed_dataset.output import FORMAT_VERSION, OutputDir, ShardBuffer, shard_tables
 from embed_dataset.sources import SourcePlan, scan_source
+from serving.orphan_reaper import start_reaper
+from serving.process_table import ProcessInfo, descendants, end_survivors
 
 log = logging.getLogger(__name__)
 DECODE_MEMORY_BASE = 192 * 2**20  # a worker process with numpy, PIL and the decoder imported: ~110 MiB
@@ -107,16 +110,74 @@ def ray_session(address: str | None) -> Iterator[float]:
         return
     t0 = time.perf_counter()
     if address is None:
-        ray.init(address="local", include_dashboard=False)
-    else:
-        try:
-            ray.init(address=address)
-        except (ConnectionError, ValueError) as e:
-            raise UsageError(f"cannot connect to the Ray cluster at --address {address}: {e}") from e
+        with local_ray():
+            yield time.perf_counter() - t0
+        return
+    try:
+        ray.init(address=address)
+    except (ConnectionError, ValueError) as e:
+        raise UsageError(f"cannot connect to the Ray cluster at --address {address}: {e}") from e
     try:
         yield time.perf_counter() - t0
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_ray(**init_options: Any) -> Iterator[None]:
+    """A local Ray (``ray.init(address="local", ...)``) of which no process outlives the block, nor
+    this process if it is killed (``serving.orphan_reaper`` watches for that)."""
+    import ray
+
+    reaper = start_reaper(_ray_dir(), 0.25)  # before ray.init: a kill during start-up is covered too
+    try:
+        ray.init(address="local", include_dashboard=False, **init_options)
+        yield
+    finally:
+        reaper.kill()  # we end Ray ourselves now
+        reaper.wait()
+        shutdown_local_ray()
+
+
+RAY_EXIT_WAIT_S = 10.0
+
+
+def _ray_dir() -> str:
+    """The ``ray`` package's directory: Ray's head processes run programs from it."""
+    import ray
+
+    return os.path.dirname(ray.__file__) + os.sep
+
+
+def local_ray_processes() -> list[ProcessInfo]:
+    """The processes of the local Ray this process started: its children that run Ray's own programs
+    (GCS, raylet, monitors, dashboard) and everything below them (agents, workers)."""
+    ray_dir = _ray_dir()
+    mine = descendants(os.getpid())
+    roots = {p.pid for p in mine if p.ppid == os.getpid() and any(a.startswith(ray_dir) for a in p.cmdline)}
+    found = []
+    for p in mine:  # parents come before their children
+        if p.pid in roots or p.ppid in roots:
+            roots.add(p.pid)
+            found.append(p)
+    return found
+
+
+def shutdown_local_ray() -> None:
+    """``ray.shutdown()`` of a local Ray this process started, and no process of it left afterwards.
+
+    Ray stops its head processes itself; a worker or agent still running ``RAY_EXIT_WAIT_S`` seconds
+    later (one was seen alive for minutes, re-parented to init) is killed.
+    """
+    import ray
+
+    ours = local_ray_processes()
+    if ray.is_initialized():
+        ray.shutdown()
+    killed = end_survivors(ours, RAY_EXIT_WAIT_S)
+    if killed:
+        log.warning("killed %d Ray process(es) that outlived ray.shutdown() by %.0fs: %s", len(killed),
+                    RAY_EXIT_WAIT_S, ", ".join(f"{p.pid} {p.cmdline[0][:60]}" for p in killed))
 
 
 class Collector:

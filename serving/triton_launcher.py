@@ -26,8 +26,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving.errors import TritonLaunchError
+from serving.orphan_reaper import start_reaper
+from serving.tied_process import popen_tied
 from serving.triton_events import SupervisionCallback
 from serving.triton_log import TritonLog
+from serving.triton_orphans import clear_stale, forget_launch, record_launch
 from serving.triton_supervisor import RestartPolicy, TritonSupervisor
 from serving.triton_tree import prepare_server_tree, pytriton_paths, server_env
 
@@ -37,6 +40,19 @@ LOOPBACK = "127.0.0.1"
 _READY_CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                        ("grpc.max_reconnect_backoff_ms", 200)]
 __all__ = ["LOOPBACK", "TritonLaunchError", "TritonLauncher", "free_port"]
+
+
+REAPER_POLL_S = 1.0
+_reapers: dict[str, subprocess.Popen[bytes]] = {}  # server tree -> this process's watchdog of its Tritons
+
+
+def _ensure_reaper(server_tree: Path) -> None:
+    """One ``serving.orphan_reaper`` per process and server tree: it kills Triton's backend stubs (which
+    the parent-death signal does not reach) when this process dies."""
+    prefix = str(server_tree) + os.sep
+    reaper = _reapers.get(prefix)
+    if reaper is None or reaper.poll() is not None:
+        _reapers[prefix] = start_reaper(prefix, REAPER_POLL_S)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -152,6 +168,7 @@ class TritonLauncher:
         if not self.model_repository.is_dir():
             raise TritonLaunchError(f"model repository {self.model_repository} is not a directory")
         self._server = (prepare_server_tree(), pytriton_paths()[1])
+        clear_stale(self._server[0], self.model_repository)  # a Triton orphaned by an earlier gateway
         if self._supervisor is not None and not self._supervisor.alive:
             self._supervisor = None  # a start by hand begins with no restarts and nothing given up
         auto_ports = not any(self._fixed_ports)
@@ -182,10 +199,13 @@ class TritonLauncher:
         log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self.log.path)
         log.debug("command: %s", " ".join(cmd))
         with open(self.log.path, "ab") as log_file:
-            # Own session: a terminal's Ctrl-C reaches us, and we stop Triton (and its stubs) in order.
-            self.process = subprocess.Popen(
+            # Own session: a terminal's Ctrl-C reaches only us, and we drain and then stop Triton (and its
+            # stubs, which share its process group) in order. Tied: SIGKILL when this process dies.
+            self.process = popen_tied(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=server_env(libs_dir), cwd=server_tree, start_new_session=True)
+        record_launch(server_tree, self.process.pid, cmd)
+        _ensure_reaper(server_tree)
         atexit.register(self.stop)
 
     def respawn(self) -> bool:
@@ -272,6 +292,8 @@ class TritonLauncher:
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        if self._server is not None:
+            forget_launch(self._server[0], proc.pid)
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL to the whole process group after ``stop_grace`` seconds.

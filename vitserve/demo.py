@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.tied_process import popen_tied
 from vitserve.demo_dense import DEMO_TEST_SCENES, DEMO_TRAIN_SCENES
 
 READY_PATTERN = re.compile(r"vitserve ready: gateway (\S+):(\d+)")
@@ -41,8 +42,9 @@ class ServiceProcess:
     def __init__(self, repository: Path, timeout: float = 300.0):
         cmd = [sys.executable, "-m", "vitserve.cli", "serve", "--model-repository", str(repository),
                "--port", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        # Tied: a demo killed by any signal (SIGKILL included) takes the service, and so its Triton, with it.
+        self.proc = popen_tied(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
         self.output: deque[str] = deque(maxlen=40)
         self.target = self._wait_ready(timeout)
         # Keep draining output so the child never blocks on a full pipe.

@@ -1,6 +1,7 @@
 """The command as a user runs it, with its own local Ray: SIGKILL mid-job, rerun, rerun again.
 
-The driver starts Ray itself here (no --address), so killing it takes the Ray it started with it; the
+The driver starts Ray itself here (no --address), so killing it takes the Ray it started with it (every
+process of it, agents and workers included, within 15 s: issue 23); the
 rerun starts a fresh one and finishes the job; a third run finds nothing to do and starts no Ray.
 """
 
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from serving.process_table import descendants, wait_gone
 from tests.embed_dataset.datasets import native_images, png, read_outputs, write_folder
+from tests.reliability.process_tree import describe, short_name
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # three drivers, two of them starting Ray: about a minute
@@ -37,13 +40,6 @@ def _children(pid: int) -> dict[int, str]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_sigkill_then_rerun_with_the_embedded_ray(exported, tmp_path):
     files = {f"{n}.png": png(a) for n, a in native_images(200, seed=11).items()} | {"bad_empty.png": b""}
     folder = write_folder(tmp_path / "src", files)
@@ -62,15 +58,19 @@ def test_sigkill_then_rerun_with_the_embedded_ray(exported, tmp_path):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        before = descendants(proc.pid)  # every process of its Ray: head, agents, workers (issue 23)
         os.kill(proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
     finally:
         proc.kill()
         proc.wait()
     assert sorted(ray_processes.values()) == ["gcs_server", "raylet"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(p) for p in ray_processes):
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in ray_processes), "the killed driver's Ray outlived it"
+    assert any(p.cmdline[:1] == ("ray::DashboardAgent",) for p in before), describe(before)
+    gone = wait_gone(before, t0, 15.0)
+    print(f"\nFATE embed-dataset driver SIGKILL: {len(before)} processes before, {len(gone.survivors)} left; "
+          f"gone after: " + ", ".join(f"{short_name(p)} {gone.seconds[p.pid]:.2f}s" for p in before
+                                      if p.pid in gone.seconds))
+    assert not gone.survivors, f"the killed driver's Ray outlived it:\n{describe(gone.survivors)}"
     committed = len(list(done.glob("*.json")))
     assert 2 <= committed < 51
 

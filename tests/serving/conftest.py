@@ -20,6 +20,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+from serving.tied_process import popen_tied
+
 MODEL_NAME = "fmnist_tiny"
 # Small on purpose: requests of more images than this exercise the gateway's batch splitting.
 MAX_BATCH_SIZE = 16
@@ -160,8 +162,8 @@ def serve_process(*args: str, ready: re.Pattern = SERVE_READY) -> Iterator[Serve
     stderr is read by a thread throughout (so the process never blocks on a full pipe) and is
     complete once the ``with`` block has ended.
     """
-    proc = subprocess.Popen([sys.executable, "-m", "serving.server", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_tied([sys.executable, "-m", "serving.server", *args], cwd=ROOT,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
     drain.start()
