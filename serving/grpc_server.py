@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import vitserve_pb2_grpc
 from serving.admin import ModelAdmin
 from serving.errors import GatewayError
+from serving.health_servicer import HealthServicer
 from serving.images import DEFAULT_MAX_PIXELS
 from serving.interceptors import (SERVICE_NAME, BearerTokenAuth, InFlightLimit, MetricsInterceptor, RequestDecodeCheck,
                                   read_token)
@@ -176,7 +177,7 @@ def create_server(service: EncoderService, host: str = "127.0.0.1", port: int = 
     server = grpc.aio.server(interceptors=interceptors(service, options, in_flight),
                              options=server_channel_options(options))
     vitserve_pb2_grpc.add_VisionEncoderServicer_to_server(VisionEncoderServicer(service, admin, on_frame), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()  # grpc's own, with Watch fixed for many watchers
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -73,7 +73,9 @@ class Service:
                 continue
         for pid in children:
             try:
-                if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                # The executable itself: the gateway's orphan reaper names tritonserver in its arguments.
+                argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+                if Path(argv0).name == "tritonserver":
                     return int(pid)
             except OSError:
                 continue

@@ -30,11 +30,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 pytestmark = pytest.mark.slow
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, last=lambda: None) -> None:
     t0 = time.monotonic()
     while not predicate():
         if time.monotonic() - t0 > timeout:
-            pytest.fail(f"{what} did not happen within {timeout}s")
+            pytest.fail(f"{what} did not happen within {timeout}s; last seen: {last()}")
         time.sleep(0.05)
 
 
@@ -48,6 +48,7 @@ class HealthWatch:
 
     def __init__(self, channel: grpc.Channel) -> None:
         self.statuses: list[int] = []
+        self.ended: grpc.RpcError | None = None
         self._call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -55,8 +56,8 @@ class HealthWatch:
         try:
             for response in self._call:
                 self.statuses.append(response.status)
-        except grpc.RpcError:
-            pass  # cancelled at the end
+        except grpc.RpcError as e:
+            self.ended = e  # cancelled at the end (anything else shows in a failure)
 
     def __enter__(self) -> "HealthWatch":
         self._thread.start()
@@ -129,7 +130,8 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
                 wait_for(lambda: launcher.restarts == 1, 120, "the restart")
                 wait_for(lambda: health(channel) == SERVING, 60, "SERVING after the restart")
                 # The Watch stream's thread may record that change a moment after the unary check sees it.
-                wait_for(lambda: watch.statuses[-1:] == [SERVING], 60, "the Watch stream's SERVING")
+                wait_for(lambda: watch.statuses[-1:] == [SERVING], 60, "the Watch stream's SERVING",
+                         lambda: (watch.statuses, watch.ended))
                 assert watch.statuses[-3:] == [SERVING, NOT_SERVING, SERVING], watch.statuses
                 n = len(loop.codes)
                 wait_for(lambda: len(loop.codes) > n and loop.codes[-1] == grpc.StatusCode.OK, 60,
@@ -154,7 +156,8 @@ def test_killed_triton_is_restarted_on_same_ports(exported, torch_reference):
             assert launcher.poll() is not None and metrics.triton_up._value.get() == 0
             wait_for(lambda: health(channel) == NOT_SERVING, 60, "NOT_SERVING after giving up")
             # As above: the Watch thread may record the change a moment after the unary check sees it.
-            wait_for(lambda: watch.statuses[-1:] == [NOT_SERVING], 60, "the Watch stream's NOT_SERVING")
+            wait_for(lambda: watch.statuses[-1:] == [NOT_SERVING], 60, "the Watch stream's NOT_SERVING",
+                     lambda: (watch.statuses, watch.ended))
             assert watch.statuses[-4:] == [SERVING, NOT_SERVING, SERVING, NOT_SERVING], watch.statuses
             with pytest.raises(VitServeError) as e:
                 client.embed(images)
