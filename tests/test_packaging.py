@@ -31,7 +31,7 @@ DISTRIBUTION_MODULES = {
     "tritonclient": {"tritonclient"}, "huggingface_hub": {"huggingface_hub"}, "nvidia-pytriton": {"pytriton"},
     "grpcio-health-checking": {"grpc_health"}, "grpcio-reflection": {"grpc_reflection"},
     "prometheus_client": {"prometheus_client"}, "matplotlib": {"matplotlib"},
-    "pytest": {"pytest"}, "pytest-timeout": {"pytest_timeout"}, "grpcio-tools": {"grpc_tools"},
+    "pytest": {"pytest"}, "pytest-timeout": {"pytest_timeout"}, "pytest-xdist": {"xdist"}, "grpcio-tools": {"grpc_tools"},
     "hypothesis": {"hypothesis"}, "ray": {"ray"}, "pyarrow": {"pyarrow"},
     "aiohttp": {"aiohttp"}, "openai": {"openai"}, "selenium": {"selenium"},
     "kubernetes-validate": {"kubernetes_validate"},
