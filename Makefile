@@ -24,7 +24,7 @@ demo: data
 	$(VENV)/bin/vitserve demo
 
 test: data
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

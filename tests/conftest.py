@@ -23,8 +23,7 @@ def xdist_group_of(path: Path) -> str:
     return "ray" if relative.startswith(RAY_MODULES) else relative
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(xdist_group_of(Path(item.fspath))))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # At collection of each item, so the mark is there before xdist's own collection hooks read it.
+    if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(Path(item.fspath))))
