@@ -68,10 +68,28 @@ def _same(pid: int, st: tuple[int, int, int]) -> bool:
     return now is not None and now[2] == st[2]
 
 
-def watch(pid: int, start_ticks: int, prefix: str, poll_s: float) -> int:
+def leaderless(prefix: str) -> dict[int, tuple[int, int, int]]:
+    """{pid: stat} of live processes running a program under ``prefix`` whose process group's leader is
+    gone: what a dead Triton left behind (its stubs are in its group), whoever started it. A healthy
+    stub's group leader is its running tritonserver."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        p = int(entry.name)
+        st = _stat(p)
+        argv = _cmdline(p) if st is not None else []
+        if st is not None and argv and argv[0].startswith(prefix) and st[1] != p and _stat(st[1]) is None:
+            found[p] = st
+    return found
+
+
+def watch(pid: int, start_ticks: int, prefix: str, poll_s: float, sweep: bool = False) -> int:
     """Remember PID's helpers while it lives; once it is gone SIGKILL those still alive, and the process
-    groups that one of them leads (Triton's: a stub forked since the last look is in it). Returns how
-    many processes it killed."""
+    groups that one of them leads (Triton's: a stub forked since the last look is in it). With
+    ``sweep``, then also (three times, 0.5 s apart) every process under ``prefix`` whose group leader is
+    gone: a stub forked after the last look by a Triton that died with PID is found that way. Returns
+    how many processes it killed."""
     seen: dict[int, tuple[int, int, int]] = {}
     while (st := _stat(pid)) is not None and st[2] == start_ticks:
         seen.update(helpers(pid, prefix))
@@ -93,19 +111,30 @@ def watch(pid: int, start_ticks: int, prefix: str, poll_s: float) -> int:
                 killed += 1
             except ProcessLookupError:
                 pass
+    for round_ in range(3 if sweep else 0):
+        for p, s in leaderless(prefix).items():
+            if _same(p, s):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        if round_ < 2:
+            time.sleep(0.5)
     return killed
 
 
-def start_reaper(prefix: str, poll_s: float) -> subprocess.Popen[bytes]:
-    """The watchdog for this process's helpers under ``prefix``. It exits by itself after this process;
-    a caller that ends the helpers itself first may kill it."""
+def start_reaper(prefix: str, poll_s: float, sweep: bool = False) -> subprocess.Popen[bytes]:
+    """The watchdog for this process's helpers under ``prefix`` (``sweep``: see ``watch``). It exits by
+    itself after this process; a caller that ends the helpers itself first may kill it."""
     st = _stat(os.getpid())
     assert st is not None
     # Its own session: a terminal's Ctrl-C must not end it before the driver has cleaned up.
     return subprocess.Popen([sys.executable, "-I", "-S", __file__, str(os.getpid()), str(st[2]), prefix,
-                             str(poll_s)],
+                             str(poll_s), "sweep" if sweep else "no-sweep"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
+    watch(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4]),
+          sweep=len(sys.argv) > 5 and sys.argv[5] == "sweep")

@@ -52,7 +52,8 @@ def _ensure_reaper(server_tree: Path) -> None:
     prefix = str(server_tree) + os.sep
     reaper = _reapers.get(prefix)
     if reaper is None or reaper.poll() is not None:
-        _reapers[prefix] = start_reaper(prefix, REAPER_POLL_S)
+        # sweep: a stub forked after the reaper's last look is found by its dead group leader.
+        _reapers[prefix] = start_reaper(prefix, REAPER_POLL_S, sweep=True)
 
 
 def free_port(host: str = LOOPBACK) -> int:
