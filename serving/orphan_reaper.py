@@ -68,6 +68,17 @@ def _same(pid: int, st: tuple[int, int, int]) -> bool:
     return now is not None and now[2] == st[2]
 
 
+def _kill_if_same(pid: int, st: tuple[int, int, int]) -> int:
+    """SIGKILL ``pid`` if it is still the process ``st`` was read from; 1 if it was killed."""
+    if not _same(pid, st):
+        return 0
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return 0
+    return 1
+
+
 def leaderless(prefix: str) -> dict[int, tuple[int, int, int]]:
     """{pid: stat} of live processes running a program under ``prefix`` whose process group's leader is
     gone: what a dead Triton left behind (its stubs are in its group), whoever started it. A healthy
@@ -105,20 +116,9 @@ def watch(pid: int, start_ticks: int, prefix: str, poll_s: float, sweep: bool = 
                 os.killpg(p, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        if _same(p, s):
-            try:
-                os.kill(p, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
+        killed += _kill_if_same(p, s)
     for round_ in range(3 if sweep else 0):
-        for p, s in leaderless(prefix).items():
-            if _same(p, s):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
+        killed += sum(_kill_if_same(p, s) for p, s in leaderless(prefix).items())
         if round_ < 2:
             time.sleep(0.5)
     return killed
