@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import pytest
@@ -146,9 +147,11 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> CleanVenv:
+def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CleanVenv]:
     """One fresh virtualenv for the slow install tests: the client first (its package list recorded
-    before anything else is installed), then the gateway image's install line goes on top."""
+    before anything else is installed), then the gateway image's install line goes on top. Removed
+    afterwards: with the gateway's install line it is about 1 GB, and pytest keeps its temporary
+    directories after the run (a CI machine ran out of disk during `make test`)."""
     if not _pypi_reachable():
         pytest.skip("pypi.org is not reachable: the clean install needs the index")
     tmp_path = tmp_path_factory.mktemp("clean-venv")
@@ -164,7 +167,10 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> CleanVenv:
     listing = subprocess.run([py, "-m", "pip", "list", "--format", "json"], check=True, env=env, cwd=tmp_path,
                              capture_output=True, text=True).stdout
     installed = {d["name"].lower().replace("_", "-") for d in json.loads(listing)}
-    return CleanVenv(py, venv / "bin", env, tmp_path, installed)
+    try:
+        yield CleanVenv(py, venv / "bin", env, tmp_path, installed)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -185,6 +185,14 @@ def test_stale_triton_of_a_dead_gateway_is_named_or_killed_at_start(rel_exported
 
 # -- embed-dataset and the demo's service -----------------------------------------------------------
 
+def _sigint_as_at_a_terminal() -> None:
+    """Popen's ``preexec_fn``: SIGINT back to its default action in the driver, as a shell at a terminal
+    starts a command. A run launched in the background by a non-interactive shell (``make test &``,
+    ``nohup``) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the
+    driver would never see the Ctrl-C this test sends (seen: both SIGINT cases timed out that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["SIGINT"])  # SIGKILL: tests/embed_dataset/test_embedded_ray.py
 def test_interrupted_embed_dataset_leaves_no_ray_process(rel_exported, tmp_path, how):
     from tests.embed_dataset.datasets import png, write_parquet
@@ -196,7 +204,7 @@ def test_interrupted_embed_dataset_leaves_no_ray_process(rel_exported, tmp_path,
         [sys.executable, "-m", "vitserve.cli", "embed-dataset", str(source), "--model-repository",
          str(rel_exported.repository), "--model", rel_exported.name, "--out", str(tmp_path / "out"),
          "--no-progress", "--batch-size", "8"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_as_at_a_terminal,
         start_new_session=True)  # its own process group: a terminal's Ctrl-C reaches the whole group
     try:
         before = _wait_for("a running MapWorker", lambda ps: any("MapWorker" in " ".join(p.cmdline) for p in ps),
@@ -224,7 +232,7 @@ def test_interrupted_demo_leaves_no_service(rel_exported, how):
         "service = ServiceProcess(Path(sys.argv[1]))\n"
         "try:\n    print('serving', flush=True)\n    time.sleep(300)\nfinally:\n    service.stop()\n"),
         str(rel_exported.repository)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        preexec_fn=_sigint_as_at_a_terminal, start_new_session=True)
     try:
         before = _wait_for("the service's Triton stub", lambda ps: "triton_python_backend_stub" in _names(ps), driver)
         assert driver.poll() is None, "the driver ended before it could be interrupted"
