@@ -87,7 +87,10 @@ def render_markdown(result: dict[str, Any]) -> str:
            f"Created {result['created']}; probing took {result['elapsed_s']:.0f} s.", ""]
     if pooling_lines:
         out += ["Global features (poolings):", "", *pooling_lines, *skipped, ""]
-    out += ["## Targets (issue 4)", "", *[f"- {c}" for c in check_targets(rows)], "",
+    out += ["## Targets (issue 4)", "", *[f"- {c}" for c in check_targets(rows)], ""]
+    if dinov2 := check_dinov2(rows):
+        out += ["## Targets (issue 22: DINOv2)", "", *[f"- {c}" for c in dinov2], ""]
+    out += [
             "## The lecture's property table, and what we measured", "", LECTURE_TABLE, "",
             f"Orderings the table implies, tested on our numbers (best pooling per method: k-NN of "
             f"{_pooling_names(rows, 'knn')}, linear of {_pooling_names(rows, 'linear')}):",
@@ -138,10 +141,17 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+SELF_DISTILLATION = ("dino", "dinov2")
+
+
 def check_claims(rows: list[dict[str, Any]]) -> list[str]:
-    """The lecture table's orderings that our runs can test, each marked agree/disagree with numbers."""
+    """The lecture table's orderings that our runs can test, each marked agree/disagree with numbers.
+
+    The table's third column is "Self-distillation (DINOv2)": each of DINO and DINOv2 that is present
+    stands in it, under its own name, so the claims are judged for both."""
     method = {r["training"].get("method"): r for r in rows if r["kind"] == "run"}
     contrastive = [m for m in CONTRASTIVE if m in method]
+    distilled = [m for m in SELF_DISTILLATION if m in method]
     out = []
 
     def compare(claim: str, hi: str, lo: str, get) -> None:
@@ -160,15 +170,41 @@ def check_claims(rows: list[dict[str, Any]]) -> list[str]:
             compare("global semantics: contrastive strong, MAE moderate (k-NN)", c, "mae", knn)
             compare("linear probe: contrastive high, MAE moderate", c, "mae", lin)
             compare("dense prediction: MAE high, contrastive moderate (dense mIoU)", "mae", c, dense)
-        if "dino" in method:
-            compare("spatial precision: DINO strong, contrastive weak (dense mIoU)", "dino", c, dense)
-    if "dino" in method and "mae" in method:
-        compare("global semantics: DINO strong, MAE moderate (k-NN)", "dino", "mae", knn)
-        compare("linear probe: DINO high, MAE moderate", "dino", "mae", lin)
+        for d in distilled:
+            compare("spatial precision: self-distillation strong, contrastive weak (dense mIoU)", d, c, dense)
+    for d in distilled:
+        if "mae" in method:
+            compare("global semantics: self-distillation strong, MAE moderate (k-NN)", d, "mae", knn)
+            compare("linear probe: self-distillation high, MAE moderate", d, "mae", lin)
     if "mae" in method:
         for other in [m for m in method if m != "mae"]:
             compare("training efficiency: MAE highly efficient (img/s)", "mae", other, speed)
     return out or ["(no pair of methods to compare)"]
+
+
+def check_dinov2(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 22's targets, when a DINOv2 run is in the table: above DINO on k-NN, linear and dense mIoU
+    (best pooling each), and the highest dense mIoU of every method."""
+    method = {r["training"].get("method"): r for r in rows if r["kind"] == "run"}
+    v2 = method.get("dinov2")
+    if v2 is None:
+        return []
+    out = []
+    if "dino" in method:
+        v1 = method["dino"]
+        for name, get in (("k-NN", lambda r: _best_value(r["scores"], "knn")),
+                          ("linear", lambda r: _best_value(r["scores"], "linear")),
+                          ("dense mIoU", lambda r: r["scores"].get("dense_miou"))):
+            a, b = get(v2), get(v1)
+            if a is not None and b is not None:
+                out.append(f"DINOv2 above DINO on {name}: {'**yes**' if a > b else '**no**'} ({a:.2f} vs {b:.2f})")
+    others = [r for m, r in method.items() if m != "dinov2" and r["scores"].get("dense_miou") is not None]
+    if others and v2["scores"].get("dense_miou") is not None:
+        best = max(others, key=lambda r: r["scores"]["dense_miou"])
+        a, b = v2["scores"]["dense_miou"], best["scores"]["dense_miou"]
+        out.append(f"DINOv2's dense mIoU above every other method: {'**yes**' if a > b else '**no**'} "
+                   f"({a:.2f}; the best other is {best['label']} {b:.2f})")
+    return out
 
 
 def render_plot(result: dict[str, Any], path: str | Path) -> Path:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.probe_comparison import main, training_info
-from benchmarks.probe_report import check_claims, check_targets, write_outputs
+from benchmarks.probe_report import check_claims, check_dinov2, check_targets, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in tests/probes/
 
@@ -58,6 +58,22 @@ def test_targets_and_claims_are_judged_from_the_numbers():
     assert "linear probe: contrastive high, MAE moderate: simclr 89.00 vs mae 86.00 — **agrees**" in claims
     assert "dense prediction: MAE high, contrastive moderate (dense mIoU): mae 40.00 vs simclr 30.00 — **agrees**" in claims
     assert "training efficiency: MAE highly efficient (img/s): mae 300.00 vs simclr 100.00 — **agrees**" in claims
+
+
+def test_dino_and_dinov2_both_stand_in_the_self_distillation_column():
+    rows = [*ROWS[:2], _row("dino", "run", (60, 61, 62, 70, 71, 72, 76, 19), "dino", 30.0),
+            _row("dinov2", "run", (66, 64, 65, 75, 74, 76, 78, 41), "dinov2", 28.0), *ROWS[2:]]
+    claims = "\n".join(check_claims(rows))
+    for d, miou in (("dino", "19.00"), ("dinov2", "41.00")):
+        assert (f"spatial precision: self-distillation strong, contrastive weak (dense mIoU): {d} {miou} vs "
+                f"simclr 30.00 — **{'agrees' if d == 'dinov2' else 'disagrees'}**") in claims
+    assert "global semantics: self-distillation strong, MAE moderate (k-NN): dinov2 66.00 vs mae 83.00" in claims
+    assert check_dinov2(rows) == [
+        "DINOv2 above DINO on k-NN: **yes** (66.00 vs 62.00)",
+        "DINOv2 above DINO on linear: **yes** (76.00 vs 72.00)",
+        "DINOv2 above DINO on dense mIoU: **yes** (41.00 vs 19.00)",
+        "DINOv2's dense mIoU above every other method: **yes** (41.00; the best other is mae 40.00)"]
+    assert check_dinov2(ROWS) == []  # no DINOv2 run: no such section
 
 
 def test_outputs_and_render_round_trip(tmp_path):
