@@ -165,7 +165,7 @@ def describe_conditions(opts, target: str | None, started: bool) -> dict:
         "requests": "single-stream, multi-stream: Features (patch tokens, layout tokens); server, offline: Embed (CLS)",
         "loadgen": f"{strict}; multi-stream {opts.cameras} samples/query; server latency bound {opts.latency_bound_ms} ms"
                    f" at p99, target QPS {opts.target_qps or 'auto (half of min(offline calibration, 1/warm latency))'}"
-                   f"{', FindPeakPerformance' if opts.find_peak else ''}; offline expected QPS = 2 x a calibration run",
+                   f"{', FindPeakPerformance' if opts.find_peak else ''}; offline expected QPS = 3 x a calibration run",
         "flop_convention": CONVENTION,
         "control_hz": opts.control_hz,
     }
