@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                    help="raw uint8 frames (a robot) or PNG bytes decoded in every timed request (a VLM pipeline)")
     p.add_argument("--images", help="folder of JPEG/PNG images (default: Fashion-MNIST test)")
     p.add_argument("--num-samples", type=_positive(int), default=64, help="images in LoadGen's sample library")
-    p.add_argument("--cameras", type=_positive(int), default=8, help="multi-stream: frames per query (step)")
+    p.add_argument("--cameras", type=_positive(int), default=4, help="multi-stream: frames per query (step)")
     p.add_argument("--target-qps", type=_positive(float),
                    help="server: Poisson arrival rate (default: half of what the system sustains, measured first)")
     p.add_argument("--latency-bound", type=_positive(float), default=200.0, help="server: p99 bound in ms")

@@ -164,6 +164,8 @@ def write_plot(runs: Sequence[ModelRun], path: str | Path, title: str = "") -> b
     front = pareto_front([(p["p99_ms"], p["samples_per_s"]) for p in pts])
     ax.plot([pts[i]["p99_ms"] for i in front], [pts[i]["samples_per_s"] for i in front], "k--", lw=1,
             label="Pareto front")
+    ax.scatter([pts[i]["p99_ms"] for i in front], [pts[i]["samples_per_s"] for i in front], s=220,
+               facecolors="none", edgecolors="black", linewidths=1.2)
     for s in systems:
         ax.scatter([], [], color=colors[s], label=s)
     for sc, m in markers.items():

@@ -54,8 +54,11 @@ class RepositoryModel:
         elif isinstance(parity.get("max_abs_err"), (int, float)):
             q["parity_max_abs_err"] = parity["max_abs_err"]
         figures = (m.variant or {}).get("figures") or {}
-        if "mean_cosine" in figures:
-            q["variant_mean_cosine"] = figures["mean_cosine"]
+        cosine = figures.get("mean_cosine")
+        if isinstance(cosine, dict):  # per output
+            q.update({f"variant_mean_cosine_{k}": v for k, v in cosine.items()})
+        elif cosine is not None:
+            q["variant_mean_cosine"] = cosine
         knn = figures.get("knn") or {}
         if "drop_points" in knn:
             q["variant_knn_drop_points"] = knn["drop_points"]

@@ -35,7 +35,7 @@ class BenchOptions:
     input_kind: str = "raw"
     images: str | None = None  # folder; None: Fashion-MNIST test
     num_samples: int = 64
-    cameras: int = 8
+    cameras: int = 4
     target_qps: float | None = None  # None: half the system's warm single-sample rate
     latency_bound_ms: float = 200.0
     find_peak: bool = False

@@ -38,7 +38,7 @@ class ScenarioConfig:
     scenario: str
     min_duration_ms: int = 3000
     min_query_count: int | None = None  # None: EARLY_STOPPING_QUERIES
-    cameras: int = 8
+    cameras: int = 4
     target_qps: float = 10.0
     latency_bound_ms: float = 200.0
     expected_latency_ms: float = 50.0
