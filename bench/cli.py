@@ -19,7 +19,7 @@ from typing import Sequence
 from bench.scenarios import EARLY_STOPPING_QUERIES, SCENARIOS
 
 log = logging.getLogger(__name__)
-CLI_SYSTEMS = ("service", "onnxruntime")
+CLI_SYSTEMS = ("service", "http", "onnxruntime")
 
 
 def _list(choices: Sequence[str] | None = None):
@@ -52,11 +52,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", required=True, help="the model repository: its model.onnx files are the "
                    "in-process systems; served by this command (Triton + gateway) when --target is absent")
     p.add_argument("--target", help="HOST:PORT of a running gateway serving the same repository")
+    p.add_argument("--http-url", help="http://HOST:PORT of that gateway's HTTP API (the http system; without "
+                   "--target the command starts the API itself)")
     p.add_argument("--models", type=_list(), help="comma list of models (default: every model of the repository)")
     p.add_argument("--scenario", type=_list(SCENARIOS), default=["single-stream", "multi-stream", "server", "offline"],
                    help=f"comma list of {', '.join(SCENARIOS)} (default: all)")
-    p.add_argument("--systems", type=_list(CLI_SYSTEMS), default=list(CLI_SYSTEMS),
-                   help="comma list: service (gRPC), onnxruntime (in-process, same model.onnx and threads); "
+    p.add_argument("--systems", type=_list(CLI_SYSTEMS), default=["service", "onnxruntime"],
+                   help="comma list: service (gRPC), http (the HTTP API; needs --input encoded), onnxruntime "
+                   "(in-process, same model.onnx and threads; default: service,onnxruntime); "
                    "PyTorch needs the module in memory: bench.run.run_models(torch_models=...)")
     p.add_argument("--input", choices=("raw", "encoded"), default="raw",
                    help="raw uint8 frames (a robot) or PNG bytes decoded in every timed request (a VLM pipeline)")
@@ -93,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = select_models(args.model_repository, args.models)
     except (UnknownModelError, FileNotFoundError) as e:
         p.error(str(e))  # exit 2
+    if "http" in args.systems and args.input != "encoded":
+        p.error("--systems http sends image files: add --input encoded")
+    if "http" in args.systems and args.target is not None and args.http_url is None:
+        p.error("--systems http with --target needs --http-url http://HOST:PORT of the same gateway")
     if args.target is not None:
         from clients.targets import TargetError, parse_target
         try:
@@ -114,17 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         conditions = {"machine": machine(int8=True)}
-        target = args.target
-        if "service" in args.systems and target is None:
+        target, http_url = args.target, args.http_url
+        if {"service", "http"} & set(args.systems) and target is None:
             from serving.gateway import BackgroundGateway
+            from serving.grpc_server import ServerOptions
             from serving.triton_launcher import TritonLauncher
             launcher = TritonLauncher(args.model_repository)
             launcher.start(timeout=args.triton_timeout)
-            gateway = BackgroundGateway(launcher.grpc_url).start(timeout=60)
+            options = ServerOptions(http_port=0 if "http" in args.systems else None)
+            gateway = BackgroundGateway(launcher.grpc_url, options=options).start(timeout=60)
             target = gateway.target
+            http_url = gateway.http_url if "http" in args.systems else None
         conditions.update(describe_conditions(opts, target, launcher is not None))
         conditions["command"] = "vitserve bench " + " ".join(argv)
-        runs = run_models(models, args.model_repository, opts, args.out, target=target,
+        runs = run_models(models, args.model_repository, opts, args.out, target=target, http_url=http_url,
                           progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"vitserve bench: {e}", file=sys.stderr)
@@ -150,7 +160,9 @@ def describe_conditions(opts, target: str | None, started: bool) -> dict:
     if "service" in opts.systems:
         transport.append(f"gRPC to {target} ({'Triton + gateway started by this command; first request = cold start' if started else 'a running service'}), "
                          f"{opts.service_workers} concurrent requests")
-    transport += [f"{s} in-process" for s in opts.systems if s != "service"]
+    if "http" in opts.systems:
+        transport.append(f"HTTP/1.1 JSON (base64 images and tensors), keep-alive, {opts.service_workers} concurrent requests")
+    transport += [f"{s} in-process" for s in opts.systems if s not in ("service", "http")]
     strict = "MLPerf strict (min_duration 600 s, mlperf.conf query counts)" if opts.strict else (
         f"min_duration {opts.min_duration_ms} ms, min_query_count {opts.min_query_count or EARLY_STOPPING_QUERIES}")
     return {

@@ -17,7 +17,7 @@ from bench.scenarios import SCENARIOS, ScenarioResult
 # timm's benchmark CSV (benchmark.py --results-file), in its order; our columns follow.
 TIMM_COLUMNS = ("model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                 "param_count", "infer_gmacs", "infer_macts")
-IN_PROCESS = ("onnxruntime",)
+IN_PROCESS = ("onnxruntime",)  # the reference of the overhead columns (else the first torch system)
 LATENCY_SCENARIOS = ("single-stream", "multi-stream", "server")
 
 

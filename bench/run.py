@@ -16,11 +16,11 @@ from bench.loadgen_sut import LoadGenSUT
 from bench.repository import RepositoryModel, model_entry
 from bench.samples import SampleSet, load_source_images, make_samples
 from bench.scenarios import REQUEST, ScenarioConfig, ScenarioResult, read_accuracy_log, run_scenario
-from bench.systems import OrtSystem, ServiceSystem, System, TorchSystem, warm_up
+from bench.systems import HttpSystem, OrtSystem, ServiceSystem, System, TorchSystem, warm_up
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("service", "onnxruntime", "torch")
+SYSTEMS = ("service", "http", "onnxruntime", "torch")
 # Offline's expected QPS over the calibration run's samples/s: LoadGen sizes its one query as expected QPS x
 # min duration x 1.1, so the run meets the minimum duration unless the system turns this much faster.
 OFFLINE_HEADROOM = 3.0
@@ -96,12 +96,16 @@ def describe_model(entry: RepositoryModel) -> dict[str, Any]:
 
 
 def _make_system(kind: str, entry: RepositoryModel, samples: SampleSet, opts: BenchOptions, target: str | None,
-                 torch_models: dict[str, tuple[Any, Any]]) -> System:
+                 torch_models: dict[str, tuple[Any, Any]], http_url: str | None = None) -> System:
     batch = opts.offline_batch or entry.max_batch_size
     if kind == "service":
         if target is None:
             raise ValueError("the service system needs a running service (--target or --model-repository)")
         return ServiceSystem(target, entry.name, samples, batch)
+    if kind == "http":
+        if http_url is None:
+            raise ValueError("the http system needs the service's HTTP API (--http-url, or no --target)")
+        return HttpSystem(http_url, entry.name, samples, batch)
     if kind == "onnxruntime":
         threads = entry.intra_op_threads if opts.intra_op_threads is None else opts.intra_op_threads
         return OrtSystem(entry.onnx_path, samples, batch, threads)
@@ -117,7 +121,7 @@ def _make_system(kind: str, entry: RepositoryModel, samples: SampleSet, opts: Be
 def _sut_shape(kind: str) -> tuple[int, bool]:
     """(worker threads, coalesce): the service gets concurrent requests (Triton batches them);
     an in-process system one worker that batches what is waiting."""
-    return (8, False) if kind == "service" else (1, True)
+    return (8, False) if kind in ("service", "http") else (1, True)
 
 
 def _calibrated_offline_qps(sut: LoadGenSUT, n: int, log_dir: Path) -> float:
@@ -138,11 +142,12 @@ def auto_target_qps(offline_qps: float | None, warm_ms: float) -> float:
 
 
 def bench_system(kind: str, entry: RepositoryModel, samples: SampleSet, opts: BenchOptions, target: str | None,
-                 out_dir: Path, torch_models: dict[str, tuple[Any, Any]]) -> tuple[SystemRun, dict[str, np.ndarray]]:
+                 out_dir: Path, torch_models: dict[str, tuple[Any, Any]],
+                 http_url: str | None = None) -> tuple[SystemRun, dict[str, np.ndarray]]:
     """Every scenario of ``opts`` against one system; and, with ``opts.accuracy``, its outputs per sample."""
-    system = _make_system(kind, entry, samples, opts, target, torch_models)
+    system = _make_system(kind, entry, samples, opts, target, torch_models, http_url)
     workers, coalesce = _sut_shape(kind)
-    if kind == "service":
+    if kind in ("service", "http"):
         workers = opts.service_workers
     results: list[ScenarioResult] = []
     outputs: dict[str, Any] = {}
@@ -209,7 +214,7 @@ def compare_outputs(outputs: dict[str, dict[str, dict[int, np.ndarray]]]) -> dic
 
 def run_models(models: Sequence[str], repository: str | Path, opts: BenchOptions, out_dir: str | Path,
                target: str | None = None, torch_models: dict[str, tuple[Any, Any]] | None = None,
-               progress: Callable[[str], None] | None = None) -> list[ModelRun]:
+               progress: Callable[[str], None] | None = None, http_url: str | None = None) -> list[ModelRun]:
     """Benchmark ``models`` of ``repository``: each system through each scenario, one model at a time."""
     out_dir = Path(out_dir)
     runs = []
@@ -221,7 +226,7 @@ def run_models(models: Sequence[str], repository: str | Path, opts: BenchOptions
         info["samples"] = {"source": samples.source, "count": len(samples), "kind": samples.kind}
         system_runs, outputs = [], {}
         for kind in opts.systems:
-            sr, outs = bench_system(kind, entry, samples, opts, target, out_dir, torch_models or {})
+            sr, outs = bench_system(kind, entry, samples, opts, target, out_dir, torch_models or {}, http_url)
             system_runs.append(sr)
             if outs:
                 outputs[sr.system] = outs

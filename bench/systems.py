@@ -47,6 +47,67 @@ class ServiceSystem:
         self.client.close()
 
 
+class HttpSystem:
+    """The running service over its HTTP API (``vitserve serve --http-port``): ``POST /v1/embeddings``
+    (base64 float32 out) and ``POST /v1/features`` (layout tokens), one keep-alive HTTP/1.1 connection
+    per worker thread. The HTTP API takes image files, so the samples must be encoded (``--input encoded``)."""
+
+    def __init__(self, url: str, model: str, samples: SampleSet, max_batch: int, timeout: float = 120.0) -> None:
+        import threading
+        from urllib.parse import urlsplit
+
+        if samples.kind != "encoded":
+            raise ValueError("the http system sends image files: use --input encoded")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--http-url must be http(s)://HOST:PORT, got {url!r}")
+        self.name, self.url, self.model, self.samples, self.max_batch = "http", url, model, samples, max_batch
+        self._parts, self._timeout, self._local = parts, timeout, threading.local()
+
+    def _connection(self):
+        import http.client
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+            conn = self._local.conn = cls(self._parts.hostname, self._parts.port, timeout=self._timeout)
+        return conn
+
+    def _post(self, path: str, body: dict) -> dict:
+        import json
+
+        conn = self._connection()
+        try:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            text = response.read()
+        except OSError:
+            conn.close()
+            self._local.conn = None
+            raise
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status} from {path}: {text[:300]!r}")
+        return json.loads(text)
+
+    def run(self, idx: np.ndarray, request: str) -> np.ndarray:
+        import base64
+
+        assert self.samples.encoded is not None
+        images = [base64.b64encode(self.samples.encoded[i]).decode("ascii") for i in idx]
+        if request == "embed":
+            doc = self._post("/v1/embeddings", {"model": self.model, "input": images, "encoding_format": "base64"})
+            return np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in doc["data"]])
+        from serving.http_json import tensor_from_json
+
+        doc = self._post("/v1/features", {"model": self.model, "input": images, "layout": "tokens"})
+        return tensor_from_json(doc["features"])
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+
+
 class OrtSystem:
     """In-process ONNX Runtime on the served ``model.onnx`` with the served intra-op thread count."""
 

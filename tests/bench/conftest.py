@@ -41,18 +41,31 @@ def bench_repository(tmp_path_factory: pytest.TempPathFactory) -> BenchRepositor
 
 
 @pytest.fixture(scope="module")
-def service_target(bench_repository: BenchRepository) -> Iterator[str]:
-    """HOST:PORT of a gateway in front of Triton serving the repository (stopped after the module)."""
+def service(bench_repository: BenchRepository) -> Iterator[Any]:
+    """A gateway (gRPC and the HTTP API) in front of Triton serving the repository (stopped after the module)."""
     from serving.gateway import BackgroundGateway
+    from serving.grpc_server import ServerOptions
     from serving.triton_launcher import TritonLauncher
 
     launcher = TritonLauncher(bench_repository.path)
     gateway = None
     try:
         launcher.start(timeout=180)
-        gateway = BackgroundGateway(launcher.grpc_url).start(timeout=60)
-        yield gateway.target
+        gateway = BackgroundGateway(launcher.grpc_url, options=ServerOptions(http_port=0)).start(timeout=60)
+        yield gateway
     finally:
         if gateway is not None:
             gateway.stop()
         launcher.stop()
+
+
+@pytest.fixture(scope="module")
+def service_target(service: Any) -> str:
+    """HOST:PORT of the module's gateway."""
+    return service.target
+
+
+@pytest.fixture(scope="module")
+def service_http_url(service: Any) -> str:
+    """http://HOST:PORT of the module's gateway's HTTP API."""
+    return service.http_url

@@ -129,6 +129,25 @@ def test_torch_system_matches_onnxruntime_in_accuracy_mode(bench_repository, tmp
     assert key == "onnxruntime vs torch-cpu features" and v["samples"] == 32 and v["max_abs_err"] <= 1e-4
 
 
+def test_http_and_encoded_inputs_match_in_process_decoding(bench_repository, service_target, service_http_url,
+                                                           tmp_path) -> None:
+    """PNG bytes in every request: gRPC and HTTP (the gateway decodes) and ORT (decodes in-process) agree."""
+    opts = _opts(scenarios=["single-stream", "offline"], systems=["service", "http", "onnxruntime"],
+                 input_kind="encoded", accuracy=True)
+    runs = run_models(["tiny_b"], bench_repository.path, opts, tmp_path, target=service_target,
+                      http_url=service_http_url)
+    run = runs[0]
+    assert [s.system for s in run.systems] == ["service", "http", "onnxruntime"]
+    for sr in run.systems:
+        for r in sr.results:
+            assert r.valid is True, (sr.system, r.scenario, r.failed_checks, r.advice)
+    assert run.info["samples"]["kind"] == "encoded"
+    assert set(run.accuracy) == {f"service vs {o} {req}" for o in ("http", "onnxruntime")
+                                 for req in ("embed", "features")}
+    for v in run.accuracy.values():
+        assert v["samples"] == 32 and v["max_abs_err"] <= 1e-4
+
+
 def test_two_models_give_one_table_and_one_plot(bench_repository, service_target, tmp_path) -> None:
     from PIL import Image
 
@@ -182,7 +201,8 @@ def test_cli_runs_against_a_running_service(bench_repository, service_target, tm
 
 @pytest.mark.parametrize("argv, message", [
     (["--scenario", "bogus"], "expected a comma list of single-stream"),
-    (["--systems", "tensorrt"], "expected a comma list of service, onnxruntime"),
+    (["--systems", "tensorrt"], "expected a comma list of service, http, onnxruntime"),
+    (["--systems", "http"], "--systems http sends image files: add --input encoded"),
     (["--latency-bound", "-1"], "expected a positive number"),
     (["--models", "vit_huge"], "unknown model vit_huge; the repository"),
 ])
