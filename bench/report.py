@@ -161,7 +161,9 @@ def write_plot(runs: Sequence[ModelRun], path: str | Path, title: str = "") -> b
                    s=60, edgecolors="black" if p["valid"] else "red", linewidths=0.8)
         ax.annotate(f"{p['model']} ({p['scenario']})", (p["p99_ms"], p["samples_per_s"]), fontsize=6,
                     xytext=(4, 3), textcoords="offset points")
-    front = pareto_front([(p["p99_ms"], p["samples_per_s"]) for p in pts])
+    # the front over VALID runs only (an INVALID run's figures are not a result), over all when none is
+    eligible = [i for i, p in enumerate(pts) if p["valid"]] or list(range(len(pts)))
+    front = [eligible[i] for i in pareto_front([(pts[i]["p99_ms"], pts[i]["samples_per_s"]) for i in eligible])]
     ax.plot([pts[i]["p99_ms"] for i in front], [pts[i]["samples_per_s"] for i in front], "k--", lw=1,
             label="Pareto front")
     ax.scatter([pts[i]["p99_ms"] for i in front], [pts[i]["samples_per_s"] for i in front], s=220,
@@ -171,7 +173,7 @@ def write_plot(runs: Sequence[ModelRun], path: str | Path, title: str = "") -> b
     for sc, m in markers.items():
         ax.scatter([], [], marker=m, color="grey", label=sc)
     ax.set(xscale="log", yscale="log", xlabel="p99 latency (ms, LoadGen)", ylabel="samples/s",
-           title=title or "throughput vs p99 latency (red edge: INVALID run)")
+           title=title or "throughput vs p99 latency (red edge: INVALID run; ringed: Pareto front of the VALID runs)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
