@@ -1,4 +1,5 @@
-"""``vitserve bench``: service vs in-process throughput and latency over a batch x concurrency sweep.
+"""``python -m benchmarks.serving_bench`` (a report; ``vitserve bench`` until issue 21, now ``bench.cli``):
+service vs in-process throughput and latency over a batch x concurrency sweep.
 
 For each point (batch size B, concurrency C) it runs, for a fixed duration each and interleaved (the
 order alternates from point to point so neither side always runs on a "warm" or "tired" machine):
@@ -263,7 +264,7 @@ def write_plot(result: dict[str, Any], path: str | Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     c = result["conditions"]
-    fig.suptitle(f"vitserve bench: {c['model']} {tuple(c['image_shape'])}, "
+    fig.suptitle(f"serving_bench: {c['model']} {tuple(c['image_shape'])}, "
                  f"{c['duration_s_per_point']}s/point, intra-op threads {c['intra_op_threads'] or 'default'}",
                  fontsize=9)
     fig.tight_layout()
@@ -283,7 +284,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitserve bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", help="HOST:PORT of a running gateway, or several (HOST:PORT,HOST:PORT or "
                    "dns:///NAME:PORT: balanced round-robin) (default: start one on --model-repository)")
     p.add_argument("--model-repository", help="model repository: served by this command when --target is "
@@ -307,17 +308,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.target is None and args.model_repository is None:
-        print("vitserve bench: give --target HOST:PORT or --model-repository DIR", file=sys.stderr)
+        print("serving_bench: give --target HOST:PORT or --model-repository DIR", file=sys.stderr)
         return 2
     if args.target is not None:
         from clients.targets import TargetError, parse_target
         try:
             parse_target(args.target)
         except TargetError as e:
-            print(f"vitserve bench: --target: {e}", file=sys.stderr)
+            print(f"serving_bench: --target: {e}", file=sys.stderr)
             return 2
     if args.duration <= 0 or args.warmup < 0:
-        print("vitserve bench: --duration must be > 0 and --warmup >= 0", file=sys.stderr)
+        print("serving_bench: --duration must be > 0 and --warmup >= 0", file=sys.stderr)
         return 2
     launcher = gateway = None
     try:
@@ -335,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with VitServeClient(target, timeout=30) as client:
                 names = [m.name for m in client.list_models()]
             if len(names) != 1:
-                print(f"vitserve bench: --model is required (served: {', '.join(names) or 'none'})",
+                print(f"serving_bench: --model is required (served: {', '.join(names) or 'none'})",
                       file=sys.stderr)
                 return 2
             model = names[0]
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model_repository is not None:
             onnx_path, threads = model_files(args.model_repository, model)
         else:
-            print("vitserve bench: no --model-repository, so no in-process comparison", file=sys.stderr)
+            print("serving_bench: no --model-repository, so no in-process comparison", file=sys.stderr)
         if args.intra_op_threads is not None:
             threads = args.intra_op_threads
         print(_HEADER + "\n" + "-" * len(_HEADER), flush=True)
@@ -353,14 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            client_kind=args.client,
                            progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"vitserve bench: {e}", file=sys.stderr)
+        print(f"serving_bench: {e}", file=sys.stderr)
         return 1
     finally:
         if gateway is not None:
             gateway.stop()
         if launcher is not None:
             launcher.stop()
-    result["conditions"]["command"] = "vitserve bench " + " ".join(sys.argv[2:] if argv is None else argv)
+    result["conditions"]["command"] = "python -m benchmarks.serving_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")

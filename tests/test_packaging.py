@@ -35,7 +35,7 @@ DISTRIBUTION_MODULES = {
     "pytest": {"pytest"}, "pytest-timeout": {"pytest_timeout"}, "pytest-xdist": {"xdist"}, "grpcio-tools": {"grpc_tools"},
     "hypothesis": {"hypothesis"}, "ray": {"ray"}, "pyarrow": {"pyarrow"},
     "aiohttp": {"aiohttp"}, "openai": {"openai"}, "selenium": {"selenium"},
-    "kubernetes-validate": {"kubernetes_validate"},
+    "kubernetes-validate": {"kubernetes_validate"}, "mlcommons-loadgen": {"mlperf_loadgen"},
 }
 # Imported only where present, behind a check that reports its absence (export --tensorrt).
 OPTIONAL = {"tensorrt"}

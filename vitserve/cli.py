@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "admin": ("clients.commands", "admin_main", "list/describe served models; load, unload, reload (--enable-admin)"),
     "viz": ("vitserve.viz_cli", "main", "PCA / foreground / CLS attention views of image files from a running service (PNG)"),
     "demo": ("vitserve.demo", "main", "train, export, serve and query Fashion-MNIST end to end"),
-    "bench": ("benchmarks.serving_bench", "main", "service vs in-process throughput/latency sweep (JSON, table, PNG)"),
+    "bench": ("bench.cli", "main", "MLPerf LoadGen scenarios, service vs in-process, many models in one leaderboard"),
     "probe": ("probes.cli", "main", "k-NN, linear and dense probe quality of a run, ONNX model or service"),
     "embed-dataset": ("embed_dataset.cli", "main",
                       "embed a folder, Parquet table or WebDataset shards on Ray Data (resumable)"),
@@ -31,11 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # name -> the extra (pyproject.toml [project.optional-dependencies]) its module needs; None: the client.
 EXTRAS: dict[str, str | None] = {
     "train": "train", "export": "export", "serve": "serve", "embed": None, "features": None, "admin": None,
-    "viz": "viz", "demo": "all", "bench": "serve", "probe": "probe", "embed-dataset": "dataset",
+    "viz": "viz", "demo": "all", "bench": "bench", "probe": "probe", "embed-dataset": "dataset",
 }
 # Top-level packages of this project: a missing one is a broken install, not a missing extra.
 PROJECT_PACKAGES = frozenset({"contract", "protos", "training", "export", "serving", "clients", "probes",
-                              "embed_dataset", "vitserve", "benchmarks"})
+                              "embed_dataset", "bench", "vitserve", "benchmarks"})
 
 
 def _usage() -> str:

@@ -24,10 +24,12 @@ LAYERS: dict[str, int] = {
     "export": 2,
     "serving": 3,
     "clients": 4,
-    "probes": 5, "embed_dataset": 5,
+    "probes": 5, "embed_dataset": 5, "bench": 5,
     "vitserve": 6, "benchmarks": 6,
 }
-SEPARATE: frozenset[tuple[str, str]] = frozenset({("probes", "embed_dataset"), ("embed_dataset", "probes")})
+SEPARATE: frozenset[tuple[str, str]] = frozenset({("probes", "embed_dataset"), ("embed_dataset", "probes"),
+                                                  ("bench", "probes"), ("probes", "bench"),
+                                                  ("bench", "embed_dataset"), ("embed_dataset", "bench")})
 ROOT = Path(__file__).resolve().parent.parent
 
 

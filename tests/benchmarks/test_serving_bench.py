@@ -1,4 +1,4 @@
-"""``vitserve bench`` against a real service: a one-point sweep of 0.5 s per side."""
+"""``python -m benchmarks.serving_bench`` (the old ``vitserve bench``) against a real service: a one-point sweep of 0.5 s per side."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_main_writes_json_and_table(target: str, repository: Path, tmp_path: Pat
     assert rc == 0
     data = json.loads(out.read_text())
     assert len(data["points"]) == 1 and data["points"][0]["service"]["requests"] > 0
-    assert data["conditions"]["command"].startswith("vitserve bench --target")
+    assert data["conditions"]["command"].startswith("python -m benchmarks.serving_bench --target")
     assert "img/s" in capsys.readouterr().out
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of served and in-process encoders driven by MLPerf LoadGen (``vitserve bench``)."""
