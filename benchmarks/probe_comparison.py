@@ -174,6 +174,30 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
             "elapsed_s": time.perf_counter() - t_start, "threads": threads, "jobs": jobs}
 
 
+def merge_into(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (an earlier comparison's JSON) with ``fresh``'s rows in it: a row of the same label is
+    replaced, a new one goes before the baselines. Refused (ValueError) when the two protocols differ,
+    since their scores would not be comparable. ``parts`` records when each row was probed."""
+    if saved.get("protocol") != fresh.get("protocol"):
+        a, b = saved.get("protocol") or {}, fresh.get("protocol") or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"the protocols differ (in {', '.join(keys)}): probe with the saved comparison's "
+                         "settings (its JSON's protocol) or rerun every row")
+    fresh_labels = [r["label"] for r in fresh["rows"]]
+    kept = [r for r in saved["rows"] if r["label"] not in fresh_labels]
+    runs = [r for r in kept if r["kind"] == "run"]
+    baselines = [r for r in kept if r["kind"] != "run"]
+    parts = saved.get("parts") or [{"created": saved.get("created"), "elapsed_s": saved.get("elapsed_s"),
+                                     "labels": [r["label"] for r in saved["rows"]]}]
+    parts = [{**part, "labels": [lb for lb in part["labels"] if lb not in fresh_labels]} for part in parts]
+    parts = [part for part in parts if part["labels"]]
+    parts.append({"created": fresh["created"], "elapsed_s": fresh["elapsed_s"], "labels": fresh_labels})
+    fresh_runs = [r for r in fresh["rows"] if r["kind"] == "run"]
+    fresh_baselines = [r for r in fresh["rows"] if r["kind"] != "run"]
+    return {**saved, "rows": runs + fresh_runs + baselines + fresh_baselines, "parts": parts,
+            "created": fresh["created"], "elapsed_s": sum(float(part["elapsed_s"] or 0) for part in parts)}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.probe_comparison", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
@@ -197,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="sources probed at once in worker processes (with --threads 1: one per free core)")
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--into", metavar="JSON",
+                   help="put the probed rows into an earlier comparison's JSON (same protocol; a row of the same "
+                        "label is replaced) and write the merged table to --out")
     p.add_argument("--no-write-runs", action="store_true", help="do not write RUN_DIR/probes.json")
     return p
 
@@ -235,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DataError as e:
             print(f"benchmarks.probe_comparison: data missing: {e}", file=sys.stderr)
             return 1
+        if a.into:
+            try:
+                result = merge_into(json.loads(Path(a.into).read_text()), result)
+            except (OSError, json.JSONDecodeError, ValueError) as e:
+                print(f"benchmarks.probe_comparison: error: --into {a.into}: {e}", file=sys.stderr)
+                return 2
     for path in write_outputs(result, a.out):
         print(f"wrote {path}")
     print(render_markdown(result))

@@ -84,7 +84,7 @@ def render_markdown(result: dict[str, Any]) -> str:
            *lines, "",
            f"k-NN: cosine, k={p['knn']['k']}, T={p['knn']['temperature']}. Linear and dense: "
            f"{p['linear']['method']}; L2 grid {p['linear']['l2_grid']}, {p['linear']['max_iter']} iterations. "
-           f"Created {result['created']}; probing took {result['elapsed_s']:.0f} s.", ""]
+           + _provenance(result), ""]
     if pooling_lines:
         out += ["Global features (poolings):", "", *pooling_lines, *skipped, ""]
     out += ["## Targets (issue 4)", "", *[f"- {c}" for c in check_targets(rows)], ""]
@@ -96,6 +96,14 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{_pooling_names(rows, 'knn')}, linear of {_pooling_names(rows, 'linear')}):",
             "", *[f"- {c}" for c in check_claims(rows)], ""]
     return "\n".join(out)
+
+
+def _provenance(result: dict[str, Any]) -> str:
+    parts = result.get("parts")
+    if not parts:
+        return f"Created {result['created']}; probing took {result['elapsed_s']:.0f} s."
+    return "Probed in parts with the same protocol: " + "; ".join(
+        f"{', '.join(part['labels'])} at {part['created']} ({float(part['elapsed_s'] or 0):.0f} s)" for part in parts) + "."
 
 
 def _pooling_names(rows: list[dict[str, Any]], probe: str) -> str:

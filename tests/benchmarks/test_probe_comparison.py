@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.probe_comparison import main, training_info
+from benchmarks.probe_comparison import main, merge_into, training_info
 from benchmarks.probe_report import check_claims, check_dinov2, check_targets, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in tests/probes/
@@ -74,6 +74,29 @@ def test_dino_and_dinov2_both_stand_in_the_self_distillation_column():
         "DINOv2 above DINO on dense mIoU: **yes** (41.00 vs 19.00)",
         "DINOv2's dense mIoU above every other method: **yes** (41.00; the best other is mae 40.00)"]
     assert check_dinov2(ROWS) == []  # no DINOv2 run: no such section
+
+
+def test_rows_probed_later_go_into_an_earlier_comparison(tmp_path):
+    saved = {"protocol": PROTOCOL, "rows": json.loads(json.dumps(ROWS)), "created": "2026-01-01T00:00:00Z",
+             "elapsed_s": 100.0}
+    dino = _row("dino", "run", (60, 61, 62, 70, 71, 72, 76, 19), "dino", 30.0)
+    dinov2 = _row("dinov2", "run", (66, 64, 65, 75, 74, 76, 78, 41), "dinov2", 28.0)
+    mae_again = _row("mae", "run", (1, 1, 1, 1, 1, 1, 1, 1), "mae", 1.0)
+    fresh = {"protocol": PROTOCOL, "rows": [mae_again, dino, dinov2], "created": "2026-02-02T00:00:00Z",
+             "elapsed_s": 50.0}
+    merged = merge_into(saved, fresh)
+    # runs before baselines; the re-probed mae replaces the saved one
+    assert [r["label"] for r in merged["rows"]] == ["simclr", "mae", "dino", "dinov2", "raw-pixels", "random-init"]
+    assert merged["rows"][1]["scores"] == mae_again["scores"]
+    assert merged["parts"] == [
+        {"created": "2026-01-01T00:00:00Z", "elapsed_s": 100.0, "labels": ["simclr", "raw-pixels", "random-init"]},
+        {"created": "2026-02-02T00:00:00Z", "elapsed_s": 50.0, "labels": ["mae", "dino", "dinov2"]}]
+    md = write_outputs(merged, tmp_path / "m")[1].read_text()
+    assert "Probed in parts with the same protocol: simclr, raw-pixels, random-init at 2026-01-01T00:00:00Z (100 s)" in md
+    assert "## Targets (issue 22: DINOv2)" in md
+    other = {**fresh, "protocol": {**PROTOCOL, "n_train": 1000}}
+    with pytest.raises(ValueError, match=r"the protocols differ \(in n_train\)"):
+        merge_into(saved, other)
 
 
 def test_outputs_and_render_round_trip(tmp_path):
