@@ -222,8 +222,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="sources probed at once in worker processes (with --threads 1: one per free core)")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--into", metavar="JSON",
-                   help="put the probed rows into an earlier comparison's JSON (same protocol; a row of the same "
-                        "label is replaced) and write the merged table to --out")
+                   help="put the probed (or --render) rows into an earlier comparison's JSON (same protocol; a row of "
+                        "the same label is replaced) and write the merged table to --out")
     p.add_argument("--no-write-runs", action="store_true", help="do not write RUN_DIR/probes.json")
     return p
 
@@ -262,12 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DataError as e:
             print(f"benchmarks.probe_comparison: data missing: {e}", file=sys.stderr)
             return 1
-        if a.into:
-            try:
-                result = merge_into(json.loads(Path(a.into).read_text()), result)
-            except (OSError, json.JSONDecodeError, ValueError) as e:
-                print(f"benchmarks.probe_comparison: error: --into {a.into}: {e}", file=sys.stderr)
-                return 2
+    if a.into:
+        try:
+            result = merge_into(json.loads(Path(a.into).read_text()), result)
+        except (OSError, json.JSONDecodeError, ValueError) as e:
+            print(f"benchmarks.probe_comparison: error: --into {a.into}: {e}", file=sys.stderr)
+            return 2
     for path in write_outputs(result, a.out):
         print(f"wrote {path}")
     print(render_markdown(result))
