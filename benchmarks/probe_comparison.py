@@ -174,14 +174,32 @@ def compare_runs(run_dirs: Sequence[str | Path], limit_train: int | None = None,
             "elapsed_s": time.perf_counter() - t_start, "threads": threads, "jobs": jobs}
 
 
+def _protocol_diff(saved: dict[str, Any], fresh: dict[str, Any], prefix: str = "") -> tuple[list[str], list[str]]:
+    """(dotted keys whose values differ, keys only the fresh protocol records): a key that an earlier
+    comparison did not record yet (written by an older version) is not a difference, but is named."""
+    differ, unrecorded = [], []
+    for key in sorted(set(saved) | set(fresh)):
+        path = f"{prefix}{key}"
+        if key not in saved:
+            unrecorded.append(path)
+        elif key not in fresh:
+            differ.append(path)
+        elif isinstance(saved[key], dict) and isinstance(fresh[key], dict):
+            d, u = _protocol_diff(saved[key], fresh[key], f"{path}.")
+            differ += d
+            unrecorded += u
+        elif saved[key] != fresh[key]:
+            differ.append(path)
+    return differ, unrecorded
+
+
 def merge_into(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
     """``saved`` (an earlier comparison's JSON) with ``fresh``'s rows in it: a row of the same label is
     replaced, a new one goes before the baselines. Refused (ValueError) when the two protocols differ,
     since their scores would not be comparable. ``parts`` records when each row was probed."""
-    if saved.get("protocol") != fresh.get("protocol"):
-        a, b = saved.get("protocol") or {}, fresh.get("protocol") or {}
-        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ValueError(f"the protocols differ (in {', '.join(keys)}): probe with the saved comparison's "
+    differ, unrecorded = _protocol_diff(saved.get("protocol") or {}, fresh.get("protocol") or {})
+    if differ:
+        raise ValueError(f"the protocols differ (in {', '.join(differ)}): probe with the saved comparison's "
                          "settings (its JSON's protocol) or rerun every row")
     fresh_labels = [r["label"] for r in fresh["rows"]]
     kept = [r for r in saved["rows"] if r["label"] not in fresh_labels]
@@ -191,7 +209,8 @@ def merge_into(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
                                      "labels": [r["label"] for r in saved["rows"]]}]
     parts = [{**part, "labels": [lb for lb in part["labels"] if lb not in fresh_labels]} for part in parts]
     parts = [part for part in parts if part["labels"]]
-    parts.append({"created": fresh["created"], "elapsed_s": fresh["elapsed_s"], "labels": fresh_labels})
+    parts.append({"created": fresh["created"], "elapsed_s": fresh["elapsed_s"], "labels": fresh_labels,
+                  **({"not_recorded_before": unrecorded} if unrecorded else {})})
     fresh_runs = [r for r in fresh["rows"] if r["kind"] == "run"]
     fresh_baselines = [r for r in fresh["rows"] if r["kind"] != "run"]
     return {**saved, "rows": runs + fresh_runs + baselines + fresh_baselines, "parts": parts,

@@ -97,6 +97,11 @@ def test_rows_probed_later_go_into_an_earlier_comparison(tmp_path):
     other = {**fresh, "protocol": {**PROTOCOL, "n_train": 1000}}
     with pytest.raises(ValueError, match=r"the protocols differ \(in n_train\)"):
         merge_into(saved, other)
+    with pytest.raises(ValueError, match=r"the protocols differ \(in knn.k\)"):
+        merge_into(saved, {**fresh, "protocol": {**PROTOCOL, "knn": {**PROTOCOL["knn"], "k": 10}}})
+    # a setting the earlier comparison did not record yet (an older version wrote it) is named, not refused
+    newer = {**fresh, "protocol": {**PROTOCOL, "knn": {**PROTOCOL["knn"], "poolings": ["cls", "mean"]}}}
+    assert merge_into(saved, newer)["parts"][-1]["not_recorded_before"] == ["knn.poolings"]
 
 
 def test_outputs_and_render_round_trip(tmp_path):
