@@ -1,7 +1,8 @@
 """FLOPs, activations and parameters of one image through an exported ONNX graph.
 
 Convention (stated in every report): shapes come from ``onnx.shape_inference`` with the batch axis
-fixed to 1; counted are the matrix products only, at 2 FLOP per multiply-add: ``MatMul``,
+fixed to 1 (where it leaves a shape open, as for timm's DINOv2 layout, whose token count the graph
+computes, from one ONNX Runtime run of the graph on a zero image at batch 1); counted are the matrix products only, at 2 FLOP per multiply-add: ``MatMul``,
 ``MatMulInteger``, ``QLinearMatMul``, ``Gemm`` (2 * prod(output) * K) and ``Conv``, ``ConvInteger``,
 ``QLinearConv`` (2 * prod(output) * C_in/groups * prod(kernel)). Softmax, norms, GELU and the
 in-graph preprocessing are not counted (on a ViT they are a few percent). Activations (timm's
@@ -22,7 +23,7 @@ CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
 # onnx.TensorProto FLOAT, UINT8, INT8, FLOAT16, BFLOAT16: weights (INT64 initializers are shapes)
 WEIGHT_TYPES = frozenset({1, 2, 3, 10, 16})
 CONVENTION = ("2 FLOP per multiply-add; MatMul/MatMulInteger/QLinearMatMul/Gemm/Conv/ConvInteger/QLinearConv "
-              "only, shapes from onnx.shape_inference at batch 1")
+              "only, shapes from onnx.shape_inference at batch 1 (or one ONNX Runtime run where it leaves them open)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,33 @@ def _shape(info) -> list[int] | None:
     return [d.dim_value for d in dims]
 
 
+def _shapes_by_running(model, names: list[str]) -> dict[str, list[int]]:
+    """Shapes of the tensors ``names`` from one ONNX Runtime run of ``model`` (batch axis already 1) on
+    zero inputs, each tensor made a graph output: for what static shape inference leaves open."""
+    if not names:
+        return {}
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    init_names = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        if not all(dims):
+            raise ValueError(f"input {inp.name!r} has an open dimension besides the batch: {dims}")
+        feeds[inp.name] = np.zeros(dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+    outputs = [o.name for o in session.get_outputs()]
+    values = session.run([n for n in outputs if n in names], feeds)
+    return {n: list(v.shape) for n, v in zip([n for n in outputs if n in names], values)}
+
+
 def graph_cost(onnx_path: str | Path) -> GraphCost:
     """Count the matrix-product FLOPs of one image through ``onnx_path`` (module docstring)."""
     import onnx
@@ -63,6 +91,9 @@ def graph_cost(onnx_path: str | Path) -> GraphCost:
         shapes[vi.name] = _shape(vi)
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
+    wanted = {name for node in inferred.graph.node if node.op_type in MATMUL_OPS + CONV_OPS
+              for name in (node.output[0], node.input[0])}
+    shapes.update(_shapes_by_running(model, sorted(n for n in wanted if shapes.get(n) is None)))
     flop = acts = 0
     for node in inferred.graph.node:
         if node.op_type not in MATMUL_OPS + CONV_OPS:

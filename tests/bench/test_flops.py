@@ -50,3 +50,27 @@ def test_integer_matmul_counts_like_matmul(tmp_path: Path) -> None:
                               [helper.make_tensor_value_info("y", TensorProto.INT32, ["N", 5, 8])], [b])
     cost = graph_cost(_save(graph, tmp_path / "q.onnx"))
     assert cost.flop == 2 * 5 * 8 * 64 and cost.params == 64 * 8
+
+
+def test_a_graph_whose_token_count_is_computed_in_graph(tmp_path: Path) -> None:
+    """timm's DINOv2 layout (4 registers) as our exporter writes it: static shape inference leaves the token
+    axis open, so the shapes come from one ONNX Runtime run; the count equals a ViT's hand count."""
+    pytest.importorskip("timm")
+    from export.options import ExportOptions, TritonOptions
+    from export.repository import export_entries
+    from export.sources import load_timm_encoder
+
+    d, depth, heads = 48, 2, 2
+    source = load_timm_encoder("vit_small_patch14_reg4_dinov2",
+                               {"img_size": 28, "embed_dim": d, "depth": depth, "num_heads": heads})
+    [entry] = export_entries(source, tmp_path, "dinov2_reg", ExportOptions(triton=TritonOptions(max_batch_size=2)))
+    cost = graph_cost(entry / "1" / "model.onnx")
+    n = (28 // 14) ** 2          # patches
+    t = n + 1 + 4                # + CLS + 4 registers
+    block = (2 * t * d * 3 * d   # qkv
+             + 2 * t * t * d     # q @ k^T, all heads
+             + 2 * t * t * d     # attn @ v
+             + 2 * t * d * d     # proj
+             + 2 * t * d * 4 * d + 2 * t * 4 * d * d)  # MLP
+    patch_embed = 2 * (n * d) * (3 * 14 * 14)
+    assert cost.flop == depth * block + patch_embed
