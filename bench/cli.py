@@ -11,6 +11,7 @@ VLM calls, Poisson arrivals at ``--target-qps`` under a p99 ``--latency-bound`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -117,33 +118,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         min_duration_ms=args.min_duration_ms, min_query_count=counts, strict=args.mlperf_strict,
                         accuracy=args.accuracy, service_workers=args.service_workers,
                         intra_op_threads=args.intra_op_threads)
-    launcher = gateway = None
     t0 = time.perf_counter()
     try:
-        conditions = {"machine": machine(int8=True)}
-        target, http_url = args.target, args.http_url
-        if {"service", "http"} & set(args.systems) and target is None:
-            from serving.gateway import BackgroundGateway
-            from serving.grpc_server import ServerOptions
-            from serving.triton_launcher import TritonLauncher
-            launcher = TritonLauncher(args.model_repository)
-            launcher.start(timeout=args.triton_timeout)
-            options = ServerOptions(http_port=0 if "http" in args.systems else None)
-            gateway = BackgroundGateway(launcher.grpc_url, options=options).start(timeout=60)
-            target = gateway.target
-            http_url = gateway.http_url if "http" in args.systems else None
-        conditions.update(describe_conditions(opts, target, launcher is not None))
-        conditions["command"] = "vitserve bench " + " ".join(argv)
-        runs = run_models(models, args.model_repository, opts, args.out, target=target, http_url=http_url,
-                          progress=lambda line: print(line, flush=True))
+        with contextlib.ExitStack() as stack:
+            conditions = {"machine": machine(int8=True)}
+            target, http_url = args.target, args.http_url
+            started = {"service", "http"} & set(args.systems) and target is None
+            if started:
+                from serving.gateway import embedded_service
+                from serving.grpc_server import ServerOptions
+
+                options = ServerOptions(http_port=0 if "http" in args.systems else None)
+                gateway = stack.enter_context(embedded_service(args.model_repository, options, args.triton_timeout))
+                target = gateway.target
+                http_url = gateway.http_url if "http" in args.systems else None
+            conditions.update(describe_conditions(opts, target, bool(started)))
+            conditions["command"] = "vitserve bench " + " ".join(argv)
+            runs = run_models(models, args.model_repository, opts, args.out, target=target, http_url=http_url,
+                              progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"vitserve bench: {e}", file=sys.stderr)
         return 1
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if launcher is not None:
-            launcher.stop()
     conditions["wall_s"] = round(time.perf_counter() - t0, 1)
     paths = write_report(runs, conditions, args.out, opts.scenarios)
     from bench.report import rows

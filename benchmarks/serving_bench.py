@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -320,47 +321,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.duration <= 0 or args.warmup < 0:
         print("serving_bench: --duration must be > 0 and --warmup >= 0", file=sys.stderr)
         return 2
-    launcher = gateway = None
     try:
-        target = args.target
-        if target is None:
-            from serving.gateway import BackgroundGateway
-            from serving.triton_launcher import TritonLauncher
-            launcher = TritonLauncher(args.model_repository)
-            launcher.start(timeout=args.triton_timeout)
-            gateway = BackgroundGateway(launcher.grpc_url).start(timeout=60)
-            target = gateway.target
-        model = args.model
-        if model is None:
-            from clients.client import VitServeClient
-            with VitServeClient(target, timeout=30) as client:
-                names = [m.name for m in client.list_models()]
-            if len(names) != 1:
-                print(f"serving_bench: --model is required (served: {', '.join(names) or 'none'})",
-                      file=sys.stderr)
-                return 2
-            model = names[0]
-        onnx_path, threads = None, 0
-        if args.model_repository is not None:
-            onnx_path, threads = model_files(args.model_repository, model)
-        else:
-            print("serving_bench: no --model-repository, so no in-process comparison", file=sys.stderr)
-        if args.intra_op_threads is not None:
-            threads = args.intra_op_threads
-        print(_HEADER + "\n" + "-" * len(_HEADER), flush=True)
-        result = run_bench(target, model, onnx_path=onnx_path, intra_op_threads=threads,
-                           batch_sizes=args.batch_sizes, concurrencies=args.concurrency,
-                           duration=args.duration, warmup=args.warmup, started=launcher is not None,
-                           client_kind=args.client,
-                           progress=lambda line: print(line, flush=True))
+        with contextlib.ExitStack() as stack:
+            target = args.target
+            started = target is None
+            if started:
+                from serving.gateway import embedded_service
+                target = stack.enter_context(embedded_service(args.model_repository,
+                                                              triton_timeout=args.triton_timeout)).target
+            model = args.model
+            if model is None:
+                from clients.client import VitServeClient
+                with VitServeClient(target, timeout=30) as client:
+                    names = [m.name for m in client.list_models()]
+                if len(names) != 1:
+                    print(f"serving_bench: --model is required (served: {', '.join(names) or 'none'})",
+                          file=sys.stderr)
+                    return 2
+                model = names[0]
+            onnx_path, threads = None, 0
+            if args.model_repository is not None:
+                onnx_path, threads = model_files(args.model_repository, model)
+            else:
+                print("serving_bench: no --model-repository, so no in-process comparison", file=sys.stderr)
+            if args.intra_op_threads is not None:
+                threads = args.intra_op_threads
+            print(_HEADER + "\n" + "-" * len(_HEADER), flush=True)
+            result = run_bench(target, model, onnx_path=onnx_path, intra_op_threads=threads,
+                               batch_sizes=args.batch_sizes, concurrencies=args.concurrency,
+                               duration=args.duration, warmup=args.warmup, started=started,
+                               client_kind=args.client,
+                               progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"serving_bench: {e}", file=sys.stderr)
         return 1
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if launcher is not None:
-            launcher.stop()
     result["conditions"]["command"] = "python -m benchmarks.serving_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 from serving.errors import GatewayError
 from serving.grpc_server import ServerOptions, create_server
@@ -188,3 +189,23 @@ class BackgroundGateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def embedded_service(repository: str | Path, options: ServerOptions | None = None, triton_timeout: float = 180.0,
+                     gateway_timeout: float = 60.0) -> Iterator[BackgroundGateway]:
+    """Triton (``serving.triton_launcher``) on ``repository`` and a ``BackgroundGateway`` in front of it,
+    for reports, tests and sync code: yields the started gateway; on exit stops the gateway, then Triton
+    (also when the gateway failed to start)."""
+    from serving.triton_launcher import TritonLauncher
+
+    launcher = TritonLauncher(repository)
+    try:
+        launcher.start(timeout=triton_timeout)
+        gateway = BackgroundGateway(launcher.grpc_url, options=options)
+        try:
+            yield gateway.start(timeout=gateway_timeout)
+        finally:
+            gateway.stop()
+    finally:
+        launcher.stop()

@@ -43,20 +43,11 @@ def bench_repository(tmp_path_factory: pytest.TempPathFactory) -> BenchRepositor
 @pytest.fixture(scope="module")
 def service(bench_repository: BenchRepository) -> Iterator[Any]:
     """A gateway (gRPC and the HTTP API) in front of Triton serving the repository (stopped after the module)."""
-    from serving.gateway import BackgroundGateway
+    from serving.gateway import embedded_service
     from serving.grpc_server import ServerOptions
-    from serving.triton_launcher import TritonLauncher
 
-    launcher = TritonLauncher(bench_repository.path)
-    gateway = None
-    try:
-        launcher.start(timeout=180)
-        gateway = BackgroundGateway(launcher.grpc_url, options=ServerOptions(http_port=0)).start(timeout=60)
+    with embedded_service(bench_repository.path, ServerOptions(http_port=0)) as gateway:
         yield gateway
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        launcher.stop()
 
 
 @pytest.fixture(scope="module")

@@ -40,23 +40,14 @@ def _export_attention_model(repository: Path) -> None:
 
 @pytest.fixture(scope="module")
 def page_gateway(tmp_path_factory):
-    from serving.gateway import BackgroundGateway
+    from serving.gateway import embedded_service
     from serving.grpc_server import ServerOptions
-    from serving.triton_launcher import TritonLauncher
 
     repository = tmp_path_factory.mktemp("page_repository")
     build_model_repository(repository, PLAIN)
     _export_attention_model(repository)
-    launcher = TritonLauncher(repository)
-    gateway = None
-    try:
-        launcher.start(timeout=180)
-        gateway = BackgroundGateway(launcher.grpc_url, options=ServerOptions(http_port=0)).start(timeout=60)
+    with embedded_service(repository, ServerOptions(http_port=0)) as gateway:
         yield gateway
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        launcher.stop()
 
 
 @pytest.fixture(scope="module")
