@@ -17,7 +17,7 @@ PY="${PYTHON:-.venv/bin/python}"
 selection=("$@")
 if [ ${#selection[@]} -eq 0 ]; then
     selection=(tests/serving tests/reliability tests/embed_dataset tests/training/test_train.py
-               tests/clients tests/probes/test_probes_service.py tests/vitserve)
+               tests/clients tests/probes/test_probes_service.py tests/vitserve tests/bench)
 fi
 mkdir -p .flake_check
 "$PY" -c 'while True: pass' &
