@@ -164,7 +164,7 @@ def describe_conditions(opts, target: str | None, started: bool) -> dict:
         "transport": "; ".join(transport),
         "input": f"{opts.input_kind} ({'PNG bytes' if opts.input_kind == 'encoded' else 'uint8 frames'} at the model's "
                  f"input size), {opts.num_samples} real images ({opts.images or 'Fashion-MNIST test'})",
-        "decoding_timed": "yes (PNG decoded in every request, by the gateway or in-process with pillow)"
+        "decoding_timed": "yes (PNG decoded in every request, by the gateway, or in process by the same decoder, serving.images)"
                           if opts.input_kind == "encoded" else "no decoding (raw frames)",
         "batching": "service: Triton dynamic batching as the model's config.pbtxt sets it, queries cut into requests "
                     "of <= max_batch_size images; in-process: one worker that batches the waiting queries up to "

@@ -15,6 +15,12 @@ _THREADS_RE = re.compile(
 _MAX_BATCH_RE = re.compile(r"^max_batch_size:\s*(\d+)", re.M)
 
 
+def served_intra_op_threads(config_pbtxt: str) -> int:
+    """The ONNX Runtime intra-op thread count a ``config.pbtxt`` gives its model (0: ORT's default)."""
+    m = _THREADS_RE.search(config_pbtxt)
+    return int(m.group(1)) if m else 0
+
+
 class UnknownModelError(ValueError):
     """A requested model is not in the repository (the message names the ones that are)."""
 
@@ -74,9 +80,8 @@ def model_entry(repository: str | Path, name: str) -> RepositoryModel:
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no {onnx_path}: the in-process systems need the exported model.onnx")
     config = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").is_file() else ""
-    m = _THREADS_RE.search(config)
     b = _MAX_BATCH_RE.search(config)
-    return RepositoryModel(name, onnx_path, int(m.group(1)) if m else 0, int(b.group(1)) if b else 8, manifest)
+    return RepositoryModel(name, onnx_path, served_intra_op_threads(config), int(b.group(1)) if b else 8, manifest)
 
 
 def repository_models(repository: str | Path) -> list[str]:

@@ -37,6 +37,18 @@ class SampleSet:
             return [self.encoded[i] for i in idx]
         return self.frames[idx]
 
+    def input_frames(self, idx: np.ndarray) -> np.ndarray:
+        """The uint8 batch an in-process system computes on for samples ``idx``: the frames, or, for
+        encoded samples, their bytes decoded in this call by the gateway's own decoder
+        (``serving.images.decode_encoded``), so decoding is timed on both sides alike."""
+        if self.kind != "encoded":
+            return self.frames[idx]
+        from serving.images import InputGeometry, decode_encoded
+
+        assert self.encoded is not None
+        geometry = InputGeometry(*self.frames.shape[1:])
+        return np.stack([decode_encoded(int(i), self.encoded[i], geometry).pixels for i in idx])
+
 
 def _fit(img, size: tuple[int, int], channels: int) -> np.ndarray:
     from PIL import Image
@@ -89,12 +101,3 @@ def encode_png(frame: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def decode_png(data: bytes, channels: int) -> np.ndarray:
-    """uint8 ``[H, W, C]`` of PNG/JPEG bytes (the in-process systems' decoding; pillow, as the gateway)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return arr[..., None] if channels == 1 else arr

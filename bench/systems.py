@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bench.samples import SampleSet, decode_png
+from bench.samples import SampleSet
 
 REQUESTS = ("embed", "features")  # Embed -> CLS; Features -> patch tokens (layout "tokens")
 ORT_OUTPUT = {"embed": "cls", "features": "patch_tokens"}
@@ -118,16 +118,9 @@ class OrtSystem:
         self.threads = intra_op_threads
         self.session = make_session(str(onnx_path), intra_op_threads)
         self.input_name = self.session.get_inputs()[0].name
-        self.channels = samples.frames.shape[-1]
-
-    def frames(self, idx: np.ndarray) -> np.ndarray:
-        if self.samples.kind == "encoded":
-            assert self.samples.encoded is not None
-            return np.stack([decode_png(self.samples.encoded[i], self.channels) for i in idx])
-        return self.samples.frames[idx]
 
     def run(self, idx: np.ndarray, request: str) -> np.ndarray:
-        return self.session.run([ORT_OUTPUT[request]], {self.input_name: self.frames(idx)})[0]
+        return self.session.run([ORT_OUTPUT[request]], {self.input_name: self.samples.input_frames(idx)})[0]
 
     def close(self) -> None:
         self.session = None
@@ -142,18 +135,13 @@ class TorchSystem:
         self.name = f"torch-{device}"
         self.samples, self.max_batch, self.device, self.spec = samples, max_batch, torch.device(device), spec
         self.model = model.eval().to(self.device)
-        self.channels = samples.frames.shape[-1]
 
     def run(self, idx: np.ndarray, request: str) -> np.ndarray:
         import torch
 
         from training.data import to_float_nchw
 
-        if self.samples.kind == "encoded":
-            assert self.samples.encoded is not None
-            frames = np.stack([decode_png(self.samples.encoded[i], self.channels) for i in idx])
-        else:
-            frames = self.samples.frames[idx]
+        frames = self.samples.input_frames(idx)
         with torch.inference_mode():
             x = to_float_nchw(frames, self.spec.mean, self.spec.std).to(self.device)
             tokens = self.model.forward_features(x)

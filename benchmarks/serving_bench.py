@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +32,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench.repository import served_intra_op_threads
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_CONCURRENCIES = (1, 4, 8)
-_THREADS_RE = re.compile(
-    r'key:\s*"(?:intra_op_threads|intra_op_thread_count)"\s*value\s*:?\s*\{\s*string_value:\s*"(\d+)"')
 
 
 def _summary(latencies_s: list[float], images: int, elapsed: float) -> dict[str, Any]:
@@ -56,13 +55,8 @@ def model_files(model_repository: str | Path, model: str, version: int = 1) -> t
     onnx_path = model_dir / str(version) / "model.onnx"
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no {onnx_path}: the in-process side needs the exported model.onnx")
-    threads = 0
     config = model_dir / "config.pbtxt"
-    if config.is_file():
-        m = _THREADS_RE.search(config.read_text())
-        if m:
-            threads = int(m.group(1))
-    return onnx_path, threads
+    return onnx_path, served_intra_op_threads(config.read_text()) if config.is_file() else 0
 
 
 def _batch(rng: np.random.Generator, batch: int, shape: Sequence[int]) -> np.ndarray:
